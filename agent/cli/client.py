@@ -1,0 +1,121 @@
+"""A small client of the leader's API for the command line, with deadlines on every call."""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+from agent.config import Config
+
+CALL_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
+UPLOAD_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_read=600)
+FOLLOW_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_read=60)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, hint: str | None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.hint = status, code, message, hint
+
+    def __str__(self) -> str:
+        text = f"{self.code}: {self.message}"
+        return f"{text}\n  hint: {self.hint}" if self.hint else text
+
+
+@dataclass(frozen=True)
+class Target:
+    url: str
+    token: str
+    ca_file: str | None = None
+
+    @classmethod
+    def resolve(cls, url: str | None, token_file: str | None, config: Config | None) -> Target:
+        """URL and token from flags, then the environment, then the leader's config."""
+        token = Path(token_file).read_text().strip() if token_file else None
+        token = token or os.environ.get("DEPLOY_AGENT_TOKEN")
+        url = url or os.environ.get("DEPLOY_AGENT_URL")
+        ca = None
+        if config is not None and config.leader is not None:
+            lc = config.leader
+            scheme = "http" if lc.plain_http else "https"
+            host = "127.0.0.1" if lc.host in ("0.0.0.0", "::") else lc.host  # noqa: S104
+            url = url or f"{scheme}://{host}:{lc.port}"
+            token = token or lc.api_token
+            ca = lc.tls.cert_file if lc.tls else None
+        if not url or not token:
+            raise SystemExit(
+                "deploy-agent: say where the leader is: -c CONFIG, or --url and "
+                "DEPLOY_AGENT_TOKEN (or --token-file)"
+            )
+        return cls(url.rstrip("/"), token, ca)
+
+
+class Client:
+    def __init__(self, target: Target) -> None:
+        self._target = target
+        ssl_ctx = ssl.create_default_context(cafile=target.ca_file) if target.ca_file else None
+        self._session = aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {target.token}"},
+            connector=aiohttp.TCPConnector(ssl=ssl_ctx if ssl_ctx else True),
+        )
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._session.close()
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: Mapping[str, Any] | list[tuple[str, str]] | None = None,
+        data: Any = None,
+        headers: Mapping[str, str] | None = None,
+        limits: aiohttp.ClientTimeout = CALL_TIMEOUT,
+    ) -> Any:
+        async with self._session.request(
+            method,
+            self._target.url + path,
+            json=json_body,
+            params=params,
+            data=data,
+            headers=headers,
+            timeout=limits,
+        ) as response:
+            body = await response.read()
+            doc = json.loads(body) if body else None
+            if response.status >= 400:
+                raise _api_error(response.status, doc)
+            return doc
+
+    async def events(self, dep_id: str) -> AsyncIterator[dict[str, Any]]:
+        url = f"{self._target.url}/v1/deployments/{dep_id}/events"
+        async with self._session.get(url, timeout=FOLLOW_TIMEOUT) as response:
+            if response.status >= 400:
+                raise _api_error(response.status, json.loads(await response.read()))
+            async for line in response.content:
+                if line.strip():
+                    yield json.loads(line)
+
+
+def _api_error(status: int, doc: Any) -> ApiError:
+    error = doc.get("error", {}) if isinstance(doc, dict) else {}
+    return ApiError(
+        status,
+        error.get("code", str(status)),
+        error.get("message", "request failed"),
+        error.get("hint"),
+    )

@@ -1,0 +1,137 @@
+"""`deploy-agent deploy`: pack a directory (or name a git ref), submit, follow to the end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import tarfile
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from agent.cli.client import UPLOAD_TIMEOUT, Client
+
+SKIP = frozenset({".git"})
+
+
+def pack(directory: Path, dest: Path) -> None:
+    """Write `directory` as a tar.gz build context, without version-control folders."""
+    with tarfile.open(dest, "w:gz", compresslevel=6) as archive:
+        for entry in sorted(directory.iterdir()):
+            if entry.name not in SKIP:
+                archive.add(entry, arcname=entry.name)
+
+
+async def submit_directory(
+    client: Client, directory: Path, params: list[tuple[str, str]], key: str | None
+) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="deploy-agent-") as tmp:
+        archive = Path(tmp) / "context.tar.gz"
+        await asyncio.to_thread(pack, directory, archive)
+        with archive.open("rb") as body:
+            doc: dict[str, Any] = await client.call(
+                "POST",
+                "/v1/deployments",
+                params=params,
+                data=body,
+                limits=UPLOAD_TIMEOUT,
+                headers={"Content-Type": "application/gzip", **_idempotency(key)},
+            )
+    return doc
+
+
+async def submit_git(client: Client, body: dict[str, Any], key: str | None) -> dict[str, Any]:
+    doc: dict[str, Any] = await client.call(
+        "POST", "/v1/deployments", json_body=body, headers=_idempotency(key)
+    )
+    return doc
+
+
+def _idempotency(key: str | None) -> dict[str, str]:
+    return {"Idempotency-Key": key} if key else {}
+
+
+_FORMATS = {
+    "state": "==> {state}",
+    "log": "    {line}",
+    "push.retry": "    push retry {attempt} in {wait_s} s: {error}",
+}
+
+
+def _describe_push(event: dict[str, Any]) -> str | None:
+    if event.get("digest"):
+        return f"    pushed {event['digest']}"
+    if event.get("status") in ("Pushed", "Layer already exists"):
+        return f"    {event['layer']}: {event['status']}"
+    return None
+
+
+class Printer:
+    """Renders events as plain lines for people, or as JSON lines for programs."""
+
+    def __init__(self, out: TextIO = sys.stdout, as_json: bool = False) -> None:
+        self._out = out
+        self._json = as_json
+
+    def event(self, event: dict[str, Any]) -> None:
+        if self._json:
+            self._line(json.dumps(event))
+            return
+        text = self._describe(event)
+        if text:
+            self._line(text)
+
+    def _describe(self, event: dict[str, Any]) -> str | None:
+        kind = str(event.get("type"))
+        if kind == "push":
+            return _describe_push(event)
+        if kind in _FORMATS:
+            return _FORMATS[kind].format(**event)
+        if kind in ("resumed", "interrupted", "source", "distribution"):
+            details = {k: v for k, v in event.items() if k not in ("seq", "at", "type")}
+            return f"    {kind} {details}"
+        return None
+
+    def summary(self, dep: dict[str, Any]) -> None:
+        if self._json:
+            self._line(json.dumps(dep))
+            return
+        self._line(f"deployment {dep['id']}: {dep['state']}")
+        self._line(f"  image: {dep['image']}")
+        for stage, timing in dep.get("stages", {}).items():
+            self._line(f"  {stage}: {timing.get('seconds') or 0:.1f} s")
+        error = dep.get("error")
+        if error:
+            self._line(f"  error: {error['code']}: {error['message']}")
+            for line in error.get("log_tail") or []:
+                self._line(f"    | {line}")
+            if error.get("hint"):
+                self._line(f"  hint: {error['hint']}")
+
+    def _line(self, text: str) -> None:
+        print(text, file=self._out, flush=True)
+
+
+async def follow(client: Client, dep_id: str, printer: Printer) -> dict[str, Any]:
+    async for event in client.events(dep_id):
+        printer.event(event)
+    dep: dict[str, Any] = await client.call("GET", f"/v1/deployments/{dep_id}")
+    printer.summary(dep)
+    return dep
+
+
+def query_params(
+    app: str,
+    dockerfile: str | None,
+    image: str | None,
+    build_args: Sequence[str],
+    labels: Sequence[str],
+) -> list[tuple[str, str]]:
+    params = [("app", app)]
+    params += [("dockerfile", dockerfile)] if dockerfile else []
+    params += [("image", image)] if image else []
+    params += [("build_arg", item) for item in build_args]
+    params += [("label", item) for item in labels]
+    return params

@@ -1,0 +1,181 @@
+"""Configuration: one TOML file loaded once into frozen, typed values.
+
+Every error names the key it is about. Secrets may be given inline, or as `KEY_file`
+(a path) or `KEY_env` (an environment variable name); exactly one of the three.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from agent.errors import ConfigError
+
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class _Value(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Base of every config table: immutable, and an unknown key is an error."""
+
+
+class LogConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class EngineConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    url: str = "unix:///var/run/docker.sock"
+    timeout: Seconds = 30.0
+
+
+class TLSConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    cert_file: str
+    key_file: str
+
+
+class StageTimeouts(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    building: Seconds = 1800.0
+    pushing: Seconds = 900.0
+    distributing: Seconds = 600.0
+    releasing: Seconds = 900.0
+
+    def for_stage(self, stage: str) -> float:
+        value: float = getattr(self, stage)
+        return value
+
+
+class LeaderConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    listen: str = "0.0.0.0:7443"
+    plain_http: bool = False
+    tls: TLSConfig | None = None
+    api_token: str
+    max_parallel_builds: PositiveInt = 2
+    push_retry_budget: Seconds = 300.0
+    max_context_bytes: PositiveInt = 512 * 1024 * 1024
+    git_timeout: Seconds = 120.0
+    git_allowed_schemes: tuple[str, ...] = ("https", "ssh", "git")
+    drain_timeout: Seconds = 60.0
+    max_attempts: PositiveInt = 3
+    stage_timeouts: StageTimeouts = msgspec.field(default_factory=StageTimeouts)
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("listen must be HOST:PORT, for example 0.0.0.0:7443")
+        if len(self.api_token) < 16:
+            raise ValueError("api_token must be at least 16 characters")
+        if not self.plain_http and self.tls is None:
+            raise ValueError("set tls.cert_file and tls.key_file, or plain_http = true")
+        if self.stage_timeouts.pushing <= self.push_retry_budget:
+            raise ValueError("stage_timeouts.pushing must exceed push_retry_budget")
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class RegistryConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    server: str
+    username: str
+    password: str
+    namespace: str | None = None
+
+
+class Config(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    role: Literal["leader"]
+    state_dir: str = "/var/lib/deploy-agent"
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+    leader: LeaderConfig | None = None
+    registry: RegistryConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.role == "leader" and self.leader is None:
+            raise ValueError("role = 'leader' needs a [leader] table")
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+    def secrets(self) -> list[str]:
+        """Every secret value this config holds, for the log redactor."""
+        found = [self.leader.api_token] if self.leader else []
+        if self.registry:
+            found.append(self.registry.password)
+        return found
+
+
+_SECRET_KEYS = {"leader": ("api_token",), "registry": ("password",)}
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, resolve secrets in and validate the config file at `path`."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    return parse_config(raw)
+
+
+def parse_config(raw: dict[str, Any]) -> Config:
+    for table, keys in _SECRET_KEYS.items():
+        section = raw.get(table)
+        if isinstance(section, dict):
+            for key in keys:
+                _resolve_secret(section, key, f"{table}.{key}")
+    try:
+        return msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _resolve_secret(section: dict[str, Any], key: str, name: str) -> None:
+    given = [k for k in (key, f"{key}_file", f"{key}_env") if k in section]
+    if len(given) > 1:
+        raise ConfigError(f"{name}: give only one of {', '.join(given)}")
+    if f"{key}_file" in section:
+        section[key] = _read_secret_file(section.pop(f"{key}_file"), f"{name}_file")
+    elif f"{key}_env" in section:
+        section[key] = _read_secret_env(section.pop(f"{key}_env"), f"{name}_env")
+
+
+def _read_secret_file(path: object, name: str) -> str:
+    if not isinstance(path, str):
+        raise ConfigError(f"{name}: expected a file path")
+    try:
+        value = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from None
+    if not value:
+        raise ConfigError(f"{name}: {path} is empty")
+    return value
+
+
+def _read_secret_env(var: object, name: str) -> str:
+    if not isinstance(var, str):
+        raise ConfigError(f"{name}: expected an environment variable name")
+    value = os.environ.get(var, "").strip()
+    if not value:
+        raise ConfigError(f"{name}: environment variable {var} is not set or empty")
+    return value
+
+
+def _describe(exc: msgspec.ValidationError) -> str:
+    """Turn msgspec's `… - at `$.leader.port`` into `leader.port: …`."""
+    text = str(exc)
+    message, sep, where = text.rpartition(" - at `")
+    if not sep:
+        return f"config: {text}"
+    key = where.rstrip("`").removeprefix("$").lstrip(".") or "(top level)"
+    return f"{key}: {message}"

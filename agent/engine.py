@@ -1,0 +1,277 @@
+"""The Docker Engine, reached through aiodocker: the only module that imports it.
+
+Every call has a deadline. Streams (build, push) count as done only when the engine
+reported their success marker; an error is classified here, once, into agent errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import aiohttp
+
+from agent.credentials import RegistryCredentials
+from agent.errors import (
+    BuildError,
+    EngineError,
+    RegistryAuthError,
+    RegistryError,
+    RegistryTransientError,
+)
+
+_DIGEST_LINE = re.compile(r": digest: (sha256:[0-9a-f]{64}) size: \d+")
+_AUTH_MARKERS = (
+    "unauthorized",
+    "authentication required",
+    "denied",
+    "401 unauthorized",
+    "403 forbidden",
+    "insufficient_scope",
+    "no basic auth credentials",
+    "incorrect username or password",
+)
+_UNREACHABLE_MARKERS = (
+    "connection refused",
+    "connection reset",
+    "no such host",
+    "i/o timeout",
+    "no route to host",
+    "network is unreachable",
+    "tls handshake timeout",
+    "broken pipe",
+    "eof",
+    "timeout",
+    "dial tcp",
+)
+_SERVER_MARKERS = (
+    "500 internal",
+    "502 bad gateway",
+    "503 service unavailable",
+    "504 gateway",
+    "429",
+    "toomanyrequests",
+    "too many requests",
+    "received unexpected http status: 5",
+)
+BUILD_LOG_TAIL = 30
+
+
+def classify_registry_error(message: str) -> RegistryError:
+    """Sort a registry failure reported by the engine into auth, transient or final."""
+    text = message.lower()
+    if any(marker in text for marker in _AUTH_MARKERS):
+        return RegistryAuthError(message)
+    if any(marker in text for marker in _SERVER_MARKERS):
+        return RegistryTransientError(message, unreachable=False)
+    if any(marker in text for marker in _UNREACHABLE_MARKERS):
+        return RegistryTransientError(message, unreachable=True)
+    return RegistryError(message)
+
+
+@dataclass(frozen=True, slots=True)
+class PushProgress:
+    layer: str
+    status: str
+    current: int | None
+    total: int | None
+
+
+LineSink = Callable[[str], Awaitable[None]]
+ProgressSink = Callable[[PushProgress], Awaitable[None]]
+
+
+class Engine:
+    """One Docker Engine endpoint and the operations the agent needs from it."""
+
+    def __init__(self, url: str, *, timeout: float) -> None:
+        self.url = url
+        self._timeout = timeout
+        self._docker = aiodocker.Docker(url=url)
+
+    async def close(self) -> None:
+        await self._docker.close()
+
+    async def version(self) -> dict[str, Any]:
+        async with self._deadline("version"):
+            info: dict[str, Any] = await self._docker.version()
+        return info
+
+    async def image_id(self, ref: str) -> str | None:
+        """The id of a local image, or None when the engine does not hold it."""
+        try:
+            async with self._deadline("image inspect"):
+                info = await self._docker.images.inspect(ref)
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                return None
+            raise EngineError(f"image inspect {ref}: {exc.message}") from None
+        image_id: str = info["Id"]
+        return image_id
+
+    async def remove_image(self, ref: str) -> None:
+        try:
+            async with self._deadline("image remove"):
+                await self._docker.images.delete(ref)
+        except aiodocker.DockerError as exc:
+            if exc.status != 404:
+                raise EngineError(f"image remove {ref}: {exc.message}") from None
+
+    async def login(self, creds: RegistryCredentials) -> None:
+        """Ask the engine to log in to the registry; raise with the registry's reason."""
+        try:
+            async with self._deadline("registry login"):
+                await self._docker.auth(**creds.engine_auth())
+        except aiodocker.DockerError as exc:
+            raise _engine_or_registry(exc) from None
+
+    async def build(
+        self,
+        context: Path,
+        *,
+        tag: str,
+        dockerfile: str,
+        build_args: Mapping[str, str],
+        labels: Mapping[str, str],
+        on_line: LineSink,
+    ) -> str:
+        """Build `context` (a tar, gzip or not) as `tag`; return the image id."""
+        log = _BuildLog(on_line)
+        encoding = "gzip" if _is_gzip(context) else "identity"
+        try:
+            with context.open("rb") as fileobj:
+                stream = self._docker.images.build(
+                    fileobj=fileobj,
+                    encoding=encoding,
+                    tag=tag,
+                    path_dockerfile=dockerfile,
+                    buildargs=dict(build_args),
+                    labels=dict(labels),
+                    forcerm=True,
+                    stream=True,
+                )
+                async for item in stream:
+                    await log.feed(item)
+        except aiodocker.DockerError as exc:
+            await log.flush()
+            raise BuildError(_stream_message(exc), log.tail) from None
+        except aiohttp.ClientError as exc:
+            raise BuildError(f"lost the engine mid-build: {exc}", log.tail) from None
+        await log.flush()
+        if log.image_id is None:
+            raise BuildError("the build stream ended before the engine reported an image", log.tail)
+        return log.image_id
+
+    async def push(
+        self, repository: str, tag: str, creds: RegistryCredentials, on_progress: ProgressSink
+    ) -> str:
+        """Push `repository:tag` once; return its digest, or raise a classified error."""
+        digest: str | None = None
+        try:
+            stream = self._docker.images.push(
+                repository, tag=tag, auth=creds.engine_auth(), stream=True
+            )
+            async for item in stream:
+                digest = _digest_of(item) or digest
+                if "id" in item and "status" in item:
+                    await on_progress(_progress_of(item))
+        except aiodocker.DockerError as exc:
+            raise _engine_or_registry(exc) from None
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise RegistryTransientError(f"push stream broke: {exc}", unreachable=False) from None
+        if digest is None:
+            raise RegistryTransientError(
+                "the push stream ended before the registry confirmed a digest", unreachable=False
+            )
+        return digest
+
+    def _deadline(self, what: str) -> _Deadline:
+        return _Deadline(self._timeout, f"Docker Engine at {self.url} did not answer {what}")
+
+
+class _Deadline:
+    """`asyncio.timeout` that turns expiry into an EngineError that says what hung."""
+
+    def __init__(self, seconds: float, message: str) -> None:
+        self._timeout = asyncio.timeout(seconds)
+        self._message = message
+
+    async def __aenter__(self) -> None:
+        await self._timeout.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        try:
+            await self._timeout.__aexit__(*exc_info)
+        except TimeoutError:
+            raise EngineError(self._message) from None
+
+
+class _BuildLog:
+    """Joins the engine's stream fragments into lines and remembers the tail."""
+
+    def __init__(self, on_line: LineSink) -> None:
+        self._on_line = on_line
+        self._partial = ""
+        self.tail: list[str] = []
+        self.image_id: str | None = None
+
+    async def feed(self, item: Mapping[str, Any]) -> None:
+        aux = item.get("aux")
+        if isinstance(aux, Mapping) and isinstance(aux.get("ID"), str):
+            self.image_id = aux["ID"]
+        text = item.get("stream") or item.get("status")
+        if isinstance(text, str):
+            self._partial += text if "stream" in item else text + "\n"
+            *lines, self._partial = self._partial.split("\n")
+            for line in lines:
+                await self._emit(line)
+
+    async def flush(self) -> None:
+        if self._partial:
+            await self._emit(self._partial)
+            self._partial = ""
+
+    async def _emit(self, line: str) -> None:
+        line = line.rstrip()
+        if not line:
+            return
+        self.tail = [*self.tail[-(BUILD_LOG_TAIL - 1) :], line]
+        await self._on_line(line)
+
+
+def _is_gzip(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def _digest_of(item: Mapping[str, Any]) -> str | None:
+    aux = item.get("aux")
+    if isinstance(aux, Mapping) and isinstance(aux.get("Digest"), str):
+        return str(aux["Digest"])
+    match = _DIGEST_LINE.search(str(item.get("status", "")))
+    return match.group(1) if match else None
+
+
+def _progress_of(item: Mapping[str, Any]) -> PushProgress:
+    detail = item.get("progressDetail") or {}
+    return PushProgress(
+        layer=str(item["id"]),
+        status=str(item["status"]),
+        current=detail.get("current"),
+        total=detail.get("total"),
+    )
+
+
+def _stream_message(exc: aiodocker.DockerError) -> str:
+    return str(exc.message).strip()
+
+
+def _engine_or_registry(exc: aiodocker.DockerError) -> EngineError:
+    if exc.status == 900:  # aiodocker: the engine's socket did not answer
+        return EngineError(str(exc.message))
+    return classify_registry_error(_stream_message(exc))

@@ -1,0 +1,74 @@
+"""The agent's exception hierarchy: every error a user can see carries a message to act on.
+
+    AgentError
+    ├── ConfigError               a config key is missing or wrong (names the key)
+    ├── RequestError              bad API input: HTTP status, error code, message
+    ├── EngineError               the Docker Engine failed or is unreachable
+    │   └── RegistryError         the engine talked to a registry and it said no
+    │       ├── RegistryAuthError     credentials rejected (never retried)
+    │       └── RegistryTransientError  connection, timeout, 5xx, 429, cut stream (retried)
+    └── DeploymentError           a deployment failed: SPEC error code, message, hint
+
+Nothing here may hold a secret: messages end up in logs and API responses.
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Root of every error the agent raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(AgentError):
+    """The configuration is invalid; the message names the key."""
+
+
+class RequestError(AgentError):
+    """An API request was refused; nothing changed."""
+
+    def __init__(self, status: int, code: str, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.hint = hint
+
+
+class EngineError(AgentError):
+    """The Docker Engine could not do what was asked."""
+
+
+class BuildError(EngineError):
+    """The image build failed; `log_tail` holds the last lines of its log."""
+
+    def __init__(self, message: str, log_tail: list[str]) -> None:
+        super().__init__(message)
+        self.log_tail = log_tail
+
+
+class RegistryError(EngineError):
+    """A registry refused or failed an operation for good."""
+
+
+class RegistryAuthError(RegistryError):
+    """The registry rejected the credentials or denied access."""
+
+
+class RegistryTransientError(RegistryError):
+    """A failure worth retrying: connection, timeout, 5xx, 429, a stream cut short."""
+
+    def __init__(self, message: str, *, unreachable: bool) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
+
+
+class DeploymentError(AgentError):
+    """A deployment failed with one of the SPEC error codes."""
+
+    def __init__(self, code: str, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.hint = hint

@@ -1,0 +1,279 @@
+"""Deployment routes: submit (JSON with a git source, or a tar body), read, follow, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from agent.errors import RequestError
+from agent.leader import references
+from agent.leader.api.keys import CONTEXT, SCHEDULER
+from agent.leader.context import LeaderContext
+from agent.leader.models import (
+    BUILD_ARG_KEY,
+    DOCKERFILE_PATTERN,
+    LABEL_KEY,
+    Deployment,
+    DeploymentRequest,
+    Mode,
+    State,
+    new_deployment_id,
+)
+from agent.leader.registry import registry_required
+from agent.leader.sources import (
+    check_context,
+    receive_upload,
+    redact_url,
+    remove_quietly,
+    validate_git_url,
+)
+from agent.leader.store import IdempotencyConflict
+
+routes = web.RouteTableDef()
+TAR_TYPES = frozenset(
+    {
+        "application/x-tar",
+        "application/tar",
+        "application/gzip",
+        "application/x-gzip",
+        "application/octet-stream",
+    }
+)
+_QUERY_FIELDS = frozenset({"app", "dockerfile", "image", "build_arg", "label"})
+MAX_PAIRS = 100
+
+
+@routes.post("/v1/deployments")
+async def submit(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    if request.content_type == "application/json":
+        req = _decode_json(await request.read())
+        upload, fingerprint = None, _fingerprint(msgspec.json.encode(req))
+    elif request.content_type in TAR_TYPES:
+        req = _request_from_query(request)
+        upload = await _receive(ctx, request, req)
+        fingerprint = _fingerprint(msgspec.json.encode(req), await _digest_file(upload))
+    else:
+        raise RequestError(
+            415,
+            "invalid_request",
+            "send application/json, or a tar archive as the body",
+        )
+    try:
+        dep, created = await _create(ctx, req, request.headers.get("Idempotency-Key"), fingerprint)
+        if upload is not None and created:
+            upload.rename(ctx.context_path(dep.id))
+    finally:
+        if upload is not None:
+            await asyncio.to_thread(remove_quietly, upload)
+    if created:
+        request.app[SCHEDULER].wake()
+    return web.json_response(render(dep), status=202 if created else 200)
+
+
+def _decode_json(body: bytes) -> DeploymentRequest:
+    try:
+        req = msgspec.json.decode(body, type=DeploymentRequest)
+    except msgspec.DecodeError as exc:
+        raise RequestError(400, "invalid_request", f"invalid deployment: {exc}") from None
+    if req.git is None:
+        raise RequestError(
+            400,
+            "invalid_request",
+            "a deployment needs a source",
+            hint="give git {url, ref}, or send a tar archive as the body with the fields "
+            "as query parameters",
+        )
+    return _validated(req)
+
+
+def _request_from_query(request: web.Request) -> DeploymentRequest:
+    unknown = set(request.query) - _QUERY_FIELDS
+    if unknown:
+        raise RequestError(400, "invalid_request", f"unknown query parameter(s): {sorted(unknown)}")
+    fields: dict[str, Any] = {
+        k: request.query[k] for k in ("app", "dockerfile", "image") if k in request.query
+    }
+    fields["build_args"] = _pairs(request.query.getall("build_arg", []), "build_arg")
+    fields["labels"] = _pairs(request.query.getall("label", []), "label")
+    try:
+        req = msgspec.convert(fields, DeploymentRequest)
+    except msgspec.ValidationError as exc:
+        raise RequestError(400, "invalid_request", f"invalid deployment: {exc}") from None
+    return _validated(req)
+
+
+def _pairs(items: list[str], name: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RequestError(400, "invalid_request", f"{name} must be KEY=VALUE, got {item!r}")
+        pairs[key] = value
+    return pairs
+
+
+def _validated(req: DeploymentRequest) -> DeploymentRequest:
+    if not DOCKERFILE_PATTERN.match(req.dockerfile):
+        raise RequestError(
+            400,
+            "invalid_request",
+            "dockerfile must be a relative path inside the context, without '..'",
+        )
+    _check_keys(req.build_args, BUILD_ARG_KEY, "build_args")
+    _check_keys(req.labels, LABEL_KEY, "labels")
+    if req.image is not None:
+        references.validate_repository(req.image)
+    return req
+
+
+def _check_keys(pairs: dict[str, str], pattern: Any, name: str) -> None:
+    if len(pairs) > MAX_PAIRS:
+        raise RequestError(400, "invalid_request", f"{name}: at most {MAX_PAIRS} entries")
+    for key, value in pairs.items():
+        if not pattern.match(key) or len(value) > 4096 or "\x00" in value:
+            raise RequestError(400, "invalid_request", f"{name}: invalid entry {key[:64]!r}")
+
+
+async def _receive(ctx: LeaderContext, request: web.Request, req: DeploymentRequest) -> Path:
+    ctx.contexts_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = ctx.contexts_dir / f"upload-{new_deployment_id()}.part"
+    try:
+        await receive_upload(request, path, ctx.config.max_context_bytes)
+        await asyncio.to_thread(
+            check_context, path, req.dockerfile, ctx.config.max_context_bytes * 4
+        )
+    except BaseException:
+        await asyncio.to_thread(remove_quietly, path)
+        raise
+    return path
+
+
+async def _digest_file(path: Path) -> str:
+    def digest() -> str:
+        with path.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+
+    return await asyncio.to_thread(digest)
+
+
+def _fingerprint(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+    return h.hexdigest()
+
+
+async def _create(
+    ctx: LeaderContext, req: DeploymentRequest, key: str | None, fingerprint: str
+) -> tuple[Deployment, bool]:
+    if key is not None and not 1 <= len(key) <= 255:
+        raise RequestError(400, "invalid_request", "Idempotency-Key must be 1 to 255 characters")
+    if req.git is not None:
+        validate_git_url(req.git.url, ctx.config.git_allowed_schemes)
+    dep = await _new_deployment(ctx, req)
+    try:
+        return await ctx.store.create(dep, None if key is None else (key, fingerprint))
+    except IdempotencyConflict:
+        raise RequestError(
+            422, "invalid_request", "this Idempotency-Key was used for a different request"
+        ) from None
+
+
+async def _new_deployment(ctx: LeaderContext, req: DeploymentRequest) -> Deployment:
+    decision = await ctx.registry.decide_mode()
+    creds = ctx.registry.current
+    dep_id = new_deployment_id()
+    if decision.mode is Mode.REGISTRY and creds is None:
+        raise registry_required(decision)
+    if creds is None:
+        if req.image is not None:
+            raise RequestError(
+                400,
+                "invalid_request",
+                "image is set, but no registry is configured",
+                hint="drop image to keep the image local, or configure a registry first",
+            )
+        repository = req.app
+    else:
+        repository = references.repository_for(req.app, req.image, creds)
+    now = time.time()
+    return Deployment(
+        id=dep_id,
+        app=req.app,
+        mode=decision.mode,
+        request=req,
+        source="git" if req.git else "upload",
+        created_at=now,
+        updated_at=now,
+        repository=repository,
+        tag=dep_id,
+        credentials_version=creds.version if creds else None,
+    )
+
+
+@routes.get("/v1/deployments")
+async def list_deployments(request: web.Request) -> web.Response:
+    query = request.query
+    state = query.get("state")
+    if state is not None and state not in State.__members__.values():
+        raise RequestError(400, "invalid_request", f"unknown state {state!r}")
+    try:
+        limit = int(query.get("limit", "50"))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 1000:
+        raise RequestError(400, "invalid_request", "limit must be a whole number from 1 to 1000")
+    deps = await request.app[CONTEXT].store.list_deployments(query.get("app"), state, limit)
+    return web.json_response({"deployments": [render(d) for d in deps]})
+
+
+async def _load(request: web.Request) -> Deployment:
+    dep = await request.app[CONTEXT].store.get(request.match_info["id"])
+    if dep is None:
+        raise RequestError(404, "not_found", f"no deployment {request.match_info['id']}")
+    return dep
+
+
+@routes.get("/v1/deployments/{id}")
+async def get_deployment(request: web.Request) -> web.Response:
+    return web.json_response(render(await _load(request)))
+
+
+@routes.get("/v1/deployments/{id}/events")
+async def events(request: web.Request) -> web.StreamResponse:
+    dep = await _load(request)
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    async for doc in request.app[CONTEXT].journal.follow(dep.id):
+        await response.write(doc + b"\n")
+    await response.write_eof()
+    return response
+
+
+@routes.post("/v1/deployments/{id}/cancel")
+async def cancel(request: web.Request) -> web.Response:
+    dep = await _load(request)
+    dep = await request.app[SCHEDULER].cancel(dep.id)
+    return web.json_response(render(dep))
+
+
+def render(dep: Deployment) -> dict[str, Any]:
+    """The API's view of a deployment: no secret, the source URL without its password."""
+    doc: dict[str, Any] = msgspec.to_builtins(dep)
+    req = doc.pop("request")
+    git = dep.request.git
+    doc["source"] = (
+        {"type": "git", "url": redact_url(git.url), "ref": git.ref} if git else {"type": "upload"}
+    )
+    doc["dockerfile"] = req["dockerfile"]
+    doc["image"] = dep.image_ref
+    for name, timing in dep.stages.items():
+        doc["stages"][name]["seconds"] = timing.seconds
+    return doc

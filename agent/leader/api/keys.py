@@ -1,0 +1,11 @@
+"""Typed application keys: how handlers reach the leader's parts."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from agent.leader.context import LeaderContext
+from agent.leader.scheduler import Scheduler
+
+CONTEXT = web.AppKey("context", LeaderContext)
+SCHEDULER = web.AppKey("scheduler", Scheduler)

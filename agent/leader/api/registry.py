@@ -1,0 +1,51 @@
+"""Registry credential routes: the secret goes in, never out."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from aiohttp import web
+
+from agent.credentials import RegistryCredentials
+from agent.errors import RequestError
+from agent.leader.api.keys import CONTEXT
+
+routes = web.RouteTableDef()
+_Text = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+_Name = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9]+(?:[._/-][a-z0-9]+)*$", max_length=255)]
+
+
+class CredentialsBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    server: Annotated[str, msgspec.Meta(pattern=r"^(https?://)?[A-Za-z0-9.-]+(:[0-9]+)?(/.*)?$")]
+    username: _Text
+    password: _Text
+    namespace: _Name | None = None
+
+
+@routes.put("/v1/registry")
+async def put_registry(request: web.Request) -> web.Response:
+    try:
+        body = msgspec.json.decode(await request.read(), type=CredentialsBody)
+    except msgspec.DecodeError as exc:
+        raise RequestError(400, "invalid_request", f"invalid credentials: {exc}") from None
+    creds = RegistryCredentials(
+        server=body.server,
+        username=body.username,
+        password=body.password,
+        namespace=body.namespace,
+    )
+    stored = await request.app[CONTEXT].registry.set(creds)
+    return web.json_response({"registry": stored.public()})
+
+
+@routes.get("/v1/registry")
+async def get_registry(request: web.Request) -> web.Response:
+    current = request.app[CONTEXT].registry.current
+    return web.json_response({"registry": None if current is None else current.public()})
+
+
+@routes.delete("/v1/registry")
+async def delete_registry(request: web.Request) -> web.Response:
+    version = await request.app[CONTEXT].registry.delete()
+    return web.json_response({"registry": None, "version": version})

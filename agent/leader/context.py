@@ -1,0 +1,29 @@
+"""What every part of the leader shares: config, store, journal, engine, registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.config import LeaderConfig
+from agent.engine import Engine
+from agent.leader.journal import Journal
+from agent.leader.registry import RegistryService
+from agent.leader.store import Store
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderContext:
+    config: LeaderConfig
+    state_dir: Path
+    store: Store
+    journal: Journal
+    engine: Engine
+    registry: RegistryService
+
+    @property
+    def contexts_dir(self) -> Path:
+        return self.state_dir / "contexts"
+
+    def context_path(self, dep_id: str) -> Path:
+        return self.contexts_dir / f"{dep_id}.tar"

@@ -1,0 +1,118 @@
+"""Deployment values: the request a client submits and the record the leader keeps.
+
+Requests are decoded and validated at the API edge; records are owned by one runner.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+AppName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")]
+DOCKERFILE_PATTERN = re.compile(r"^(?!/)(?!.*(?:^|/)\.\.(?:/|$))[^\x00]{1,255}$")
+BUILD_ARG_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+
+
+class State(enum.StrEnum):
+    QUEUED = "queued"
+    BUILDING = "building"
+    PUSHING = "pushing"
+    DISTRIBUTING = "distributing"
+    RELEASING = "releasing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (State.SUCCEEDED, State.FAILED, State.CANCELLED)
+
+
+class Mode(enum.StrEnum):
+    LOCAL = "local"
+    REGISTRY = "registry"
+
+
+class GitSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    url: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
+    ref: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")] = "HEAD"
+
+
+class DeploymentRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """What a client asks for. A tar upload sends the same fields as query parameters."""
+
+    app: AppName
+    git: GitSource | None = None
+    dockerfile: str = "Dockerfile"
+    build_args: dict[str, str] = msgspec.field(default_factory=dict)
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    image: str | None = None
+
+
+class StageTiming(msgspec.Struct, kw_only=True):
+    started_at: float
+    finished_at: float | None = None
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.finished_at is None else self.finished_at - self.started_at
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    code: str
+    message: str
+    hint: str | None = None
+    log_tail: list[str] | None = None
+
+
+class Deployment(msgspec.Struct, kw_only=True):
+    """The leader's record of one deployment; only its runner changes it once started."""
+
+    id: str
+    app: str
+    state: State = State.QUEUED
+    mode: Mode
+    request: DeploymentRequest
+    source: Literal["upload", "git"]
+    created_at: float
+    updated_at: float
+    finished_at: float | None = None
+    repository: str
+    tag: str
+    credentials_version: int | None = None
+    image_id: str | None = None
+    digest: str | None = None
+    stages: dict[str, StageTiming] = msgspec.field(default_factory=dict)
+    nodes: dict[str, Any] = msgspec.field(default_factory=dict)
+    push_retries: int = 0
+    attempts: int = 0
+    error: ErrorInfo | None = None
+
+    @property
+    def image_ref(self) -> str:
+        """How everything after the build refers to the image."""
+        if self.digest is not None:
+            return f"{self.repository}@{self.digest}"
+        return f"{self.repository}:{self.tag}"
+
+    def stage_done(self, stage: str) -> bool:
+        timing = self.stages.get(stage)
+        return timing is not None and timing.finished_at is not None
+
+
+def new_deployment_id() -> str:
+    """A short id that is also a valid image tag."""
+    return time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+
+
+def plan(mode: Mode) -> tuple[State, ...]:
+    """The stages a deployment passes through, in order, for its mode."""
+    if mode is Mode.LOCAL:
+        return (State.BUILDING,)
+    return (State.BUILDING, State.PUSHING, State.DISTRIBUTING)

@@ -1,0 +1,96 @@
+"""Registry credentials on the leader, and the mode (local or registry) they imply.
+
+Credentials are verified against the registry through the engine before they are
+stored; a rejected set leaves the previous one in force.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgspec
+
+from agent.credentials import RegistryCredentials
+from agent.engine import Engine
+from agent.errors import RegistryAuthError, RegistryError, RequestError
+from agent.leader.models import Mode
+from agent.leader.store import Store
+from agent.logs import get_logger, redactor
+
+log = get_logger(__name__)
+
+
+class ModeDecision(msgspec.Struct, frozen=True):
+    mode: Mode
+    reason: str
+    enrolled_workers: int
+    registry_configured: bool
+
+
+class RegistryService:
+    def __init__(self, store: Store, engine: Engine) -> None:
+        self._store = store
+        self._engine = engine
+        self._current: RegistryCredentials | None = None
+
+    async def load(self) -> None:
+        self._current = await self._store.credentials()
+        if self._current is not None:
+            redactor.add(self._current.password)
+
+    @property
+    def current(self) -> RegistryCredentials | None:
+        return self._current
+
+    async def set(self, creds: RegistryCredentials) -> RegistryCredentials:
+        """Verify `creds` against the registry, then store them as a new version."""
+        redactor.add(creds.password)
+        try:
+            await self._engine.login(creds)
+        except RegistryAuthError as exc:
+            raise RequestError(
+                422,
+                "invalid_request",
+                f"the registry refused these credentials: {exc.message}",
+                hint="check the username and the token; the previous credentials stay in force",
+            ) from None
+        except RegistryError as exc:
+            raise RequestError(
+                422,
+                "registry_unreachable",
+                f"could not verify the credentials with {creds.server}: {exc.message}",
+                hint="check the server address and that the registry answers",
+            ) from None
+        version = await self._store.put_credentials(creds)
+        self._current = dataclasses.replace(creds, version=version)
+        log.info("registry.credentials_set", server=creds.server, version=version)
+        return self._current
+
+    async def delete(self) -> int:
+        version = await self._store.put_credentials(None)
+        self._current = None
+        log.info("registry.credentials_removed", version=version)
+        return version
+
+    async def decide_mode(self) -> ModeDecision:
+        enrolled = await self._store.enrolled_count()
+        configured = self._current is not None
+        if configured:
+            reason = "registry credentials are configured"
+        elif enrolled:
+            reason = f"{enrolled} worker(s) enrolled"
+        else:
+            reason = "no worker is enrolled and no registry is configured"
+        mode = Mode.REGISTRY if configured or enrolled else Mode.LOCAL
+        return ModeDecision(mode, reason, enrolled, configured)
+
+
+def registry_required(decision: ModeDecision) -> RequestError:
+    return RequestError(
+        409,
+        "registry_required",
+        f"{decision.enrolled_workers} worker(s) are enrolled, so images must go through a "
+        "registry, and none is configured",
+        hint="set credentials with `deploy-agent registry set` or PUT /v1/registry "
+        "(server, username, password)",
+    )

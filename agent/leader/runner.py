@@ -1,0 +1,128 @@
+"""Runs one deployment through the stages of its mode to exactly one final state.
+
+The runner is the only writer of its deployment's record while it runs. A cancel from
+the user ends it as `cancelled`; a leader shutdown leaves it unfinished, to be resumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from agent.errors import DeploymentError
+from agent.leader import stages
+from agent.leader.context import LeaderContext
+from agent.leader.models import Deployment, ErrorInfo, StageTiming, State, plan
+from agent.leader.sources import remove_quietly
+from agent.logs import get_logger
+
+log = get_logger(__name__)
+StageFn = Callable[[LeaderContext, Deployment], Awaitable[None]]
+_STAGES: dict[State, StageFn] = {
+    State.BUILDING: stages.build,
+    State.PUSHING: stages.push,
+    State.DISTRIBUTING: stages.distribute,
+}
+
+
+class Runner:
+    def __init__(self, ctx: LeaderContext, dep: Deployment) -> None:
+        self.ctx = ctx
+        self.dep = dep
+        self.cancel_requested = False
+
+    async def run(self) -> None:
+        structlog.contextvars.bind_contextvars(deployment=self.dep.id, app=self.dep.app)
+        try:
+            await self._attempt()
+        except DeploymentError as exc:
+            await self._fail(exc)
+        except asyncio.CancelledError:
+            if not self.cancel_requested:
+                await self._interrupted()
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            await self._fail(DeploymentError("cancelled", "the deployment was cancelled"))
+        except Exception as exc:
+            log.exception("deployment.crashed")
+            await self._fail(DeploymentError(self._failure_code(), f"internal error: {exc!r}"))
+        else:
+            await self._finish(State.SUCCEEDED, None)
+
+    async def _attempt(self) -> None:
+        self.dep.attempts += 1
+        if self.dep.attempts > self.ctx.config.max_attempts:
+            raise DeploymentError(
+                "interrupted",
+                f"the leader stopped {self.dep.attempts - 1} times while this deployment ran",
+                hint="look for what stops the leader (memory, restarts), then resubmit",
+            )
+        if self.dep.attempts > 1:
+            await self.ctx.journal.save(self.dep, "resumed", attempt=self.dep.attempts)
+        await self._forget_lost_image()
+        for stage in plan(self.dep.mode):
+            if not self.dep.stage_done(stage):
+                await self._run_stage(stage)
+
+    async def _forget_lost_image(self) -> None:
+        """A build recorded before a crash counts only while the engine still holds it."""
+        if not self.dep.stage_done(State.BUILDING) or self.dep.digest is not None:
+            return
+        if await self.ctx.engine.image_id(f"{self.dep.repository}:{self.dep.tag}") is None:
+            del self.dep.stages[State.BUILDING]
+
+    async def _run_stage(self, stage: State) -> None:
+        self.dep.state = stage
+        self.dep.stages[stage] = StageTiming(started_at=time.time())
+        await self._save("state", state=stage.value)
+        log.info("stage.started", stage=stage.value)
+        limit = self.ctx.config.stage_timeouts.for_stage(stage.value)
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                await _STAGES[stage](self.ctx, self.dep)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise DeploymentError(
+                "timeout",
+                f"the {stage.value} stage did not finish within {limit:.0f} s",
+                hint=f"raise leader.stage_timeouts.{stage.value} if this work needs longer",
+            ) from None
+        self.dep.stages[stage].finished_at = time.time()
+        await self._save()
+        log.info("stage.finished", stage=stage.value, seconds=self.dep.stages[stage].seconds)
+
+    def _failure_code(self) -> str:
+        codes = {State.BUILDING: "build_failed", State.PUSHING: "push_failed"}
+        return codes.get(self.dep.state, "distribution_failed")
+
+    async def _fail(self, exc: DeploymentError) -> None:
+        tail = exc.log_tail if isinstance(exc, stages.BuildFailed) else None
+        error = ErrorInfo(code=exc.code, message=exc.message, hint=exc.hint, log_tail=tail)
+        state = State.CANCELLED if exc.code == "cancelled" else State.FAILED
+        await self._finish(state, error)
+
+    async def _finish(self, state: State, error: ErrorInfo | None) -> None:
+        now = time.time()
+        for timing in self.dep.stages.values():
+            timing.finished_at = timing.finished_at or now
+        self.dep.state, self.dep.error, self.dep.finished_at = state, error, now
+        fields: dict[str, object] = {"state": state.value}
+        if error is not None:
+            fields |= {"error": {"code": error.code, "message": error.message, "hint": error.hint}}
+        await self._save("state", **fields)
+        log.info("deployment.finished", state=state.value, code=error.code if error else None)
+        await asyncio.to_thread(remove_quietly, self.ctx.context_path(self.dep.id))
+
+    async def _interrupted(self) -> None:
+        """Shutdown: leave the record unfinished so the next start resumes it."""
+        log.warning("deployment.interrupted", stage=self.dep.state.value)
+        await asyncio.shield(self.ctx.journal.record(self.dep.id, "interrupted"))
+
+    async def _save(self, event_type: str | None = None, **fields: object) -> None:
+        self.dep.updated_at = time.time()
+        await self.ctx.journal.save(self.dep, event_type, **fields)

@@ -1,0 +1,109 @@
+"""Decides which deployments run: one per app in submission order, a global limit.
+
+The scheduler owns every runner task: it starts them, cancels them on request, and
+on shutdown waits for them under a deadline before cancelling the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from agent.errors import RequestError
+from agent.leader.context import LeaderContext
+from agent.leader.models import Deployment, ErrorInfo, State
+from agent.leader.runner import Runner
+from agent.leader.sources import remove_quietly
+from agent.logs import get_logger
+
+log = get_logger(__name__)
+
+
+class Scheduler:
+    def __init__(self, ctx: LeaderContext) -> None:
+        self._ctx = ctx
+        self._wake = asyncio.Event()
+        self._running: dict[str, tuple[Runner, asyncio.Task[None]]] = {}
+        self._accepting = True
+        self._lock = asyncio.Lock()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def active(self) -> int:
+        return len(self._running)
+
+    async def run(self) -> None:
+        """Start what may start, then sleep until something changes; until shutdown."""
+        while self._accepting:
+            self._wake.clear()
+            await self._start_eligible()
+            await self._wake.wait()
+
+    async def _start_eligible(self) -> None:
+        async with self._lock:
+            seen_apps: set[str] = set()
+            for dep in await self._ctx.store.unfinished():
+                if dep.app in seen_apps:
+                    continue
+                seen_apps.add(dep.app)
+                if dep.id in self._running:
+                    continue
+                if len(self._running) >= self._ctx.config.max_parallel_builds:
+                    return
+                self._start(dep)
+
+    def _start(self, dep: Deployment) -> None:
+        runner = Runner(self._ctx, dep)
+        task = asyncio.create_task(runner.run(), name=f"deployment-{dep.id}")
+        self._running[dep.id] = (runner, task)
+        task.add_done_callback(lambda _: self._finished(dep.id))
+
+    def _finished(self, dep_id: str) -> None:
+        self._running.pop(dep_id, None)
+        self.wake()
+
+    async def cancel(self, dep_id: str) -> Deployment:
+        """Cancel a deployment: a queued one at once, a running one by stopping its work."""
+        async with self._lock:
+            entry = self._running.get(dep_id)
+            if entry is None:
+                return await self._cancel_queued(dep_id)
+        runner, task = entry
+        runner.cancel_requested = True
+        task.cancel("cancelled by request")
+        await asyncio.wait([task])
+        dep = await self._ctx.store.get(dep_id)
+        assert dep is not None
+        return dep
+
+    async def _cancel_queued(self, dep_id: str) -> Deployment:
+        dep = await self._ctx.store.get(dep_id)
+        if dep is None:
+            raise RequestError(404, "not_found", f"no deployment {dep_id}")
+        if dep.state.final:
+            raise RequestError(
+                409, "invalid_request", f"deployment {dep_id} is already {dep.state.value}"
+            )
+        dep.state, dep.finished_at = State.CANCELLED, time.time()
+        dep.error = ErrorInfo(code="cancelled", message="the deployment was cancelled")
+        await self._ctx.journal.save(dep, "state", state=dep.state.value)
+        await asyncio.to_thread(remove_quietly, self._ctx.context_path(dep_id))
+        self.wake()
+        return dep
+
+    async def shutdown(self, drain_timeout: float) -> None:
+        """Start nothing new; let running deployments finish until the deadline, then stop them."""
+        self._accepting = False
+        self.wake()
+        tasks = [task for _, task in self._running.values()]
+        if not tasks:
+            return
+        log.info("scheduler.draining", running=len(tasks), deadline_s=drain_timeout)
+        _, pending = await asyncio.wait(tasks, timeout=drain_timeout)
+        for task in pending:
+            task.cancel("leader shutting down")
+        if pending:
+            log.warning("scheduler.drain_deadline_passed", interrupted=len(pending))
+            await asyncio.wait(pending)

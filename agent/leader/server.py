@@ -1,0 +1,151 @@
+"""Assembles the leader and runs its lifecycle.
+
+Start order: state-dir lock, store, engine, registry, scheduler, HTTP site.
+Stop order is the reverse: stop accepting, drain deployments under a deadline,
+cancel what is left, close the engine and the store, release the lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import os
+import ssl
+from pathlib import Path
+from typing import IO
+
+from aiohttp import web
+
+from agent.config import Config, LeaderConfig
+from agent.credentials import RegistryCredentials
+from agent.engine import Engine
+from agent.errors import AgentError, ConfigError, RequestError
+from agent.leader.api import cluster, deployments, middleware, registry
+from agent.leader.api.keys import CONTEXT, SCHEDULER
+from agent.leader.context import LeaderContext
+from agent.leader.journal import Journal
+from agent.leader.registry import RegistryService
+from agent.leader.scheduler import Scheduler
+from agent.leader.store import Store
+from agent.logs import get_logger, redactor
+
+log = get_logger(__name__)
+JSON_BODY_LIMIT = 1024 * 1024
+
+
+def build_app(ctx: LeaderContext, scheduler: Scheduler) -> web.Application:
+    app = web.Application(
+        middlewares=[middleware.errors, middleware.bearer_auth(ctx.config.api_token)],
+        client_max_size=JSON_BODY_LIMIT,
+    )
+    app[CONTEXT] = ctx
+    app[SCHEDULER] = scheduler
+    for table in (deployments.routes, registry.routes, cluster.routes):
+        app.router.add_routes(table)
+    return app
+
+
+class Leader:
+    def __init__(self, config: Config) -> None:
+        assert config.leader is not None
+        self.config = config
+        self.leader_config: LeaderConfig = config.leader
+        self._lock_file: IO[str] | None = None
+        self._runner: web.AppRunner | None = None
+        self._scheduler_task: asyncio.Task[None] | None = None
+        self.ctx: LeaderContext | None = None
+        self.scheduler: Scheduler | None = None
+
+    async def start(self) -> None:
+        state = self.config.state_path
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock_file = _lock_state_dir(state)
+        store = Store(state / "leader.db")
+        await store.open()
+        engine = Engine(self.config.engine.url, timeout=self.config.engine.timeout)
+        reg = RegistryService(store, engine)
+        await reg.load()
+        ctx = LeaderContext(self.leader_config, state, store, Journal(store), engine, reg)
+        self.ctx = ctx
+        await self._check_engine(engine)
+        await self._seed_registry(reg)
+        self.scheduler = Scheduler(ctx)
+        self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
+        await self._serve(build_app(ctx, self.scheduler))
+
+    async def _check_engine(self, engine: Engine) -> None:
+        try:
+            info = await engine.version()
+            log.info("engine.ready", url=engine.url, version=info.get("Version"))
+        except AgentError as exc:
+            log.error("engine.unavailable", url=engine.url, error=exc.message)
+
+    async def _seed_registry(self, reg: RegistryService) -> None:
+        seed = self.config.registry
+        if seed is None:
+            return
+        creds = RegistryCredentials(seed.server, seed.username, seed.password, seed.namespace)
+        current = reg.current
+        if current is not None and dataclasses.replace(current, version=0) == creds:
+            return
+        try:
+            await reg.set(creds)
+        except RequestError as exc:
+            log.error("registry.config_rejected", server=seed.server, error=exc.message)
+
+    async def _serve(self, app: web.Application) -> None:
+        cfg = self.leader_config
+        self._runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, shutdown_timeout=5
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, cfg.host, cfg.port, ssl_context=_ssl_context(cfg))
+        await site.start()
+        if cfg.plain_http:
+            log.warning("leader.plain_http", listen=cfg.listen)
+        log.info("leader.serving", listen=cfg.listen, tls=not cfg.plain_http)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.scheduler is not None:
+            await self.scheduler.shutdown(self.leader_config.drain_timeout)
+        if self._scheduler_task is not None:
+            self._scheduler_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scheduler_task
+        if self.ctx is not None:
+            await self.ctx.engine.close()
+            await self.ctx.store.close()
+        if self._lock_file is not None:
+            self._lock_file.close()
+        log.info("leader.stopped")
+
+
+def _ssl_context(cfg: LeaderConfig) -> ssl.SSLContext | None:
+    if cfg.plain_http or cfg.tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"leader.tls: cannot load the certificate: {exc}") from None
+    return context
+
+
+def _lock_state_dir(state: Path) -> IO[str]:
+    """One leader per state directory: a second one would run deployments twice."""
+    lock = (state / "lock").open("a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ConfigError(f"state_dir: another deploy-agent holds {state}/lock") from None
+    os.chmod(lock.name, 0o600)
+    return lock
+
+
+def register_secrets(config: Config) -> None:
+    redactor.add(*config.secrets())

@@ -1,0 +1,231 @@
+"""Build contexts: an uploaded tar checked for escapes, or a git ref cloned shallow.
+
+Both end as one tar file under the state directory, which the build stage reads.
+Nothing here trusts a path from outside: absolute names, `..` and links that leave
+the context are refused before the engine sees the archive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import posixpath
+import shutil
+import tarfile
+import tempfile
+import zlib
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from aiohttp import web
+
+from agent.errors import DeploymentError, RequestError
+
+CHUNK = 1024 * 1024
+_ASKPASS = """#!/bin/sh
+case "$1" in
+  Username*) printf '%s\\n' "$DEPLOY_AGENT_GIT_USERNAME" ;;
+  *) printf '%s\\n' "$DEPLOY_AGENT_GIT_PASSWORD" ;;
+esac
+"""
+
+
+async def receive_upload(request: web.Request, dest: Path, limit: int) -> None:
+    """Stream the request body to `dest`, refusing it past `limit` bytes (413)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    received = 0
+    loop = asyncio.get_running_loop()
+    with dest.open("wb") as out:
+        while chunk := await request.content.readany():
+            received += len(chunk)
+            if received > limit:
+                raise _too_large(limit)
+            await loop.run_in_executor(None, out.write, chunk)
+    if received == 0:
+        raise RequestError(400, "invalid_request", "the request body is empty: send a tar archive")
+
+
+def _too_large(limit: int) -> RequestError:
+    return RequestError(
+        413,
+        "invalid_request",
+        f"the build context is larger than the limit of {limit} bytes",
+        hint="leave build outputs out of the context, or raise leader.max_context_bytes",
+    )
+
+
+def check_context(path: Path, dockerfile: str, max_unpacked: int) -> None:
+    """Refuse an archive that is corrupt, too large unpacked, or escapes its root."""
+    try:
+        with tarfile.open(path, mode="r:*") as archive:
+            names = _check_members(archive, max_unpacked)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise RequestError(
+            400, "invalid_request", f"the build context is not a readable tar archive: {exc}"
+        ) from None
+    if posixpath.normpath(dockerfile) not in names:
+        raise RequestError(
+            400,
+            "invalid_request",
+            f"the build context has no {dockerfile}",
+            hint="send the directory that holds the Dockerfile, or set dockerfile",
+        )
+
+
+def _check_members(archive: tarfile.TarFile, max_unpacked: int) -> set[str]:
+    names: set[str] = set()
+    total = 0
+    for member in archive:
+        name = _safe_name(member.name)
+        total += max(member.size, 0)
+        if total > max_unpacked:
+            raise _too_large(max_unpacked)
+        if member.issym() or member.islnk():
+            _check_link(member, name)
+        elif not (member.isfile() or member.isdir()):
+            raise _bad_member(member.name, "is a device, FIFO or other special file")
+        names.add(name)
+    if not names:
+        raise RequestError(400, "invalid_request", "the build context archive is empty")
+    return names
+
+
+def _safe_name(name: str) -> str:
+    if name.startswith("/") or "\\" in name:
+        raise _bad_member(name, "has an absolute path")
+    parts = name.split("/")
+    if ".." in parts:
+        raise _bad_member(name, "contains '..'")
+    return posixpath.normpath(name)
+
+
+def _check_link(member: tarfile.TarInfo, name: str) -> None:
+    target = member.linkname
+    if target.startswith("/"):
+        raise _bad_member(member.name, f"links to an absolute path {target}")
+    base = posixpath.dirname(name) if member.issym() else ""
+    resolved = posixpath.normpath(posixpath.join(base, target))
+    if resolved == ".." or resolved.startswith("../"):
+        raise _bad_member(member.name, f"links outside the context ({target})")
+
+
+def _bad_member(name: str, why: str) -> RequestError:
+    return RequestError(400, "invalid_request", f"the build context entry {name!r} {why}")
+
+
+def validate_git_url(url: str, allowed_schemes: tuple[str, ...]) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in allowed_schemes or not (parts.netloc or parts.scheme == "file"):
+        raise RequestError(
+            400,
+            "invalid_request",
+            f"git url must use one of: {', '.join(allowed_schemes)}",
+            hint="for example https://github.com/owner/repo.git",
+        )
+
+
+def redact_url(url: str) -> str:
+    """The URL without a password: fit for logs and API responses."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def clone_to_context(url: str, ref: str, dest: Path, deadline: float) -> str:
+    """Clone `ref` of `url` shallow and pack it (without .git) into `dest`; return the commit."""
+    with tempfile.TemporaryDirectory(prefix="clone-", dir=dest.parent) as tmp:
+        work = Path(tmp) / "src"
+        env = _git_env(url, Path(tmp))
+        clean_url = _without_userinfo(url)
+        try:
+            async with asyncio.timeout(deadline):
+                await _git(env, "init", "-q", str(work))
+                await _git(env, "-C", str(work), "fetch", "-q", "--depth", "1", clean_url, ref)
+                await _git(env, "-C", str(work), "checkout", "-q", "FETCH_HEAD")
+                commit = await _git(env, "-C", str(work), "rev-parse", "HEAD")
+        except TimeoutError:
+            raise DeploymentError(
+                "source_unavailable",
+                f"cloning {redact_url(url)} took longer than {deadline:.0f} s",
+                hint="check that the git host answers, or raise leader.git_timeout",
+            ) from None
+        await asyncio.to_thread(_pack_dir, work, dest)
+    return commit.strip()
+
+
+def _git_env(url: str, tmp: Path) -> dict[str, str]:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp),
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_CONFIG_NOSYSTEM": "1",
+    }
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        askpass = tmp / "askpass"
+        askpass.write_text(_ASKPASS)
+        askpass.chmod(0o700)
+        env |= {
+            "GIT_ASKPASS": str(askpass),
+            "DEPLOY_AGENT_GIT_USERNAME": parts.username or "",
+            "DEPLOY_AGENT_GIT_PASSWORD": parts.password or "",
+        }
+    return env
+
+
+def _without_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    if not (parts.username or parts.password):
+        return url
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    netloc = f"{parts.username}@{host}" if parts.username else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def _git(env: dict[str, str], *args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        "git",
+        *args,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await proc.communicate()
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    if proc.returncode != 0:
+        reason = err.decode(errors="replace").strip().splitlines()
+        raise DeploymentError(
+            "source_unavailable",
+            f"git {_verb(args)} failed: " + (reason[-1] if reason else f"exit {proc.returncode}"),
+            hint="check the url, the ref and the credentials of the git repository",
+        )
+    return out.decode()
+
+
+def _verb(args: tuple[str, ...]) -> str:
+    return next(a for a in args if a in ("init", "fetch", "checkout", "rev-parse"))
+
+
+def _pack_dir(src: Path, dest: Path) -> None:
+    with tarfile.open(dest, "w") as archive:
+        for entry in sorted(src.iterdir()):
+            if entry.name != ".git":
+                archive.add(entry, arcname=entry.name)
+
+
+def remove_quietly(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

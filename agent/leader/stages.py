@@ -1,0 +1,189 @@
+"""The work of each stage: build, push, distribute. Each raises DeploymentError on failure.
+
+Stages change only the fields of the deployment they produce (image id, digest, retries)
+and report progress through the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_before_delay,
+    wait_exponential_jitter,
+)
+
+from agent.engine import PushProgress
+from agent.errors import (
+    BuildError,
+    DeploymentError,
+    EngineError,
+    RegistryAuthError,
+    RegistryError,
+    RegistryTransientError,
+    RequestError,
+)
+from agent.leader.context import LeaderContext
+from agent.leader.models import Deployment
+from agent.leader.sources import check_context, clone_to_context, redact_url
+from agent.logs import get_logger
+
+log = get_logger(__name__)
+PROGRESS_INTERVAL = 1.0
+UNAUTHORIZED_HINT = (
+    "check that the registry token has write (push) permission for this repository, "
+    "then set it again with PUT /v1/registry"
+)
+
+
+async def build(ctx: LeaderContext, dep: Deployment) -> None:
+    context = await _prepare_context(ctx, dep)
+    labels = {**dep.request.labels, "deploy-agent.app": dep.app, "deploy-agent.deployment": dep.id}
+
+    async def on_line(line: str) -> None:
+        await ctx.journal.record(dep.id, "log", line=line)
+
+    try:
+        dep.image_id = await ctx.engine.build(
+            context,
+            tag=f"{dep.repository}:{dep.tag}",
+            dockerfile=dep.request.dockerfile,
+            build_args=dep.request.build_args,
+            labels=labels,
+            on_line=on_line,
+        )
+    except BuildError as exc:
+        raise BuildFailed(exc.message, exc.log_tail) from None
+    except EngineError as exc:
+        raise BuildFailed(exc.message, []) from None
+
+
+class BuildFailed(DeploymentError):
+    def __init__(self, message: str, log_tail: list[str]) -> None:
+        super().__init__(
+            "build_failed",
+            f"the image build failed: {message}",
+            hint="read the build log (deploy-agent deploy follows it) and fix the Dockerfile",
+        )
+        self.log_tail = log_tail
+
+
+async def _prepare_context(ctx: LeaderContext, dep: Deployment) -> Path:
+    path = ctx.context_path(dep.id)
+    git = dep.request.git
+    if git is not None:
+        await ctx.journal.record(dep.id, "source", url=redact_url(git.url), ref=git.ref)
+        commit = await clone_to_context(git.url, git.ref, path, ctx.config.git_timeout)
+        await ctx.journal.record(dep.id, "source", commit=commit)
+        try:
+            await asyncio.to_thread(
+                check_context, path, dep.request.dockerfile, ctx.config.max_context_bytes
+            )
+        except RequestError as exc:
+            raise DeploymentError("source_unavailable", exc.message, exc.hint) from None
+    elif not path.exists():
+        raise DeploymentError(
+            "source_unavailable",
+            "the uploaded build context is no longer in the leader's state directory",
+            hint="submit the deployment again",
+        )
+    return path
+
+
+async def push(ctx: LeaderContext, dep: Deployment) -> None:
+    creds = ctx.registry.current
+    if creds is None:
+        raise DeploymentError(
+            "push_failed",
+            "the registry credentials were removed before the push",
+            hint="set them again with PUT /v1/registry and resubmit",
+        )
+    progress = _ProgressReporter(ctx, dep)
+    retrying = AsyncRetrying(
+        stop=stop_before_delay(ctx.config.push_retry_budget),
+        wait=wait_exponential_jitter(initial=1, max=30, jitter=1),
+        retry=retry_if_exception_type(RegistryTransientError),
+        before_sleep=_RetryRecorder(ctx, dep),
+        reraise=True,
+    )
+    try:
+        async for attempt in retrying:
+            with attempt:
+                dep.digest = await ctx.engine.push(dep.repository, dep.tag, creds, progress)
+    except RegistryAuthError as exc:
+        raise DeploymentError(
+            "push_unauthorized", f"the registry refused the push: {exc.message}", UNAUTHORIZED_HINT
+        ) from None
+    except RegistryTransientError as exc:
+        raise _exhausted(ctx, dep, exc) from None
+    except (RegistryError, EngineError) as exc:
+        raise DeploymentError("push_failed", f"the push failed: {exc.message}") from None
+    await ctx.journal.record(dep.id, "push", status="pushed", digest=dep.digest)
+
+
+def _exhausted(ctx: LeaderContext, dep: Deployment, exc: RegistryTransientError) -> DeploymentError:
+    budget = ctx.config.push_retry_budget
+    summary = f"after {dep.push_retries} retries over {budget:.0f} s the push still failed: "
+    if exc.unreachable:
+        return DeploymentError(
+            "registry_unreachable",
+            summary + exc.message,
+            hint="check that the registry is up and reachable from the leader",
+        )
+    return DeploymentError("push_failed", summary + exc.message)
+
+
+class _RetryRecorder:
+    """tenacity's before_sleep: count the retry and make it an event."""
+
+    def __init__(self, ctx: LeaderContext, dep: Deployment) -> None:
+        self._ctx = ctx
+        self._dep = dep
+
+    async def __call__(self, state: RetryCallState) -> None:
+        self._dep.push_retries += 1
+        error = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        fields = {
+            "attempt": state.attempt_number,
+            "wait_s": round(wait, 2),
+            "error": getattr(error, "message", str(error)),
+        }
+        log.warning("push.retry", deployment=self._dep.id, **fields)
+        await self._ctx.journal.save(self._dep, "push.retry", **fields)
+
+
+class _ProgressReporter:
+    """Turns the engine's push progress into events, at most one a second per layer."""
+
+    def __init__(self, ctx: LeaderContext, dep: Deployment) -> None:
+        self._ctx = ctx
+        self._dep = dep
+        self._last: dict[str, tuple[str, float]] = {}
+
+    async def __call__(self, progress: PushProgress) -> None:
+        now = time.monotonic()
+        status, at = self._last.get(progress.layer, ("", 0.0))
+        if status == progress.status and now - at < PROGRESS_INTERVAL:
+            return
+        self._last[progress.layer] = (progress.status, now)
+        await self._ctx.journal.record(
+            self._dep.id,
+            "push",
+            layer=progress.layer,
+            status=progress.status,
+            current=progress.current,
+            total=progress.total,
+        )
+
+
+async def distribute(ctx: LeaderContext, dep: Deployment) -> None:
+    """Hand the pushed digest to the workers; with none enrolled there is nobody to wait for."""
+    enrolled = await ctx.store.enrolled_count()
+    dep.nodes = {}
+    await ctx.journal.record(dep.id, "distribution", workers=enrolled, image=dep.image_ref)

@@ -1,0 +1,285 @@
+"""The leader's durable state: SQLite in WAL mode, owned by one thread.
+
+Every call runs on the store's single worker thread, off the event loop. The files are
+readable by the agent's user only; this is the one place registry passwords are kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+from agent.credentials import RegistryCredentials
+from agent.leader.models import Deployment, State
+
+T = TypeVar("T")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS deployments (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    app TEXT NOT NULL,
+    state TEXT NOT NULL,
+    doc BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deployments_app ON deployments (app, seq);
+CREATE INDEX IF NOT EXISTS deployments_state ON deployments (state, seq);
+CREATE TABLE IF NOT EXISTS events (
+    deployment_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    doc BLOB NOT NULL,
+    PRIMARY KEY (deployment_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS idempotency (
+    key TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    deployment_id TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS registry_credentials (
+    version INTEGER PRIMARY KEY AUTOINCREMENT,
+    server TEXT,
+    username TEXT,
+    password TEXT,
+    namespace TEXT,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    enrolled_at REAL NOT NULL,
+    revoked_at REAL
+);
+"""
+_FINAL = tuple(s.value for s in State if s.final)
+_encoder = msgspec.json.Encoder()
+_decode_deployment = msgspec.json.Decoder(Deployment).decode
+
+
+class Store:
+    """Async facade over one SQLite connection that lives on one thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="store")
+        self._db: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        await self._call(self._open)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._call(self._db.close)
+            self._db = None
+        self._executor.shutdown(wait=True)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        old_umask = os.umask(0o077)
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=5000")
+            db.execute("PRAGMA secure_delete=ON")
+            db.executescript(_SCHEMA)
+        finally:
+            os.umask(old_umask)
+        for suffix in ("", "-wal", "-shm"):
+            file = Path(f"{self.path}{suffix}")
+            if file.exists():
+                file.chmod(0o600)
+        self._db = db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        assert self._db is not None, "store is not open"
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # deployments
+
+    async def create(
+        self, dep: Deployment, idempotency: tuple[str, str] | None
+    ) -> tuple[Deployment, bool]:
+        """Insert `dep`, or return the deployment an earlier request with the key made."""
+        return await self._call(self._create, dep, idempotency)
+
+    def _create(
+        self, dep: Deployment, idempotency: tuple[str, str] | None
+    ) -> tuple[Deployment, bool]:
+        with self._tx() as db:
+            if idempotency is not None:
+                row = db.execute(
+                    "SELECT d.doc, i.fingerprint FROM idempotency i "
+                    "JOIN deployments d ON d.id = i.deployment_id WHERE i.key = ?",
+                    (idempotency[0],),
+                ).fetchone()
+                if row is not None:
+                    if row[1] != idempotency[1]:
+                        raise IdempotencyConflict(idempotency[0])
+                    return _decode_deployment(row[0]), False
+                db.execute(
+                    "INSERT INTO idempotency VALUES (?, ?, ?, ?)",
+                    (idempotency[0], idempotency[1], dep.id, time.time()),
+                )
+            db.execute(
+                "INSERT INTO deployments (id, app, state, doc) VALUES (?, ?, ?, ?)",
+                (dep.id, dep.app, dep.state.value, _encoder.encode(dep)),
+            )
+            self._insert_event(db, dep.id, {"type": "state", "state": dep.state.value})
+        return dep, True
+
+    async def save(self, dep: Deployment, event: dict[str, Any] | None = None) -> int | None:
+        """Write `dep`, and with it `event` in the same transaction; return the event's seq."""
+        return await self._call(self._save, dep, event)
+
+    def _save(self, dep: Deployment, event: dict[str, Any] | None) -> int | None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE deployments SET state = ?, doc = ? WHERE id = ?",
+                (dep.state.value, _encoder.encode(dep), dep.id),
+            )
+            return None if event is None else self._insert_event(db, dep.id, event)
+
+    async def get(self, dep_id: str) -> Deployment | None:
+        return await self._call(self._get, dep_id)
+
+    def _get(self, dep_id: str) -> Deployment | None:
+        assert self._db is not None
+        row = self._db.execute("SELECT doc FROM deployments WHERE id = ?", (dep_id,)).fetchone()
+        return None if row is None else _decode_deployment(row[0])
+
+    async def list_deployments(
+        self, app: str | None, state: str | None, limit: int
+    ) -> list[Deployment]:
+        return await self._call(self._list_deployments, app, state, limit)
+
+    def _list_deployments(self, app: str | None, state: str | None, limit: int) -> list[Deployment]:
+        assert self._db is not None
+        rows = self._db.execute(
+            "SELECT doc FROM deployments WHERE (?1 IS NULL OR app = ?1) "
+            "AND (?2 IS NULL OR state = ?2) ORDER BY seq DESC LIMIT ?3",
+            (app, state, limit),
+        ).fetchall()
+        return [_decode_deployment(r[0]) for r in rows]
+
+    async def unfinished(self) -> list[Deployment]:
+        """Every deployment not yet final, in submission order."""
+        return await self._call(self._unfinished)
+
+    def _unfinished(self) -> list[Deployment]:
+        assert self._db is not None
+        marks = ",".join("?" * len(_FINAL))
+        rows = self._db.execute(
+            f"SELECT doc FROM deployments WHERE state NOT IN ({marks}) ORDER BY seq",  # noqa: S608
+            _FINAL,
+        ).fetchall()
+        return [_decode_deployment(r[0]) for r in rows]
+
+    # events
+
+    async def append_event(self, dep_id: str, event: dict[str, Any]) -> int:
+        return await self._call(self._append_event, dep_id, event)
+
+    def _append_event(self, dep_id: str, event: dict[str, Any]) -> int:
+        with self._tx() as db:
+            return self._insert_event(db, dep_id, event)
+
+    @staticmethod
+    def _insert_event(db: sqlite3.Connection, dep_id: str, event: dict[str, Any]) -> int:
+        row = db.execute(
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE deployment_id = ?", (dep_id,)
+        ).fetchone()
+        seq = int(row[0])
+        doc = {"seq": seq, "at": round(time.time(), 3), **event}
+        db.execute("INSERT INTO events VALUES (?, ?, ?)", (dep_id, seq, _encoder.encode(doc)))
+        return seq
+
+    async def events_after(self, dep_id: str, after: int, limit: int = 500) -> list[bytes]:
+        return await self._call(self._events_after, dep_id, after, limit)
+
+    def _events_after(self, dep_id: str, after: int, limit: int) -> list[bytes]:
+        assert self._db is not None
+        rows = self._db.execute(
+            "SELECT doc FROM events WHERE deployment_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (dep_id, after, limit),
+        ).fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    # registry credentials
+
+    async def credentials(self) -> RegistryCredentials | None:
+        return await self._call(self._credentials)
+
+    def _credentials(self) -> RegistryCredentials | None:
+        assert self._db is not None
+        row = self._db.execute(
+            "SELECT version, server, username, password, namespace FROM registry_credentials "
+            "ORDER BY version DESC LIMIT 1"
+        ).fetchone()
+        if row is None or row[1] is None:
+            return None
+        return RegistryCredentials(
+            server=row[1], username=row[2], password=row[3], namespace=row[4], version=row[0]
+        )
+
+    async def put_credentials(self, creds: RegistryCredentials | None) -> int:
+        """Store a new version (None removes them); older passwords are erased."""
+        return await self._call(self._put_credentials, creds)
+
+    def _put_credentials(self, creds: RegistryCredentials | None) -> int:
+        values = (
+            (creds.server, creds.username, creds.password, creds.namespace)
+            if creds
+            else (None, None, None, None)
+        )
+        with self._tx() as db:
+            db.execute("UPDATE registry_credentials SET password = NULL")
+            cursor = db.execute(
+                "INSERT INTO registry_credentials "
+                "(server, username, password, namespace, created_at) VALUES (?, ?, ?, ?, ?)",
+                (*values, time.time()),
+            )
+            return int(cursor.lastrowid or 0)
+
+    # nodes
+
+    async def enrolled_count(self) -> int:
+        return await self._call(self._enrolled_count)
+
+    def _enrolled_count(self) -> int:
+        assert self._db is not None
+        row = self._db.execute("SELECT COUNT(*) FROM nodes WHERE revoked_at IS NULL").fetchone()
+        return int(row[0])
+
+    async def add_node(self, node_id: str, name: str) -> None:
+        await self._call(self._add_node, node_id, name)
+
+    def _add_node(self, node_id: str, name: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO nodes VALUES (?, ?, ?, NULL)", (node_id, name, time.time()))
+
+
+class IdempotencyConflict(Exception):
+    """An Idempotency-Key was reused for a different request."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key

@@ -1,0 +1,76 @@
+"""Fixtures: a real Docker Engine for the session, real registries and leaders per test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import logs
+from tests.support.dockerd import Dockerd
+from tests.support.leader import InProcessLeader, LeaderProcess, leader_config
+from tests.support.registry import Registry
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _logging() -> None:
+    logs.configure("info", "json")
+
+
+@pytest.fixture(scope="session")
+def dockerd() -> Iterator[Dockerd]:
+    engine = Dockerd()
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture
+def registry() -> Iterator[Registry]:
+    reg = Registry()
+    reg.start()
+    yield reg
+    reg.cleanup()
+
+
+@pytest.fixture
+async def leader_factory(dockerd: Dockerd, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    started: list[InProcessLeader] = []
+
+    async def make(**overrides: Any) -> InProcessLeader:
+        state = tmp_path / f"state{len(started)}"
+        leader = InProcessLeader(leader_config(state, dockerd.url, **overrides))
+        started.append(leader)
+        return await leader.start()
+
+    yield make
+    for leader in reversed(started):
+        await leader.stop()
+
+
+@pytest.fixture
+async def leader(leader_factory: Callable[..., Any]) -> InProcessLeader:
+    result: InProcessLeader = await leader_factory()
+    return result
+
+
+@pytest.fixture
+async def leader_process(
+    dockerd: Dockerd, tmp_path: Path
+) -> AsyncIterator[Callable[..., LeaderProcess]]:
+    started: list[LeaderProcess] = []
+
+    def make(**overrides: Any) -> LeaderProcess:
+        workdir = tmp_path / f"proc{len(started)}"
+        workdir.mkdir()
+        proc = LeaderProcess(leader_config(workdir / "state", dockerd.url, **overrides), workdir)
+        started.append(proc)
+        return proc
+
+    yield make
+    for proc in started:
+        if proc.proc is not None:
+            proc.terminate()
+        await proc.api.close()

@@ -1,0 +1,96 @@
+"""A test client of the leader's API: raw requests, and the few flows tests repeat."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+TIMEOUT = aiohttp.ClientTimeout(total=120)
+
+
+def tar_of(directory: Path, *, gzip: bool = True) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz" if gzip else "w") as archive:
+        for entry in sorted(directory.iterdir()):
+            archive.add(entry, arcname=entry.name)
+    return buffer.getvalue()
+
+
+class Api:
+    def __init__(self, base_url: str, token: str) -> None:
+        self.base_url = base_url
+        self.token = token
+        self.session = aiohttp.ClientSession(timeout=TIMEOUT)
+        self.responses: list[str] = []  # every body seen, for secret scans
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def request(
+        self, method: str, path: str, *, token: str | None = None, **kwargs: Any
+    ) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token or self.token}", **kwargs.pop("headers", {})}
+        async with self.session.request(
+            method, self.base_url + path, headers=headers, **kwargs
+        ) as response:
+            text = await response.text()
+            self.responses.append(text)
+            return response.status, json.loads(text) if text else None
+
+    async def deploy_dir_raw(
+        self, directory: Path, app: str, headers: dict[str, str] | None = None, **params: str
+    ) -> tuple[int, Any]:
+        return await self.request(
+            "POST",
+            "/v1/deployments",
+            params={"app": app, **params},
+            data=tar_of(directory),
+            headers={"Content-Type": "application/gzip", **(headers or {})},
+        )
+
+    async def deploy_dir(self, directory: Path, app: str, **params: str) -> dict[str, Any]:
+        status, doc = await self.deploy_dir_raw(directory, app, **params)
+        assert status == 202, doc
+        return dict(doc)
+
+    async def put_registry(self, server: str, username: str, password: str) -> tuple[int, Any]:
+        return await self.request(
+            "PUT",
+            "/v1/registry",
+            json={"server": server, "username": username, "password": password},
+        )
+
+    async def events(self, dep_id: str) -> list[dict[str, Any]]:
+        """Follow the event stream until the deployment is final; return every event."""
+        found = []
+        async with self.session.get(
+            f"{self.base_url}/v1/deployments/{dep_id}/events",
+            headers={"Authorization": f"Bearer {self.token}"},
+        ) as response:
+            assert response.status == 200
+            async for line in response.content:
+                self.responses.append(line.decode())
+                if line.strip():
+                    found.append(json.loads(line))
+        return found
+
+    async def wait_final(self, dep_id: str, timeout: float = 90) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            await self.events(dep_id)
+        status, doc = await self.request("GET", f"/v1/deployments/{dep_id}")
+        assert status == 200
+        return dict(doc)
+
+    async def wait_state(self, dep_id: str, state: str, timeout: float = 60) -> None:
+        async with asyncio.timeout(timeout):
+            while True:
+                _, doc = await self.request("GET", f"/v1/deployments/{dep_id}")
+                if doc["state"] == state:
+                    return
+                await asyncio.sleep(0.1)

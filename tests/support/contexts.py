@@ -1,0 +1,23 @@
+"""Build contexts of the tests' own: FROM scratch, with the static busybox copied in."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+BUSYBOX = Path("/bin/busybox")
+
+
+def busybox_context(directory: Path, *steps: str, cmd: str = "echo hello") -> Path:
+    """A context whose image runs `cmd` under busybox sh; `steps` go between COPY and CMD."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy(BUSYBOX, directory / "busybox")
+    lines = ["FROM scratch", "COPY busybox /bin/busybox", *steps]
+    lines.append(f'CMD ["/bin/busybox", "sh", "-c", "{cmd}"]')
+    (directory / "Dockerfile").write_text("\n".join(lines) + "\n")
+    return directory
+
+
+def run_step(shell: str) -> str:
+    """A RUN step for a scratch image: busybox's sh, named by absolute path."""
+    return f'RUN ["/bin/busybox", "sh", "-c", "{shell}"]'

@@ -1,0 +1,62 @@
+"""A real Docker Engine of the test's own, beside any other engine on the machine."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from tests.support.procs import stop, wait_until
+
+
+class Dockerd:
+    def __init__(self) -> None:
+        # exec-root and socket paths have a length limit: keep them short under /tmp
+        self.root = Path(tempfile.mkdtemp(prefix="da-e", dir="/tmp"))
+        self.sock = self.root / "d.sock"
+        self.url = f"unix://{self.sock}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.root / "dockerd.log"
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    "dockerd",
+                    "--data-root",
+                    str(self.root / "data"),
+                    "--exec-root",
+                    str(self.root / "x"),
+                    "--pidfile",
+                    str(self.root / "pid"),
+                    "-H",
+                    self.url,
+                    "--bridge=none",
+                    "--iptables=false",
+                    "--ip-masq=false",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_until(self._answers, 60, f"dockerd at {self.sock}")
+
+    def _answers(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"dockerd exited: {self.log_path.read_text()[-2000:]}")
+        return self.cli("version", check=False).returncode == 0
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["docker", "-H", self.url, *args],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc, timeout=30)
+        subprocess.run(["umount", "-R", str(self.root / "x")], capture_output=True, check=False)
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -1,0 +1,132 @@
+"""Leaders for tests: in the test's own event loop, or as a real `deploy-agent run` process."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from agent.config import Config, parse_config
+from agent.leader.server import Leader
+from tests.support.api import Api
+from tests.support.procs import free_port, port_open, stop, wait_until
+
+TOKEN = "test-api-token-0123456789"
+
+
+def leader_config(state_dir: Path, engine_url: str, **overrides: Any) -> dict[str, Any]:
+    port = free_port()
+    raw: dict[str, Any] = {
+        "role": "leader",
+        "state_dir": str(state_dir),
+        "log": {"level": "info", "format": "json"},
+        "engine": {"url": engine_url},
+        "leader": {
+            "listen": f"127.0.0.1:{port}",
+            "plain_http": True,
+            "api_token": TOKEN,
+            "push_retry_budget": 30,
+            "git_allowed_schemes": ["file", "https"],
+            "drain_timeout": 10,
+            "stage_timeouts": {"building": 120, "pushing": 60},
+        },
+    }
+    return _merge(raw, overrides)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def base_url(raw: dict[str, Any]) -> str:
+    return f"http://{raw['leader']['listen']}"
+
+
+class InProcessLeader:
+    """The real Leader in the test's loop: fast, and its parts are inspectable."""
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.raw = raw
+        self.config: Config = parse_config(copy.deepcopy(raw))
+        self.leader = Leader(self.config)
+        self.api = Api(base_url(raw), raw["leader"]["api_token"])
+
+    async def start(self) -> InProcessLeader:
+        await self.leader.start()
+        return self
+
+    async def stop(self) -> None:
+        await self.api.close()
+        await self.leader.stop()
+
+
+def _toml(raw: dict[str, Any], prefix: str = "") -> str:
+    scalars = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in raw.items() if isinstance(v, dict)}
+    lines = [f"[{prefix}]"] if prefix and scalars else []
+    lines += [f"{k} = {_value(v)}" for k, v in scalars.items()]
+    for key, table in tables.items():
+        lines.append(_toml(table, f"{prefix}.{key}" if prefix else key))
+    return "\n".join(lines) + "\n"
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_value(i) for i in v) + "]"
+    return str(v)
+
+
+class LeaderProcess:
+    """`deploy-agent run -c FILE` as its own process, logging to a file."""
+
+    def __init__(self, raw: dict[str, Any], workdir: Path) -> None:
+        self.raw = raw
+        self.workdir = workdir
+        self.config_path = workdir / "leader.toml"
+        self.config_path.write_text(_toml(raw))
+        assert tomllib.loads(self.config_path.read_text())  # the file is what the test meant
+        self.log_path = workdir / "leader.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.api = Api(base_url(raw), raw["leader"]["api_token"])
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "run", "-c", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        port = int(self.raw["leader"]["listen"].rpartition(":")[2])
+        wait_until(lambda: self._alive() and port_open(port), 30, "leader process")
+
+    def _alive(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"leader exited: {self.log_path.read_text()[-3000:]}")
+        return True
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def terminate(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        stop(self.proc, timeout)
+        return self.proc.returncode
+
+    def log_text(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""

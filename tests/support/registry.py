@@ -1,0 +1,103 @@
+"""A real distribution registry (Debian's docker-registry) with an htpasswd login."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import bcrypt
+
+from tests.support.procs import free_port, port_open, stop, wait_until
+
+_ACCESS_LINE = re.compile(r'"(?:GET|HEAD|POST|PUT|PATCH|DELETE) /v2')
+_CONFIG = """version: 0.1
+log:
+  level: info
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: {root}/data
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:{port}
+  secret: test-only-secret
+auth:
+  htpasswd:
+    realm: test-registry
+    path: {root}/htpasswd
+"""
+
+
+class Registry:
+    def __init__(self, username: str = "pusher", password: str = "pusher-password-1") -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="da-reg-"))
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.username = username
+        self.password = password
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.root / "registry.log"
+        (self.root / "config.yml").write_text(_CONFIG.format(root=self.root, port=self.port))
+        self.set_password(password)
+
+    def set_password(self, password: str) -> None:
+        """Write the htpasswd file; takes effect at the next start."""
+        self.password = password
+        hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+        (self.root / "htpasswd").write_text(f"{self.username}:{hashed}\n")
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                ["docker-registry", "serve", str(self.root / "config.yml")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_until(lambda: port_open(self.port), 20, f"registry on {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def request_count(self) -> int:
+        """How many HTTP requests the registry has answered so far."""
+        if not self.log_path.exists():
+            return 0
+        return len(_ACCESS_LINE.findall(self.log_path.read_text()))
+
+    def manifest_digest(self, repository_path: str, reference: str) -> str | None:
+        """The digest the registry serves for `repository_path:reference`, or None."""
+        request = urllib.request.Request(
+            f"http://{self.host}/v2/{repository_path}/manifests/{reference}",
+            headers={
+                "Authorization": "Basic "
+                + base64.b64encode(f"{self.username}:{self.password}".encode()).decode(),
+                "Accept": "application/vnd.docker.distribution.manifest.v2+json",
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+                json.load(response)
+                return str(response.headers["Docker-Content-Digest"])
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -1,0 +1,56 @@
+"""Local mode: a cluster of one leader builds on its own engine and never touches a registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.support.contexts import busybox_context, run_step
+from tests.support.dockerd import Dockerd
+from tests.support.leader import InProcessLeader
+from tests.support.registry import Registry
+
+
+async def test_local_deployment_keeps_the_image_local_and_sends_no_registry_request(
+    leader: InProcessLeader, registry: Registry, dockerd: Dockerd, tmp_path: Path
+) -> None:
+    """After the registry is removed, a deployment builds `{app}:{id}` and the registry sees 0 requests."""
+    api = leader.api
+    status, _ = await api.put_registry(registry.host, registry.username, registry.password)
+    assert status == 200
+    status, _ = await api.request("DELETE", "/v1/registry")
+    assert status == 200
+    status, cluster = await api.request("GET", "/v1/cluster")
+    assert cluster["mode"] == "local", cluster
+    seen_before = registry.request_count()
+    context = busybox_context(tmp_path / "ctx", run_step("echo built-here"))
+
+    dep = await api.deploy_dir(context, "hello")
+    final = await api.wait_final(dep["id"])
+
+    assert final["state"] == "succeeded", final
+    assert final["mode"] == "local"
+    assert final["image"] == f"hello:{dep['id']}"
+    assert final["digest"] is None
+    assert set(final["stages"]) == {"building"}
+    assert registry.request_count() == seen_before
+    inspect = dockerd.cli("image", "inspect", "--format", "{{json .RepoDigests}}", final["image"])
+    assert inspect.stdout.strip() == "[]"
+    out = dockerd.cli("run", "--rm", "--network", "none", final["image"])
+    assert out.stdout.strip() == "hello"
+
+
+async def test_build_log_lines_are_events_that_replay_from_the_start(
+    leader: InProcessLeader, tmp_path: Path
+) -> None:
+    """Every build log line is an event, and a follower that joins after the end replays them."""
+    context = busybox_context(tmp_path / "ctx", run_step("echo marker-line-42"))
+    dep = await leader.api.deploy_dir(context, "logs")
+    await leader.api.wait_final(dep["id"])
+
+    events = await leader.api.events(dep["id"])
+
+    lines = [e["line"] for e in events if e["type"] == "log"]
+    assert "marker-line-42" in lines
+    states = [e["state"] for e in events if e["type"] == "state"]
+    assert states == ["queued", "building", "succeeded"]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))

@@ -1,0 +1,144 @@
+"""Registry mode: credentials verified before they are kept, pushes by digest, retries that
+ride out an outage, and failures that say what to do."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from tests.support.contexts import busybox_context
+from tests.support.leader import InProcessLeader
+from tests.support.registry import Registry
+
+
+async def _with_registry(leader: InProcessLeader, registry: Registry) -> None:
+    status, doc = await leader.api.put_registry(registry.host, registry.username, registry.password)
+    assert status == 200, doc
+
+
+async def test_registry_deployment_is_pushed_and_the_registry_serves_its_digest(
+    leader: InProcessLeader, registry: Registry, tmp_path: Path
+) -> None:
+    """A registry-mode deployment ends with `repository@digest`, and the registry serves it."""
+    await _with_registry(leader, registry)
+    dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "web")
+
+    final = await leader.api.wait_final(dep["id"])
+
+    assert final["state"] == "succeeded", final
+    assert final["mode"] == "registry"
+    repository = f"{registry.host}/{registry.username}/web"
+    assert final["image"] == f"{repository}@{final['digest']}"
+    assert list(final["stages"]) == ["building", "pushing", "distributing"]
+    served = registry.manifest_digest(f"{registry.username}/web", dep["id"])
+    assert served == final["digest"]
+
+
+async def test_wrong_credentials_are_refused_with_422_and_the_old_ones_stay(
+    leader: InProcessLeader, registry: Registry
+) -> None:
+    """PUT /v1/registry with a wrong password answers 422 with the registry's reason."""
+    await _with_registry(leader, registry)
+    _, before = await leader.api.request("GET", "/v1/registry")
+
+    status, doc = await leader.api.put_registry(registry.host, registry.username, "wrong-pass")
+
+    assert status == 422
+    assert "401" in doc["error"]["message"]
+    _, after = await leader.api.request("GET", "/v1/registry")
+    assert after == before
+    assert "password" not in after["registry"]
+
+
+async def test_password_changed_on_the_registry_fails_the_push_at_once(
+    leader: InProcessLeader, registry: Registry, tmp_path: Path
+) -> None:
+    """A 401 on push is push_unauthorized within 5 s of the push starting, with no retry."""
+    await _with_registry(leader, registry)
+    registry.set_password("rotated-elsewhere-9")
+    registry.restart()
+    dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "auth")
+
+    final = await leader.api.wait_final(dep["id"])
+
+    assert final["state"] == "failed"
+    assert final["error"]["code"] == "push_unauthorized"
+    assert "write" in final["error"]["hint"]
+    assert final["push_retries"] == 0
+    push = final["stages"]["pushing"]
+    assert push["finished_at"] - push["started_at"] < 5
+
+
+async def test_registry_outage_during_push_is_retried_until_it_returns(
+    leader: InProcessLeader, registry: Registry, tmp_path: Path
+) -> None:
+    """With the registry down when the push starts and back 6 s later, the deployment succeeds."""
+    await _with_registry(leader, registry)
+    registry.stop()
+    dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "outage")
+    await leader.api.wait_state(dep["id"], "pushing")
+    await asyncio.sleep(6)
+    registry.start()
+
+    final = await leader.api.wait_final(dep["id"])
+
+    assert final["state"] == "succeeded", final
+    assert final["push_retries"] >= 1
+    retries = [e for e in await leader.api.events(dep["id"]) if e["type"] == "push.retry"]
+    assert len(retries) == final["push_retries"]
+    assert "connection refused" in retries[0]["error"]
+
+
+async def test_registry_down_past_the_budget_is_registry_unreachable(
+    leader_factory: object, registry: Registry, tmp_path: Path
+) -> None:
+    """With a 4 s budget and the registry gone, the push fails as registry_unreachable in time."""
+    leader = await leader_factory(leader={"push_retry_budget": 4})  # type: ignore[operator]
+    await _with_registry(leader, registry)
+    registry.stop()
+    dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "gone")
+    await leader.api.wait_state(dep["id"], "pushing")
+    started = time.monotonic()
+
+    final = await leader.api.wait_final(dep["id"])
+
+    assert time.monotonic() - started < 4 + 10
+    assert final["state"] == "failed"
+    assert final["error"]["code"] == "registry_unreachable"
+    assert final["push_retries"] >= 1
+
+
+async def test_image_on_another_host_is_refused_with_a_hint(
+    leader: InProcessLeader, registry: Registry, tmp_path: Path
+) -> None:
+    """An image outside the configured registry's host is a 400 naming both hosts."""
+    await _with_registry(leader, registry)
+    status, doc = await leader.api.request(
+        "POST",
+        "/v1/deployments",
+        json={"app": "x", "git": {"url": "file:///nowhere"}, "image": "ghcr.io/acme/x"},
+    )
+    assert status == 400
+    assert "ghcr.io" in doc["error"]["message"]
+    assert registry.host in doc["error"]["message"]
+    assert "image not found" in doc["error"]["hint"]
+
+
+async def test_enrolled_worker_without_registry_is_409_registry_required(
+    leader: InProcessLeader, tmp_path: Path
+) -> None:
+    """Once a worker is enrolled, a deployment without credentials is refused with 409."""
+    assert leader.leader.ctx is not None
+    await leader.leader.ctx.store.add_node("node-1", "worker-1")
+
+    status, doc = await leader.api.deploy_dir_raw(busybox_context(tmp_path / "c"), "app")
+
+    assert status == 409
+    assert doc["error"]["code"] == "registry_required"
+    assert "1 worker" in doc["error"]["message"]
+    assert "registry" in doc["error"]["hint"]
+    _, listing = await leader.api.request("GET", "/v1/deployments")
+    assert listing["deployments"] == []
+    _, cluster = await leader.api.request("GET", "/v1/cluster")
+    assert cluster["mode"] == "registry"
