@@ -7,14 +7,17 @@ reported their success marker; an error is classified here, once, into agent err
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiodocker
 import aiohttp
+from aiodocker.utils import compose_auth_header
 
 from agent.credentials import RegistryCredentials
 from agent.errors import (
@@ -142,24 +145,28 @@ class Engine:
     ) -> str:
         """Build `context` (a tar, gzip or not) as `tag`; return the image id."""
         log = _BuildLog(on_line)
-        encoding = "gzip" if _is_gzip(context) else "identity"
+        params = {
+            "t": tag,
+            "dockerfile": dockerfile,
+            "forcerm": "1",
+            "buildargs": json.dumps(dict(build_args)),
+            "labels": json.dumps(dict(labels)),
+        }
+        headers = {
+            "Content-Type": "application/x-tar",
+            "Content-Encoding": "gzip" if _is_gzip(context) else "identity",
+        }
         try:
-            with context.open("rb") as fileobj:
-                stream = self._docker.images.build(
-                    fileobj=fileobj,
-                    encoding=encoding,
-                    tag=tag,
-                    path_dockerfile=dockerfile,
-                    buildargs=dict(build_args),
-                    labels=dict(labels),
-                    forcerm=True,
-                    stream=True,
-                )
+            async with contextlib.aclosing(
+                self._stream("build", params=params, headers=headers, data=_read_file(context))
+            ) as stream:
                 async for item in stream:
                     await log.feed(item)
-        except aiodocker.DockerError as exc:
+        except _StreamError as exc:
             await log.flush()
-            raise BuildError(_stream_message(exc), log.tail) from None
+            raise BuildError(exc.message, log.tail) from None
+        except aiodocker.DockerError as exc:
+            raise BuildError(str(exc.message).strip(), log.tail) from None
         except aiohttp.ClientError as exc:
             raise BuildError(f"lost the engine mid-build: {exc}", log.tail) from None
         await log.flush()
@@ -172,14 +179,17 @@ class Engine:
     ) -> str:
         """Push `repository:tag` once; return its digest, or raise a classified error."""
         digest: str | None = None
+        headers = {"X-Registry-Auth": compose_auth_header(creds.engine_auth())}
         try:
-            stream = self._docker.images.push(
-                repository, tag=tag, auth=creds.engine_auth(), stream=True
-            )
-            async for item in stream:
-                digest = _digest_of(item) or digest
-                if "id" in item and "status" in item:
-                    await on_progress(_progress_of(item))
+            async with contextlib.aclosing(
+                self._stream(f"images/{repository}/push", params={"tag": tag}, headers=headers)
+            ) as stream:
+                async for item in stream:
+                    digest = _digest_of(item) or digest
+                    if "id" in item and "status" in item:
+                        await on_progress(_progress_of(item))
+        except _StreamError as exc:
+            raise classify_registry_error(exc.message) from None
         except aiodocker.DockerError as exc:
             raise _engine_or_registry(exc) from None
         except (aiohttp.ClientError, ConnectionError) as exc:
@@ -189,6 +199,30 @@ class Engine:
                 "the push stream ended before the registry confirmed a digest", unreachable=False
             )
         return digest
+
+    async def _stream(
+        self,
+        path: str,
+        *,
+        params: Mapping[str, str],
+        headers: Mapping[str, str],
+        data: AsyncIterator[bytes] | None = None,
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """POST to a streaming endpoint; yield its JSON lines; close the connection on exit.
+
+        Closing the connection is what tells the engine to stop a build or push, so a
+        cancelled caller really stops the work (aiodocker's helpers leave it open).
+        """
+        timeout = aiohttp.ClientTimeout(total=None, connect=self._timeout, sock_read=None)
+        async with self._docker._query(  # the helpers never close the stream
+            path, "POST", params=dict(params), headers=headers, data=data, timeout=timeout
+        ) as response:
+            try:
+                async for raw in response.content:
+                    if raw.strip():
+                        yield _checked(json.loads(raw))
+            finally:
+                response.close()
 
     def _deadline(self, what: str) -> _Deadline:
         return _Deadline(self._timeout, f"Docker Engine at {self.url} did not answer {what}")
@@ -244,6 +278,29 @@ class _BuildLog:
         await self._on_line(line)
 
 
+class _StreamError(Exception):
+    """The engine reported an error inside a progress stream."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _checked(item: dict[str, Any]) -> dict[str, Any]:
+    if "error" in item or "errorDetail" in item:
+        detail = item.get("errorDetail")
+        message = (detail.get("message") if isinstance(detail, dict) else None) or item.get("error")
+        raise _StreamError(str(message or "the engine reported an unnamed error").strip())
+    return item
+
+
+async def _read_file(path: Path) -> AsyncIterator[bytes]:
+    """The file's bytes, read off the event loop."""
+    with path.open("rb") as f:
+        while chunk := await asyncio.to_thread(f.read, 1024 * 1024):
+            yield chunk
+
+
 def _is_gzip(path: Path) -> bool:
     with path.open("rb") as f:
         return f.read(2) == b"\x1f\x8b"
@@ -267,11 +324,7 @@ def _progress_of(item: Mapping[str, Any]) -> PushProgress:
     )
 
 
-def _stream_message(exc: aiodocker.DockerError) -> str:
-    return str(exc.message).strip()
-
-
 def _engine_or_registry(exc: aiodocker.DockerError) -> EngineError:
     if exc.status == 900:  # aiodocker: the engine's socket did not answer
         return EngineError(str(exc.message))
-    return classify_registry_error(_stream_message(exc))
+    return classify_registry_error(str(exc.message).strip())

@@ -69,6 +69,7 @@ class Leader:
         await reg.load()
         ctx = LeaderContext(self.leader_config, state, store, Journal(store), engine, reg)
         self.ctx = ctx
+        ctx.contexts_dir.mkdir(mode=0o700, exist_ok=True)
         await self._check_engine(engine)
         await self._seed_registry(reg)
         self.scheduler = Scheduler(ctx)
@@ -97,9 +98,7 @@ class Leader:
 
     async def _serve(self, app: web.Application) -> None:
         cfg = self.leader_config
-        self._runner = web.AppRunner(
-            app, handle_signals=False, access_log=None, shutdown_timeout=5
-        )
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.host, cfg.port, ssl_context=_ssl_context(cfg))
         await site.start()

@@ -142,7 +142,6 @@ def _check_keys(pairs: dict[str, str], pattern: Any, name: str) -> None:
 
 
 async def _receive(ctx: LeaderContext, request: web.Request, req: DeploymentRequest) -> Path:
-    ctx.contexts_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = ctx.contexts_dir / f"upload-{new_deployment_id()}.part"
     try:
         await receive_upload(request, path, ctx.config.max_context_bytes)

@@ -1,0 +1,184 @@
+"""Scheduling: one deployment per app in order, cancel, idempotency, deadlines, git sources."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from pathlib import Path
+
+from tests.support.contexts import busybox_context, run_step
+from tests.support.dockerd import Dockerd
+from tests.support.leader import InProcessLeader
+
+
+async def test_two_deployments_of_one_app_run_in_submission_order(
+    leader: InProcessLeader, tmp_path: Path
+) -> None:
+    """The second deployment of an app starts building only after the first is final."""
+    slow = busybox_context(tmp_path / "a", run_step("sleep 2"))
+    first = await leader.api.deploy_dir(slow, "ordered")
+    second = await leader.api.deploy_dir(busybox_context(tmp_path / "b"), "ordered")
+
+    a = await leader.api.wait_final(first["id"])
+    b = await leader.api.wait_final(second["id"])
+
+    assert a["state"] == b["state"] == "succeeded"
+    assert b["stages"]["building"]["started_at"] >= a["finished_at"]
+
+
+async def test_different_apps_build_in_parallel(leader: InProcessLeader, tmp_path: Path) -> None:
+    """Two apps' slow builds overlap in time when max_parallel_builds allows two."""
+    context = busybox_context(tmp_path / "a", run_step("sleep 3"))
+    one = await leader.api.deploy_dir(context, "par-one")
+    two = await leader.api.deploy_dir(context, "par-two")
+
+    a = await leader.api.wait_final(one["id"])
+    b = await leader.api.wait_final(two["id"])
+
+    assert b["stages"]["building"]["started_at"] < a["stages"]["building"]["finished_at"]
+
+
+async def test_cancel_stops_the_build_in_flight(
+    leader: InProcessLeader, dockerd: Dockerd, tmp_path: Path
+) -> None:
+    """Cancelling mid-build ends the deployment as cancelled within seconds, with no image."""
+    context = busybox_context(tmp_path / "c", run_step("echo started; sleep 60"))
+    dep = await leader.api.deploy_dir(context, "cancelme")
+    await _wait_for_log(leader, dep["id"], "started")
+    started = time.monotonic()
+
+    status, doc = await leader.api.request("POST", f"/v1/deployments/{dep['id']}/cancel")
+
+    assert status == 200, doc
+    assert doc["state"] == "cancelled"
+    assert doc["error"]["code"] == "cancelled"
+    assert time.monotonic() - started < 10
+    assert dockerd.cli("image", "inspect", f"cancelme:{dep['id']}", check=False).returncode != 0
+    busy = dockerd.cli("ps", "-q", "--filter", "status=running").stdout.split()
+    await asyncio.sleep(0)
+    assert busy == [] or await _containers_gone(dockerd)
+
+
+async def _containers_gone(dockerd: Dockerd) -> bool:
+    for _ in range(50):
+        if not dockerd.cli("ps", "-q", "--filter", "status=running").stdout.split():
+            return True
+        await asyncio.sleep(0.2)
+    return False
+
+
+async def _wait_for_log(leader: InProcessLeader, dep_id: str, text: str) -> None:
+    async with asyncio.timeout(60):
+        while True:
+            assert leader.leader.ctx is not None
+            docs = await leader.leader.ctx.store.events_after(dep_id, 0, 10_000)
+            if any(text.encode() in d for d in docs):
+                return
+            await asyncio.sleep(0.1)
+
+
+async def test_cancel_a_queued_deployment_never_runs_it(
+    leader: InProcessLeader, tmp_path: Path
+) -> None:
+    """A deployment cancelled while queued behind another of its app never starts building."""
+    first = await leader.api.deploy_dir(busybox_context(tmp_path / "a", run_step("sleep 2")), "q")
+    second = await leader.api.deploy_dir(busybox_context(tmp_path / "b"), "q")
+
+    status, doc = await leader.api.request("POST", f"/v1/deployments/{second['id']}/cancel")
+
+    assert status == 200
+    assert doc["state"] == "cancelled"
+    await leader.api.wait_final(first["id"])
+    final = await leader.api.wait_final(second["id"])
+    assert final["state"] == "cancelled"
+    assert final["stages"] == {}
+    status, doc = await leader.api.request("POST", f"/v1/deployments/{second['id']}/cancel")
+    assert status == 409
+
+
+async def test_broken_dockerfile_fails_as_build_failed_with_the_log(
+    leader: InProcessLeader, tmp_path: Path
+) -> None:
+    """A failing RUN step is build_failed, and the error carries the last log lines."""
+    context = busybox_context(tmp_path / "c", run_step("echo about-to-fail; exit 3"))
+    dep = await leader.api.deploy_dir(context, "broken")
+
+    final = await leader.api.wait_final(dep["id"])
+
+    assert final["state"] == "failed"
+    assert final["error"]["code"] == "build_failed"
+    assert "returned a non-zero code: 3" in final["error"]["message"]
+    assert "about-to-fail" in final["error"]["log_tail"]
+    assert final["error"]["hint"]
+
+
+async def test_idempotency_key_returns_the_same_deployment(
+    leader: InProcessLeader, tmp_path: Path
+) -> None:
+    """The same Idempotency-Key and body give the same deployment; another body is a 422."""
+    context = busybox_context(tmp_path / "c")
+    key = {"Idempotency-Key": "order-77"}
+    s1, d1 = await leader.api.deploy_dir_raw(context, "idem", headers=key)
+    s2, d2 = await leader.api.deploy_dir_raw(context, "idem", headers=key)
+    s3, d3 = await leader.api.deploy_dir_raw(context, "other", headers=key)
+
+    assert (s1, s2, s3) == (202, 200, 422)
+    assert d1["id"] == d2["id"]
+    _, listing = await leader.api.request("GET", "/v1/deployments?app=idem")
+    assert len(listing["deployments"]) == 1
+    await leader.api.wait_final(d1["id"])
+
+
+async def test_stage_past_its_deadline_fails_with_timeout(
+    leader_factory: object, tmp_path: Path
+) -> None:
+    """A build longer than stage_timeouts.building fails with code timeout."""
+    leader = await leader_factory(leader={"stage_timeouts": {"building": 2}})  # type: ignore[operator]
+    dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c", run_step("sleep 30")), "slow")
+
+    final = await leader.api.wait_final(dep["id"])
+
+    assert final["error"]["code"] == "timeout"
+    assert "building" in final["error"]["message"]
+
+
+def _git_repo(path: Path) -> str:
+    busybox_context(path, run_step("echo from-git"))
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "HOME": str(path.parent), "PATH": "/usr/bin:/bin"}
+    for cmd in (["init", "-q", "-b", "main"], ["add", "."], ["commit", "-qm", "app"]):
+        subprocess.run(["git", "-C", str(path), *cmd], check=True, env=env)
+    return f"file://{path}"
+
+
+async def test_git_source_is_cloned_and_built(leader: InProcessLeader, tmp_path: Path) -> None:
+    """A deployment from a git URL and ref builds that commit's tree."""
+    url = _git_repo(tmp_path / "repo")
+    status, dep = await leader.api.request(
+        "POST", "/v1/deployments", json={"app": "fromgit", "git": {"url": url, "ref": "main"}}
+    )
+    assert status == 202, dep
+
+    final = await leader.api.wait_final(dep["id"])
+    events = await leader.api.events(dep["id"])
+
+    assert final["state"] == "succeeded", final
+    assert final["source"] == {"type": "git", "url": url, "ref": "main"}
+    assert any(e["type"] == "log" and e["line"] == "from-git" for e in events)
+    assert any(e["type"] == "source" and len(e.get("commit", "")) == 40 for e in events)
+
+
+async def test_unknown_git_ref_is_source_unavailable(
+    leader: InProcessLeader, tmp_path: Path
+) -> None:
+    """A ref the repository lacks fails as source_unavailable with git's reason."""
+    url = _git_repo(tmp_path / "repo")
+    _, dep = await leader.api.request(
+        "POST", "/v1/deployments", json={"app": "badref", "git": {"url": url, "ref": "nope"}}
+    )
+
+    final = await leader.api.wait_final(dep["id"])
+
+    assert final["error"]["code"] == "source_unavailable"
+    assert "nope" in final["error"]["message"]
