@@ -40,8 +40,8 @@ async def leader_factory(dockerd: Dockerd, tmp_path: Path) -> AsyncIterator[Call
     started: list[InProcessLeader] = []
 
     async def make(**overrides: Any) -> InProcessLeader:
-        state = tmp_path / f"state{len(started)}"
-        leader = InProcessLeader(leader_config(state, dockerd.url, **overrides))
+        state = overrides.pop("state_dir", None) or tmp_path / f"state{len(started)}"
+        leader = InProcessLeader(leader_config(Path(state), dockerd.url, **overrides))
         started.append(leader)
         return await leader.start()
 

@@ -13,7 +13,7 @@ from tests.support.registry import Registry
 async def test_local_deployment_keeps_the_image_local_and_sends_no_registry_request(
     leader: InProcessLeader, registry: Registry, dockerd: Dockerd, tmp_path: Path
 ) -> None:
-    """After the registry is removed, a deployment builds `{app}:{id}` and the registry sees 0 requests."""
+    """With the registry removed, a deployment builds `{app}:{id}`; the registry sees 0 requests."""
     api = leader.api
     status, _ = await api.put_registry(registry.host, registry.username, registry.password)
     assert status == 200

@@ -121,7 +121,7 @@ async def test_idempotency_key_returns_the_same_deployment(
     key = {"Idempotency-Key": "order-77"}
     s1, d1 = await leader.api.deploy_dir_raw(context, "idem", headers=key)
     s2, d2 = await leader.api.deploy_dir_raw(context, "idem", headers=key)
-    s3, d3 = await leader.api.deploy_dir_raw(context, "other", headers=key)
+    s3, _ = await leader.api.deploy_dir_raw(context, "other", headers=key)
 
     assert (s1, s2, s3) == (202, 200, 422)
     assert d1["id"] == d2["id"]
@@ -145,8 +145,14 @@ async def test_stage_past_its_deadline_fails_with_timeout(
 
 def _git_repo(path: Path) -> str:
     busybox_context(path, run_step("echo from-git"))
-    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t", "HOME": str(path.parent), "PATH": "/usr/bin:/bin"}
+    env = {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+        "HOME": str(path.parent),
+        "PATH": "/usr/bin:/bin",
+    }
     for cmd in (["init", "-q", "-b", "main"], ["add", "."], ["commit", "-qm", "app"]):
         subprocess.run(["git", "-C", str(path), *cmd], check=True, env=env)
     return f"file://{path}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import sys
 import tarfile
@@ -17,8 +18,15 @@ SKIP = frozenset({".git"})
 
 
 def pack(directory: Path, dest: Path) -> None:
-    """Write `directory` as a tar.gz build context, without version-control folders."""
-    with tarfile.open(dest, "w:gz", compresslevel=6) as archive:
+    """Write `directory` as a tar.gz build context, without version-control folders.
+
+    The gzip header carries no time, so an unchanged tree packs to the same bytes and a
+    retried submission with the same Idempotency-Key is recognised.
+    """
+    with (
+        gzip.GzipFile(dest, "wb", compresslevel=1, mtime=0) as compressed,
+        tarfile.open(fileobj=compressed, mode="w") as archive,
+    ):
         for entry in sorted(directory.iterdir()):
             if entry.name not in SKIP:
                 archive.add(entry, arcname=entry.name)

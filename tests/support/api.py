@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip as gzip_module
 import io
 import json
 import tarfile
@@ -15,11 +16,12 @@ TIMEOUT = aiohttp.ClientTimeout(total=120)
 
 
 def tar_of(directory: Path, *, gzip: bool = True) -> bytes:
+    """The directory as a tar (gzip with a fixed header time, so equal trees give equal bytes)."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz" if gzip else "w") as archive:
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
         for entry in sorted(directory.iterdir()):
             archive.add(entry, arcname=entry.name)
-    return buffer.getvalue()
+    return gzip_module.compress(buffer.getvalue(), mtime=0) if gzip else buffer.getvalue()
 
 
 class Api:
@@ -36,6 +38,8 @@ class Api:
         self, method: str, path: str, *, token: str | None = None, **kwargs: Any
     ) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {token or self.token}", **kwargs.pop("headers", {})}
+        if isinstance(kwargs.get("data"), bytes):
+            kwargs["data"] = io.BytesIO(kwargs["data"])
         async with self.session.request(
             method, self.base_url + path, headers=headers, **kwargs
         ) as response:

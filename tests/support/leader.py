@@ -40,7 +40,9 @@ def leader_config(state_dir: Path, engine_url: str, **overrides: Any) -> dict[st
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:
             out[key] = value
@@ -100,7 +102,7 @@ class LeaderProcess:
         assert tomllib.loads(self.config_path.read_text())  # the file is what the test meant
         self.log_path = workdir / "leader.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.api = Api(base_url(raw), raw["leader"]["api_token"])
+        self.api = Api(base_url(raw), raw["leader"].get("api_token", ""))
 
     def start(self) -> None:
         with self.log_path.open("ab") as log:

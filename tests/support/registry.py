@@ -90,7 +90,7 @@ class Registry:
             },
         )
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            with urllib.request.urlopen(request, timeout=10) as response:
                 json.load(response)
                 return str(response.headers["Docker-Content-Digest"])
         except urllib.error.HTTPError as exc:

@@ -1,0 +1,1 @@
+"""Benchmarks: commands that print figures. Not part of the test suite."""

@@ -1,0 +1,166 @@
+"""Bad input: every case is a 4xx with a JSON error body, and nothing changes."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.api import tar_of
+from tests.support.contexts import busybox_context
+from tests.support.leader import InProcessLeader
+
+GZ = {"Content-Type": "application/gzip"}
+TAR = {"Content-Type": "application/x-tar"}
+
+
+def _tar(*members: tarfile.TarInfo, dockerfile: bool = True) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        if dockerfile:
+            body = b"FROM scratch\n"
+            info = tarfile.TarInfo("Dockerfile")
+            info.size = len(body)
+            archive.addfile(info, io.BytesIO(body))
+        for member in members:
+            archive.addfile(member, io.BytesIO(b"x" * member.size) if member.isfile() else None)
+    return buffer.getvalue()
+
+
+def _file(name: str, size: int = 1) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    return info
+
+
+def _link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info
+
+
+def _device(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.CHRTYPE
+    return info
+
+
+UPLOAD = "/v1/deployments?app=ok"
+CASES: dict[str, tuple[int, str, str, dict[str, Any]]] = {
+    "malformed json": (400, "POST", "/v1/deployments", {"data": b"{", "headers": {"Content-Type": "application/json"}}),
+    "wrong type": (400, "POST", "/v1/deployments", {"json": {"app": 5, "git": {"url": "https://h/r"}}}),
+    "unknown field": (400, "POST", "/v1/deployments", {"json": {"app": "a", "git": {"url": "https://h/r"}, "colour": "red"}}),
+    "bad app name": (400, "POST", "/v1/deployments", {"json": {"app": "Bad_App", "git": {"url": "https://h/r"}}}),
+    "bad image": (400, "POST", "/v1/deployments", {"json": {"app": "a", "git": {"url": "https://h/r"}, "image": "UP/Case:tag"}}),
+    "no source": (400, "POST", "/v1/deployments", {"json": {"app": "a"}}),
+    "bad git scheme": (400, "POST", "/v1/deployments", {"json": {"app": "a", "git": {"url": "ext::sh -c id"}}}),
+    "option as ref": (400, "POST", "/v1/deployments", {"json": {"app": "a", "git": {"url": "https://h/r", "ref": "--upload-pack=x"}}}),
+    "dockerfile escapes": (400, "POST", "/v1/deployments", {"json": {"app": "a", "git": {"url": "https://h/r"}, "dockerfile": "../x"}}),
+    "bad build arg": (400, "POST", "/v1/deployments", {"json": {"app": "a", "git": {"url": "https://h/r"}, "build_args": {"1x": "v"}}}),
+    "unknown query": (400, "POST", UPLOAD + "&colour=red", {"data": _tar(), "headers": TAR}),
+    "pair without =": (400, "POST", UPLOAD + "&build_arg=NOVALUE", {"data": _tar(), "headers": TAR}),
+    "content type": (415, "POST", UPLOAD, {"data": b"x", "headers": {"Content-Type": "text/plain"}}),
+    "empty body": (400, "POST", UPLOAD, {"data": b"", "headers": TAR}),
+    "absolute path": (400, "POST", UPLOAD, {"data": _tar(_file("/etc/passwd")), "headers": TAR}),
+    "dot-dot path": (400, "POST", UPLOAD, {"data": _tar(_file("a/../../x")), "headers": TAR}),
+    "symlink out": (400, "POST", UPLOAD, {"data": _tar(_link("s", "../../etc")), "headers": TAR}),
+    "absolute symlink": (400, "POST", UPLOAD, {"data": _tar(_link("s", "/etc/shadow")), "headers": TAR}),
+    "hardlink out": (400, "POST", UPLOAD, {"data": _tar(_link("h", "../x", tarfile.LNKTYPE)), "headers": TAR}),
+    "device file": (400, "POST", UPLOAD, {"data": _tar(_device("dev")), "headers": TAR}),
+    "no dockerfile": (400, "POST", UPLOAD, {"data": _tar(_file("a"), dockerfile=False), "headers": TAR}),
+    "truncated gzip": (400, "POST", UPLOAD, {"data": gzip.compress(_tar(_file("a", 5000)))[:-200], "headers": GZ}),
+    "not an archive": (400, "POST", UPLOAD, {"data": b"hello world" * 100, "headers": TAR}),
+    "bad state filter": (400, "GET", "/v1/deployments?state=bogus", {}),
+    "bad limit": (400, "GET", "/v1/deployments?limit=abc", {}),
+    "unknown deployment": (404, "GET", "/v1/deployments/nope", {}),
+    "cancel unknown": (404, "POST", "/v1/deployments/nope/cancel", {}),
+    "unknown route": (404, "GET", "/v1/nothing", {}),
+    "wrong method": (405, "PATCH", "/v1/deployments", {}),
+    "registry malformed": (400, "PUT", "/v1/registry", {"data": b"[", "headers": {"Content-Type": "application/json"}}),
+    "registry unknown field": (400, "PUT", "/v1/registry", {"json": {"server": "h", "username": "u", "password": "p", "x": 1}}),
+    "registry bad server": (400, "PUT", "/v1/registry", {"json": {"server": "h h", "username": "u", "password": "p"}}),
+    "idempotency key too long": (400, "POST", "/v1/deployments", {"json": {"app": "a", "git": {"url": "https://h/r"}}, "headers": {"Idempotency-Key": "k" * 300}}),
+}  # fmt: skip
+
+
+async def _snapshot(leader: InProcessLeader) -> tuple[Any, Any, list[str]]:
+    _, deployments = await leader.api.request("GET", "/v1/deployments")
+    _, registry = await leader.api.request("GET", "/v1/registry")
+    assert leader.leader.ctx is not None
+    files = sorted(p.name for p in leader.leader.ctx.contexts_dir.iterdir())
+    return deployments, registry, files
+
+
+@pytest.mark.parametrize("case", list(CASES))
+async def test_bad_input_is_a_clear_4xx_and_changes_nothing(
+    leader: InProcessLeader, case: str
+) -> None:
+    """Each kind of bad input answers its 4xx with {error: {code, message}}; state is unchanged."""
+    status, method, path, kwargs = CASES[case]
+    before = await _snapshot(leader)
+
+    got, doc = await leader.api.request(method, path, **kwargs)
+
+    assert got == status, doc
+    assert set(doc["error"]) >= {"code", "message"}
+    assert doc["error"]["message"]
+    assert await _snapshot(leader) == before
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong-token"}, {"Authorization": "Basic dXNlcjpwYXNz"}],
+)
+async def test_requests_without_the_api_token_are_401(
+    leader: InProcessLeader, headers: dict[str, str]
+) -> None:
+    """Anything but the right bearer token is a 401 with a JSON error, on every API route."""
+    for method, path in (
+        ("GET", "/v1/deployments"),
+        ("GET", "/v1/registry"),
+        ("GET", "/v1/cluster"),
+    ):
+        async with leader.api.session.request(
+            method, leader.api.base_url + path, headers=headers
+        ) as r:
+            assert r.status == 401
+            assert (await r.json())["error"]["code"] == "unauthorized"
+
+
+async def test_health_check_needs_no_token(leader: InProcessLeader) -> None:
+    """/healthz answers without a token, so probes need no secret."""
+    async with leader.api.session.get(leader.api.base_url + "/healthz") as response:
+        assert response.status == 200
+
+
+async def test_upload_larger_than_the_limit_is_413(
+    leader_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A context over max_context_bytes is refused with 413 and leaves no file behind."""
+    leader = await leader_factory(leader={"max_context_bytes": 100_000})
+    body = tar_of(busybox_context(tmp_path / "c"), gzip=False)
+    before = await _snapshot(leader)
+
+    status, doc = await leader.api.request("POST", UPLOAD, data=body, headers=TAR)
+
+    assert status == 413
+    assert "100000" in doc["error"]["message"]
+    assert await _snapshot(leader) == before
+
+
+async def test_tar_bomb_past_the_unpacked_limit_is_413(
+    leader_factory: Callable[..., Any],
+) -> None:
+    """A small gzip that unpacks past four times the limit is refused with 413."""
+    leader = await leader_factory(leader={"max_context_bytes": 100_000})
+    bomb = gzip.compress(_tar(_file("zeros", 1_000_000)))
+    assert len(bomb) < 100_000
+
+    status, _ = await leader.api.request("POST", UPLOAD, data=bomb, headers=GZ)
+
+    assert status == 413

@@ -1,0 +1,110 @@
+"""The command line, run as the installed `deploy-agent` script against a real leader."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from tests.support.contexts import busybox_context, run_step
+from tests.support.leader import InProcessLeader
+from tests.support.registry import Registry
+
+SCRIPT = str(Path(sys.executable).parent / "deploy-agent")
+
+
+async def _cli(
+    leader: InProcessLeader | None, *args: str, stdin: bytes = b""
+) -> tuple[int, str, str]:
+    env = dict(os.environ)
+    if leader is not None:
+        env |= {"DEPLOY_AGENT_URL": leader.api.base_url, "DEPLOY_AGENT_TOKEN": leader.api.token}
+    proc = await asyncio.create_subprocess_exec(
+        SCRIPT,
+        *args,
+        env=env,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_version_and_check_config(tmp_path: Path) -> None:
+    """--version prints the package version; check-config exits 0 or 2 naming the key."""
+    code, out, _ = await _cli(None, "--version")
+    assert code == 0 and out.startswith("deploy-agent ")
+    good = tmp_path / "good.toml"
+    good.write_text(
+        'role = "leader"\n[leader]\napi_token = "0123456789abcdef"\nplain_http = true\n'
+    )
+    assert (await _cli(None, "check-config", "-c", str(good)))[0] == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text(good.read_text() + "max_parallel_builds = -1\n")
+    code, _, err = await _cli(None, "check-config", "-c", str(bad))
+    assert code == 2
+    assert "leader.max_parallel_builds" in err
+
+
+async def test_deploy_follows_the_build_to_success(leader: InProcessLeader, tmp_path: Path) -> None:
+    """`deploy --context` streams the stages and build log, ends with a summary and exit 0."""
+    context = busybox_context(tmp_path / "app", run_step("echo cli-build-line"))
+
+    code, out, err = await _cli(leader, "deploy", "--app", "cli", "--context", str(context))
+
+    assert code == 0, out + err
+    assert "==> building" in out
+    assert "cli-build-line" in out
+    assert ": succeeded" in out
+    assert "building:" in out  # the per-stage timing in the summary
+    code, out, _ = await _cli(leader, "status", "--app", "cli")
+    assert code == 0 and "succeeded" in out
+
+
+async def test_deploy_failure_exits_1_with_code_and_hint(
+    leader: InProcessLeader, tmp_path: Path
+) -> None:
+    """A failed build ends the command with exit 1, the error code, the log tail and a hint."""
+    context = busybox_context(tmp_path / "app", run_step("echo cli-oops; exit 1"))
+
+    code, out, _ = await _cli(leader, "deploy", "--app", "cli", "--context", str(context))
+
+    assert code == 1
+    assert "error: build_failed" in out
+    assert "| cli-oops" in out
+    assert "hint:" in out
+
+
+async def test_registry_set_reads_the_password_from_stdin(
+    leader: InProcessLeader, registry: Registry
+) -> None:
+    """`registry set` takes the password on stdin (never argv) and `show` never prints it."""
+    code, out, err = await _cli(
+        leader,
+        "registry",
+        "set",
+        "--server",
+        registry.host,
+        "--username",
+        registry.username,
+        stdin=registry.password.encode() + b"\n",
+    )
+    assert code == 0, err
+    code, out, _ = await _cli(leader, "registry", "show")
+    assert code == 0
+    assert registry.host in out
+    assert registry.password not in out
+
+
+async def test_unreachable_leader_is_a_clear_error(tmp_path: Path) -> None:
+    """With no leader listening, the command says it cannot reach it and exits 2."""
+    token = tmp_path / "token"
+    token.write_text("some-token\n")
+    code, _, err = await _cli(
+        None, "status", "--url", "http://127.0.0.1:9", "--token-file", str(token)
+    )
+    assert code == 2, err
+    assert "cannot reach the leader" in err

@@ -1,0 +1,93 @@
+"""Configuration: the example file is valid, and each mistake names its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import load_config, parse_config
+from agent.errors import ConfigError
+
+EXAMPLE = Path(__file__).parent.parent / "config.example.toml"
+
+
+def _raw(**leader: Any) -> dict[str, Any]:
+    return {"role": "leader", "leader": {"api_token": "t" * 20, "plain_http": True, **leader}}
+
+
+def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """config.example.toml loads as it ships, so the documented keys are real."""
+    monkeypatch.setenv("DEPLOY_AGENT_API_TOKEN", "example-token-0123456789")
+    config = load_config(EXAMPLE)
+    assert config.leader is not None
+    assert config.leader.push_retry_budget == 300
+
+
+@pytest.mark.parametrize(
+    ("leader", "key"),
+    [
+        ({"max_parallel_builds": "two"}, "leader.max_parallel_builds"),
+        ({"max_parallel_builds": 0}, "leader.max_parallel_builds"),
+        ({"colour": "red"}, "leader"),
+        ({"listen": "nohost"}, "leader"),
+        ({"stage_timeouts": {"pushing": 10}}, "leader"),
+        ({"stage_timeouts": {"brewing": 10}}, "leader.stage_timeouts"),
+    ],
+)
+def test_errors_name_the_key(leader: dict[str, Any], key: str) -> None:
+    """A wrong value or an unknown key is a ConfigError that starts with the key's path."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(_raw(**leader))
+    assert caught.value.message.startswith(key + ":"), caught.value.message
+
+
+def test_missing_token_is_named() -> None:
+    """Without api_token the error names it."""
+    with pytest.raises(ConfigError, match="api_token"):
+        parse_config({"role": "leader", "leader": {"plain_http": True}})
+
+
+def test_https_needs_a_certificate_or_an_explicit_plain_http() -> None:
+    """Plain HTTP is never the silent default."""
+    with pytest.raises(ConfigError, match="plain_http"):
+        parse_config({"role": "leader", "leader": {"api_token": "t" * 20}})
+
+
+def test_secret_from_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """api_token_file and password_env fill the secrets in place of inline values."""
+    token = tmp_path / "token"
+    token.write_text("from-a-file-0123456789\n")
+    monkeypatch.setenv("REG_PW", "from-the-env")
+    raw = {
+        "role": "leader",
+        "leader": {"api_token_file": str(token), "plain_http": True},
+        "registry": {"server": "r.example", "username": "u", "password_env": "REG_PW"},
+    }
+    config = parse_config(raw)
+    assert config.leader is not None and config.registry is not None
+    assert config.leader.api_token == "from-a-file-0123456789"
+    assert config.registry.password == "from-the-env"
+
+
+@pytest.mark.parametrize(
+    ("leader", "message"),
+    [
+        ({"api_token": "x" * 20, "api_token_env": "X"}, "give only one"),
+        ({"api_token_env": "SURELY_NOT_SET_ANYWHERE"}, "is not set"),
+        ({"api_token_file": "/nonexistent/token"}, "cannot read"),
+    ],
+)
+def test_secret_sources_that_cannot_work_are_refused(leader: dict[str, Any], message: str) -> None:
+    """Two sources, an unset variable or an unreadable file each get a clear error."""
+    with pytest.raises(ConfigError, match=message) as caught:
+        parse_config({"role": "leader", "leader": {"plain_http": True, **leader}})
+    assert caught.value.message.startswith("leader.api_token")
+
+
+def test_invalid_toml_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("role = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)

@@ -1,0 +1,115 @@
+"""Fast checks of pure logic: references, error classification, log redaction."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import structlog
+
+from agent import logs
+from agent.credentials import RegistryCredentials
+from agent.engine import classify_registry_error
+from agent.errors import RegistryAuthError, RegistryTransientError, RequestError
+from agent.leader.references import image_host, registry_host, repository_for
+
+
+@pytest.mark.parametrize(
+    ("server", "host"),
+    [
+        ("https://index.docker.io/v1/", "docker.io"),
+        ("registry-1.docker.io", "docker.io"),
+        ("ghcr.io", "ghcr.io"),
+        ("https://registry.gitlab.com", "registry.gitlab.com"),
+        ("127.0.0.1:5000", "127.0.0.1:5000"),
+        (
+            "123456789012.dkr.ecr.eu-west-1.amazonaws.com",
+            "123456789012.dkr.ecr.eu-west-1.amazonaws.com",
+        ),
+    ],
+)
+def test_registry_host_knows_docker_hub_aliases(server: str, host: str) -> None:
+    assert registry_host(server) == host
+
+
+@pytest.mark.parametrize(
+    ("repository", "host"),
+    [
+        ("acme/app", "docker.io"),
+        ("ghcr.io/acme/app", "ghcr.io"),
+        ("localhost:5000/a", "localhost:5000"),
+    ],
+)
+def test_image_host(repository: str, host: str) -> None:
+    assert image_host(repository) == host
+
+
+def test_default_repository_uses_namespace_or_username() -> None:
+    hub = RegistryCredentials("https://index.docker.io/v1/", "Alice", "pw")
+    assert repository_for("web", None, hub) == "docker.io/alice/web"
+    ghcr = RegistryCredentials("ghcr.io", "bot", "pw", namespace="acme")
+    assert repository_for("web", None, ghcr) == "ghcr.io/acme/web"
+    assert repository_for("web", "acme/web", hub) == "docker.io/acme/web"
+
+
+def test_image_outside_the_registry_is_refused() -> None:
+    creds = RegistryCredentials("ghcr.io", "bot", "pw")
+    with pytest.raises(RequestError) as caught:
+        repository_for("web", "registry.gitlab.com/acme/web", creds)
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("message", "kind", "unreachable"),
+    [
+        ("unauthorized: authentication required", RegistryAuthError, None),
+        ("denied: requested access to the resource is denied", RegistryAuthError, None),
+        (
+            "login attempt to http://r/v2/ failed with status: 401 Unauthorized",
+            RegistryAuthError,
+            None,
+        ),
+        (
+            'Get "http://r/v2/": dial tcp 127.0.0.1:5: connect: connection refused',
+            RegistryTransientError,
+            True,
+        ),
+        ("received unexpected HTTP status: 503 Service Unavailable", RegistryTransientError, False),
+        ("toomanyrequests: rate limit", RegistryTransientError, False),
+        (
+            "read tcp 1.2.3.4:5->6.7.8.9:443: read: connection reset by peer",
+            RegistryTransientError,
+            True,
+        ),
+    ],
+)
+def test_registry_errors_are_classified(message: str, kind: type, unreachable: bool | None) -> None:
+    error = classify_registry_error(message)
+    assert type(error) is kind
+    if unreachable is not None:
+        assert isinstance(error, RegistryTransientError) and error.unreachable is unreachable
+
+
+def test_unknown_registry_error_is_final() -> None:
+    error = classify_registry_error("manifest invalid: something odd")
+    assert not isinstance(error, RegistryAuthError | RegistryTransientError)
+
+
+def test_redactor_scrubs_secrets_from_rendered_events_and_tracebacks(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A registered secret is replaced in messages, nested values and exception text."""
+    logs.configure("info", "json")
+    secret = "s3cr3t-value-for-redaction"
+    logs.redactor.add(secret)
+    log = structlog.stdlib.get_logger("test")
+    try:
+        raise ValueError(f"boom with {secret}")
+    except ValueError:
+        log.exception("failed", detail={"nested": [secret]}, password="plain")
+    out = capsys.readouterr().out
+    assert secret not in out
+    event = json.loads(out.strip().splitlines()[-1])
+    assert event["password"] == "***"
+    assert event["detail"] == {"nested": ["***"]}
+    assert "locals" not in json.dumps(event["exception"])
