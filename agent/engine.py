@@ -63,6 +63,10 @@ _SERVER_MARKERS = (
     "received unexpected http status: 5",
 )
 BUILD_LOG_TAIL = 30
+# A push that reports nothing for this long is stuck (a registry that stopped answering):
+# the attempt ends as transient and is retried. Builds have no such limit: a RUN step may
+# rightly be silent for long.
+PUSH_IDLE_SECONDS = 60.0
 
 
 def classify_registry_error(message: str) -> RegistryError:
@@ -182,7 +186,12 @@ class Engine:
         headers = {"X-Registry-Auth": compose_auth_header(creds.engine_auth())}
         try:
             async with contextlib.aclosing(
-                self._stream(f"images/{repository}/push", params={"tag": tag}, headers=headers)
+                self._stream(
+                    f"images/{repository}/push",
+                    params={"tag": tag},
+                    headers=headers,
+                    idle_timeout=PUSH_IDLE_SECONDS,
+                )
             ) as stream:
                 async for item in stream:
                     digest = _digest_of(item) or digest
@@ -194,6 +203,10 @@ class Engine:
             raise _engine_or_registry(exc) from None
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise RegistryTransientError(f"push stream broke: {exc}", unreachable=False) from None
+        except TimeoutError:
+            raise RegistryTransientError(
+                f"the push made no progress for {PUSH_IDLE_SECONDS:.0f} s", unreachable=True
+            ) from None
         if digest is None:
             raise RegistryTransientError(
                 "the push stream ended before the registry confirmed a digest", unreachable=False
@@ -207,6 +220,7 @@ class Engine:
         params: Mapping[str, str],
         headers: Mapping[str, str],
         data: AsyncIterator[bytes] | None = None,
+        idle_timeout: float | None = None,
     ) -> AsyncGenerator[dict[str, Any], None]:
         """POST to a streaming endpoint; yield its JSON lines; close the connection on exit.
 
@@ -218,7 +232,11 @@ class Engine:
             path, "POST", params=dict(params), headers=headers, data=data, timeout=timeout
         ) as response:
             try:
-                async for raw in response.content:
+                while True:
+                    async with asyncio.timeout(idle_timeout):
+                        raw = await response.content.readline()
+                    if not raw:
+                        return
                     if raw.strip():
                         yield _checked(json.loads(raw))
             finally:

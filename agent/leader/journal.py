@@ -53,6 +53,7 @@ class Journal:
             if events:
                 continue
             if dep is None or dep.state.final:
+                self._changed.pop(dep_id, None)  # nothing will change any more
                 return
             try:
                 async with asyncio.timeout(FOLLOW_IDLE_SECONDS):

@@ -78,7 +78,8 @@ class Runner:
         self.dep.state = stage
         self.dep.stages[stage] = StageTiming(started_at=time.time())
         await self._save("state", state=stage.value)
-        log.info("stage.started", stage=stage.value)
+        structlog.contextvars.bind_contextvars(stage=stage.value)
+        log.info("stage.started")
         limit = self.ctx.config.stage_timeouts.for_stage(stage.value)
         deadline = asyncio.timeout(limit)
         try:
@@ -94,7 +95,7 @@ class Runner:
             ) from None
         self.dep.stages[stage].finished_at = time.time()
         await self._save()
-        log.info("stage.finished", stage=stage.value, seconds=self.dep.stages[stage].seconds)
+        log.info("stage.finished", seconds=round(self.dep.stages[stage].seconds or 0.0, 3))
 
     def _failure_code(self) -> str:
         codes = {State.BUILDING: "build_failed", State.PUSHING: "push_failed"}
