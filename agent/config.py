@@ -36,6 +36,7 @@ class EngineConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True
 class TLSConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
     cert_file: str
     key_file: str
+    ca_file: str  # the CA that issued cert_file: join tokens pin it
 
 
 class StageTimeouts(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -53,6 +54,7 @@ class LeaderConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True
     listen: str = "0.0.0.0:7443"
     plain_http: bool = False
     tls: TLSConfig | None = None
+    tls_names: tuple[str, ...] = ()
     api_token: str
     max_parallel_builds: PositiveInt = 2
     push_retry_budget: Seconds = 300.0
@@ -69,8 +71,6 @@ class LeaderConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True
             raise ValueError("listen must be HOST:PORT, for example 0.0.0.0:7443")
         if len(self.api_token) < 16:
             raise ValueError("api_token must be at least 16 characters")
-        if not self.plain_http and self.tls is None:
-            raise ValueError("set tls.cert_file and tls.key_file, or plain_http = true")
         if self.stage_timeouts.pushing <= self.push_retry_budget:
             raise ValueError("stage_timeouts.pushing must exceed push_retry_budget")
 
@@ -83,6 +83,18 @@ class LeaderConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True
         return int(self.listen.rpartition(":")[2])
 
 
+class WorkerConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    leader_url: str
+    join_token: str | None = None
+    name: str | None = None
+    max_parallel_pulls: PositiveInt = 2
+    pull_retry_budget: Seconds = 120.0
+
+    def __post_init__(self) -> None:
+        if not self.leader_url.startswith(("https://", "http://")):
+            raise ValueError("leader_url must start with https:// (or http:// for plain HTTP)")
+
+
 class RegistryConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
     server: str
     username: str
@@ -91,16 +103,19 @@ class RegistryConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
 
 class Config(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    role: Literal["leader"]
+    role: Literal["leader", "worker"]
     state_dir: str = "/var/lib/deploy-agent"
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     leader: LeaderConfig | None = None
+    worker: WorkerConfig | None = None
     registry: RegistryConfig | None = None
 
     def __post_init__(self) -> None:
         if self.role == "leader" and self.leader is None:
             raise ValueError("role = 'leader' needs a [leader] table")
+        if self.role == "worker" and self.worker is None:
+            raise ValueError("role = 'worker' needs a [worker] table")
 
     @property
     def state_path(self) -> Path:
@@ -111,10 +126,12 @@ class Config(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
         found = [self.leader.api_token] if self.leader else []
         if self.registry:
             found.append(self.registry.password)
+        if self.worker and self.worker.join_token:
+            found.append(self.worker.join_token)
         return found
 
 
-_SECRET_KEYS = {"leader": ("api_token",), "registry": ("password",)}
+_SECRET_KEYS = {"leader": ("api_token",), "registry": ("password",), "worker": ("join_token",)}
 
 
 def load_config(path: str | Path) -> Config:

@@ -213,6 +213,39 @@ class Engine:
             )
         return digest
 
+    async def pull(
+        self, ref: str, creds: RegistryCredentials | None, on_progress: ProgressSink
+    ) -> None:
+        """Pull `ref` (repository@digest); done only when the engine then holds it."""
+        repository, _, digest = ref.partition("@")
+        headers = {"X-Registry-Auth": compose_auth_header(creds.engine_auth())} if creds else {}
+        try:
+            async with contextlib.aclosing(
+                self._stream(
+                    "images/create",
+                    params={"fromImage": repository, "tag": digest},
+                    headers=headers,
+                    idle_timeout=PUSH_IDLE_SECONDS,
+                )
+            ) as stream:
+                async for item in stream:
+                    if "id" in item and "status" in item:
+                        await on_progress(_progress_of(item))
+        except _StreamError as exc:
+            raise classify_registry_error(exc.message) from None
+        except aiodocker.DockerError as exc:
+            raise _engine_or_registry(exc) from None
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise RegistryTransientError(f"pull stream broke: {exc}", unreachable=False) from None
+        except TimeoutError:
+            raise RegistryTransientError(
+                f"the pull made no progress for {PUSH_IDLE_SECONDS:.0f} s", unreachable=True
+            ) from None
+        if await self.image_id(ref) is None:
+            raise RegistryTransientError(
+                "the pull stream ended but the engine does not hold the image", unreachable=False
+            )
+
     async def _stream(
         self,
         path: str,

@@ -49,12 +49,6 @@ def test_missing_token_is_named() -> None:
         parse_config({"role": "leader", "leader": {"plain_http": True}})
 
 
-def test_https_needs_a_certificate_or_an_explicit_plain_http() -> None:
-    """Plain HTTP is never the silent default."""
-    with pytest.raises(ConfigError, match="plain_http"):
-        parse_config({"role": "leader", "leader": {"api_token": "t" * 20}})
-
-
 def test_secret_from_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """api_token_file and password_env fill the secrets in place of inline values."""
     token = tmp_path / "token"
@@ -91,3 +85,15 @@ def test_invalid_toml_says_so(tmp_path: Path) -> None:
     path.write_text("role = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(path)
+
+
+def test_worker_config_needs_a_leader_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker config parses with its table, and a bad leader_url is named."""
+    config = parse_config(
+        {"role": "worker", "worker": {"leader_url": "https://l:7443", "join_token": "DAT1-x"}}
+    )
+    assert config.worker is not None and config.worker.max_parallel_pulls == 2
+    with pytest.raises(ConfigError, match=r"^worker:.*leader_url"):
+        parse_config({"role": "worker", "worker": {"leader_url": "leader:7443"}})
+    with pytest.raises(ConfigError, match="worker"):
+        parse_config({"role": "worker"})

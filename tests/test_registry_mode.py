@@ -7,6 +7,7 @@ import asyncio
 import time
 from pathlib import Path
 
+from agent.leader.models import NodeRecord
 from tests.support.contexts import busybox_context
 from tests.support.leader import InProcessLeader
 from tests.support.registry import Registry
@@ -130,7 +131,8 @@ async def test_enrolled_worker_without_registry_is_409_registry_required(
 ) -> None:
     """Once a worker is enrolled, a deployment without credentials is refused with 409."""
     assert leader.leader.ctx is not None
-    await leader.leader.ctx.store.add_node("node-1", "worker-1")
+    node = NodeRecord(id="n-1", name="worker-1", enrolled_at=time.time())
+    await leader.leader.ctx.store.add_node(node, "not-a-real-secret-hash")
 
     status, doc = await leader.api.deploy_dir_raw(busybox_context(tmp_path / "c"), "app")
 

@@ -49,7 +49,8 @@ class Target:
             host = "127.0.0.1" if lc.host in ("0.0.0.0", "::") else lc.host  # noqa: S104
             url = url or f"{scheme}://{host}:{lc.port}"
             token = token or lc.api_token
-            ca = lc.tls.cert_file if lc.tls else None
+            if not lc.plain_http:
+                ca = lc.tls.ca_file if lc.tls else str(config.state_path / "tls" / "ca.pem")
         if not url or not token:
             raise SystemExit(
                 "deploy-agent: say where the leader is: -c CONFIG, or --url and "

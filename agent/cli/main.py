@@ -17,8 +17,10 @@ from agent.cli import deploy as deploy_cmd
 from agent.cli.client import ApiError, Client, Target
 from agent.config import Config, load_config
 from agent.errors import AgentError, ConfigError
+from agent.worker.agent import NodeRevoked
 
 DEFAULT_CONFIG = "/etc/deploy-agent/config.toml"
+EXIT_REVOKED = 3  # a revoked worker: restarting it cannot help
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
 
@@ -86,7 +88,23 @@ def _parser() -> argparse.ArgumentParser:
     cancel.set_defaults(command=_cancel)
 
     _registry_parser(sub)
+    _nodes_parser(sub)
     return parser
+
+
+def _nodes_parser(sub: Any) -> None:
+    nodes = sub.add_parser("nodes", help="list workers, or revoke one")
+    _client_flags(nodes)
+    nodes.add_argument("--json", action="store_true")
+    nodes.set_defaults(command=_nodes_list)
+    nodes_sub = nodes.add_subparsers()
+    revoke = nodes_sub.add_parser("revoke", help="disconnect a worker and refuse it from now on")
+    _client_flags(revoke)
+    revoke.add_argument("id")
+    revoke.set_defaults(command=_nodes_revoke)
+    token = sub.add_parser("join-token", help="make a new worker join token (rotates the old)")
+    _client_flags(token)
+    token.set_defaults(command=_join_token)
 
 
 def _registry_parser(sub: Any) -> None:
@@ -122,6 +140,9 @@ async def _run(args: argparse.Namespace) -> int:
     logs.configure(config.log.level, config.log.format)
     try:
         await daemon.run(config)
+    except NodeRevoked as exc:
+        logs.get_logger("agent").error("agent.revoked", error=exc.message)
+        return EXIT_REVOKED
     except AgentError as exc:
         logs.get_logger("agent").error("agent.failed", error=exc.message)
         return 1
@@ -214,4 +235,35 @@ async def _registry_show(args: argparse.Namespace) -> int:
 async def _registry_remove(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         print(json.dumps(await client.call("DELETE", "/v1/registry"), indent=2))
+    return 0
+
+
+async def _nodes_list(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        doc = await client.call("GET", "/v1/nodes")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    for node in doc["nodes"]:
+        state = "connected" if node["connected"] else "offline"
+        last = node.get("last_pull") or {}
+        print(
+            f"{node['id']}  {node['name']:<20} {state:<10} creds v{node['credentials_version']}"
+            f"  engine {node['engine_version']} {node['arch']}  last pull: "
+            f"{last.get('image', '-')} {'ok' if last.get('ok') else last.get('error', '')}"
+        )
+    return 0
+
+
+async def _nodes_revoke(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        await client.call("DELETE", f"/v1/nodes/{args.id}")
+    print(f"node {args.id} revoked")
+    return 0
+
+
+async def _join_token(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        doc = await client.call("POST", "/v1/join-tokens")
+    print(doc["token"])
     return 0

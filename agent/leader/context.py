@@ -7,9 +7,11 @@ from pathlib import Path
 
 from agent.config import LeaderConfig
 from agent.engine import Engine
+from agent.leader.hub import Hub
 from agent.leader.journal import Journal
 from agent.leader.registry import RegistryService
 from agent.leader.store import Store
+from agent.tls import LeaderTLS
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +22,8 @@ class LeaderContext:
     journal: Journal
     engine: Engine
     registry: RegistryService
+    hub: Hub
+    tls: LeaderTLS | None
 
     @property
     def contexts_dir(self) -> Path:

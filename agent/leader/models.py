@@ -116,3 +116,30 @@ def plan(mode: Mode) -> tuple[State, ...]:
     if mode is Mode.LOCAL:
         return (State.BUILDING,)
     return (State.BUILDING, State.PUSHING, State.DISTRIBUTING)
+
+
+class LastPull(msgspec.Struct, kw_only=True):
+    image: str
+    ok: bool
+    at: float
+    error: str | None = None
+    seconds: float | None = None
+
+
+class NodeInfo(msgspec.Struct, kw_only=True):
+    """What a worker last told the leader about itself."""
+
+    last_seen: float | None = None
+    agent_version: str | None = None
+    engine_version: str | None = None
+    arch: str | None = None
+    credentials_version: int | None = None
+    last_pull: LastPull | None = None
+
+
+class NodeRecord(msgspec.Struct, kw_only=True):
+    id: str
+    name: str
+    enrolled_at: float
+    revoked_at: float | None = None
+    info: NodeInfo = msgspec.field(default_factory=NodeInfo)

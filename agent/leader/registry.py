@@ -7,6 +7,7 @@ stored; a rejected set leaves the previous one in force.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import msgspec
 
@@ -27,14 +28,30 @@ class ModeDecision(msgspec.Struct, frozen=True):
     registry_configured: bool
 
 
+CredentialsListener = Callable[[RegistryCredentials | None, int], None]
+
+
 class RegistryService:
     def __init__(self, store: Store, engine: Engine) -> None:
         self._store = store
         self._engine = engine
         self._current: RegistryCredentials | None = None
+        self.version = 0
+        self._listeners: list[CredentialsListener] = []
+
+    def on_change(self, listener: CredentialsListener) -> None:
+        """Call `listener(credentials, version)` now and after every change."""
+        self._listeners.append(listener)
+        listener(self._current, self.version)
+
+    def _changed(self, creds: RegistryCredentials | None, version: int) -> None:
+        self._current, self.version = creds, version
+        for listener in self._listeners:
+            listener(creds, version)
 
     async def load(self) -> None:
         self._current = await self._store.credentials()
+        self.version = await self._store.credentials_version()
         if self._current is not None:
             redactor.add(self._current.password)
 
@@ -62,13 +79,14 @@ class RegistryService:
                 hint="check the server address and that the registry answers",
             ) from None
         version = await self._store.put_credentials(creds)
-        self._current = dataclasses.replace(creds, version=version)
+        stored = dataclasses.replace(creds, version=version)
+        self._changed(stored, version)
         log.info("registry.credentials_set", server=creds.server, version=version)
-        return self._current
+        return stored
 
     async def delete(self) -> int:
         version = await self._store.put_credentials(None)
-        self._current = None
+        self._changed(None, version)
         log.info("registry.credentials_removed", version=version)
         return version
 

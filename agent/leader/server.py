@@ -18,18 +18,21 @@ from typing import IO
 
 from aiohttp import web
 
+from agent import wire
 from agent.config import Config, LeaderConfig
 from agent.credentials import RegistryCredentials
 from agent.engine import Engine
 from agent.errors import AgentError, ConfigError, RequestError
-from agent.leader.api import cluster, deployments, middleware, registry
+from agent.leader.api import cluster, deployments, middleware, nodes, registry
 from agent.leader.api.keys import CONTEXT, SCHEDULER
 from agent.leader.context import LeaderContext
+from agent.leader.hub import Hub, ProgressSink
 from agent.leader.journal import Journal
 from agent.leader.registry import RegistryService
 from agent.leader.scheduler import Scheduler
 from agent.leader.store import Store
 from agent.logs import get_logger, redactor
+from agent.tls import LeaderTLS, default_names, ensure_leader_tls
 
 log = get_logger(__name__)
 JSON_BODY_LIMIT = 1024 * 1024
@@ -42,7 +45,7 @@ def build_app(ctx: LeaderContext, scheduler: Scheduler) -> web.Application:
     )
     app[CONTEXT] = ctx
     app[SCHEDULER] = scheduler
-    for table in (deployments.routes, registry.routes, cluster.routes):
+    for table in (deployments.routes, registry.routes, cluster.routes, nodes.routes):
         app.router.add_routes(table)
     return app
 
@@ -67,14 +70,18 @@ class Leader:
         engine = Engine(self.config.engine.url, timeout=self.config.engine.timeout)
         reg = RegistryService(store, engine)
         await reg.load()
-        ctx = LeaderContext(self.leader_config, state, store, Journal(store), engine, reg)
+        journal = Journal(store)
+        hub = Hub(store, _pull_progress(journal))
+        reg.on_change(hub.set_credentials)
+        tls = await asyncio.to_thread(_leader_tls, self.leader_config, state)
+        ctx = LeaderContext(self.leader_config, state, store, journal, engine, reg, hub, tls)
         self.ctx = ctx
         ctx.contexts_dir.mkdir(mode=0o700, exist_ok=True)
         await self._check_engine(engine)
         await self._seed_registry(reg)
         self.scheduler = Scheduler(ctx)
         self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
-        await self._serve(build_app(ctx, self.scheduler))
+        await self._serve(build_app(ctx, self.scheduler), tls)
 
     async def _check_engine(self, engine: Engine) -> None:
         try:
@@ -96,17 +103,20 @@ class Leader:
         except RequestError as exc:
             log.error("registry.config_rejected", server=seed.server, error=exc.message)
 
-    async def _serve(self, app: web.Application) -> None:
+    async def _serve(self, app: web.Application, tls: LeaderTLS | None) -> None:
         cfg = self.leader_config
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, cfg.host, cfg.port, ssl_context=_ssl_context(cfg))
+        ssl_context = tls.server_context() if tls else None
+        site = web.TCPSite(self._runner, cfg.host, cfg.port, ssl_context=ssl_context)
         await site.start()
         if cfg.plain_http:
             log.warning("leader.plain_http", listen=cfg.listen)
         log.info("leader.serving", listen=cfg.listen, tls=not cfg.plain_http)
 
     async def stop(self) -> None:
+        if self.ctx is not None:
+            await self.ctx.hub.close_all()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.scheduler is not None:
@@ -123,15 +133,36 @@ class Leader:
         log.info("leader.stopped")
 
 
-def _ssl_context(cfg: LeaderConfig) -> ssl.SSLContext | None:
-    if cfg.plain_http or cfg.tls is None:
+def _leader_tls(cfg: LeaderConfig, state: Path) -> LeaderTLS | None:
+    """The configured certificate, or the leader's own CA made on first start."""
+    if cfg.plain_http:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    if cfg.tls is not None:
+        tls = LeaderTLS(Path(cfg.tls.ca_file), Path(cfg.tls.cert_file), Path(cfg.tls.key_file))
+    else:
+        tls = ensure_leader_tls(state / "tls", default_names(list(cfg.tls_names)))
     try:
-        context.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
-    except (OSError, ssl.SSLError) as exc:
+        tls.server_context()
+        tls.fingerprint()
+    except (OSError, ssl.SSLError, ValueError) as exc:
         raise ConfigError(f"leader.tls: cannot load the certificate: {exc}") from None
-    return context
+    return tls
+
+
+def _pull_progress(journal: Journal) -> ProgressSink:
+    async def record(node: str, progress: wire.PullProgress) -> None:
+        if progress.order != wire.SYNC_ORDER:
+            await journal.record(
+                progress.order,
+                "pull",
+                node=node,
+                layer=progress.layer,
+                status=progress.status,
+                current=progress.current,
+                total=progress.total,
+            )
+
+    return record
 
 
 def _lock_state_dir(state: Path) -> IO[str]:

@@ -7,7 +7,6 @@ and report progress through the journal.
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 from tenacity import (
@@ -32,9 +31,10 @@ from agent.leader.context import LeaderContext
 from agent.leader.models import Deployment
 from agent.leader.sources import check_context, clone_to_context, redact_url
 from agent.logs import get_logger
+from agent.progress import LayerThrottle
+from agent.wire import PullResult
 
 log = get_logger(__name__)
-PROGRESS_INTERVAL = 1.0
 UNAUTHORIZED_HINT = (
     "check that the registry token has write (push) permission for this repository, "
     "then set it again with PUT /v1/registry"
@@ -159,19 +159,16 @@ class _RetryRecorder:
 
 
 class _ProgressReporter:
-    """Turns the engine's push progress into events, at most one a second per layer."""
+    """Turns the engine's push progress into events, thinned out per layer."""
 
     def __init__(self, ctx: LeaderContext, dep: Deployment) -> None:
         self._ctx = ctx
         self._dep = dep
-        self._last: dict[str, tuple[str, float]] = {}
+        self._throttle = LayerThrottle()
 
     async def __call__(self, progress: PushProgress) -> None:
-        now = time.monotonic()
-        status, at = self._last.get(progress.layer, ("", 0.0))
-        if status == progress.status and now - at < PROGRESS_INTERVAL:
+        if not self._throttle.due(progress.layer, progress.status):
             return
-        self._last[progress.layer] = (progress.status, now)
         await self._ctx.journal.record(
             self._dep.id,
             "push",
@@ -183,7 +180,27 @@ class _ProgressReporter:
 
 
 async def distribute(ctx: LeaderContext, dep: Deployment) -> None:
-    """Hand the pushed digest to the workers; with none enrolled there is nobody to wait for."""
-    enrolled = await ctx.store.enrolled_count()
-    dep.nodes = {}
-    await ctx.journal.record(dep.id, "distribution", workers=enrolled, image=dep.image_ref)
+    """Have every connected worker pull the digest; offline ones are pending."""
+    nodes = await ctx.store.nodes()
+    await ctx.journal.record(dep.id, "distribution", workers=len(nodes), image=dep.image_ref)
+    if not nodes:
+        return
+    results = await ctx.hub.pull_everywhere(dep.id, dep.image_ref, nodes)
+    dep.nodes = {node.name: _node_result(node.id, results[node.id]) for node in nodes}
+    await ctx.journal.save(dep, "distribution", nodes=dep.nodes)
+    failed = {name: r["error"] for name, r in dep.nodes.items() if r["status"] == "failed"}
+    if failed:
+        raise DeploymentError(
+            "distribution_failed",
+            "the image could not be pulled on "
+            + "; ".join(f"{name}: {error}" for name, error in sorted(failed.items())),
+            hint="check each node's engine and that it reaches the registry; nothing was released",
+        )
+
+
+def _node_result(node_id: str, result: PullResult | None) -> dict[str, object]:
+    if result is None:
+        return {"node_id": node_id, "status": "pending"}
+    if result.ok:
+        return {"node_id": node_id, "status": "present", "seconds": round(result.seconds, 3)}
+    return {"node_id": node_id, "status": "failed", "error": result.error or "unknown error"}

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from agent.credentials import RegistryCredentials
-from agent.leader.models import Deployment, State
+from agent.leader.models import Deployment, NodeInfo, NodeRecord, State
 
 T = TypeVar("T")
 _SCHEMA = """
@@ -55,13 +55,21 @@ CREATE TABLE IF NOT EXISTS registry_credentials (
 CREATE TABLE IF NOT EXISTS nodes (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
+    secret_hash TEXT NOT NULL,
     enrolled_at REAL NOT NULL,
-    revoked_at REAL
+    revoked_at REAL,
+    info BLOB NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS join_token (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    secret_hash TEXT NOT NULL,
+    created_at REAL NOT NULL
 );
 """
 _FINAL = tuple(s.value for s in State if s.final)
 _encoder = msgspec.json.Encoder()
 _decode_deployment = msgspec.json.Decoder(Deployment).decode
+_decode_info = msgspec.json.Decoder(NodeInfo).decode
 
 
 class Store:
@@ -240,6 +248,15 @@ class Store:
             server=row[1], username=row[2], password=row[3], namespace=row[4], version=row[0]
         )
 
+    async def credentials_version(self) -> int:
+        """The newest version, also when it removed the credentials (0: never set)."""
+        return await self._call(self._credentials_version)
+
+    def _credentials_version(self) -> int:
+        assert self._db is not None
+        row = self._db.execute("SELECT COALESCE(MAX(version), 0) FROM registry_credentials")
+        return int(row.fetchone()[0])
+
     async def put_credentials(self, creds: RegistryCredentials | None) -> int:
         """Store a new version (None removes them); older passwords are erased."""
         return await self._call(self._put_credentials, creds)
@@ -269,12 +286,115 @@ class Store:
         row = self._db.execute("SELECT COUNT(*) FROM nodes WHERE revoked_at IS NULL").fetchone()
         return int(row[0])
 
-    async def add_node(self, node_id: str, name: str) -> None:
-        await self._call(self._add_node, node_id, name)
+    async def add_node(self, node: NodeRecord, secret_hash: str) -> None:
+        await self._call(self._add_node, node, secret_hash)
 
-    def _add_node(self, node_id: str, name: str) -> None:
+    def _add_node(self, node: NodeRecord, secret_hash: str) -> None:
         with self._tx() as db:
-            db.execute("INSERT INTO nodes VALUES (?, ?, ?, NULL)", (node_id, name, time.time()))
+            taken = db.execute(
+                "SELECT 1 FROM nodes WHERE name = ? AND revoked_at IS NULL", (node.name,)
+            ).fetchone()
+            if taken:
+                raise NameTaken(node.name)
+            db.execute(
+                "INSERT INTO nodes (id, name, secret_hash, enrolled_at, info) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (node.id, node.name, secret_hash, node.enrolled_at, _encoder.encode(node.info)),
+            )
+
+    async def node_auth(self, node_id: str) -> tuple[NodeRecord, str] | None:
+        """The node and its secret's hash, or None if no such node was ever enrolled."""
+        return await self._call(self._node_auth, node_id)
+
+    def _node_auth(self, node_id: str) -> tuple[NodeRecord, str] | None:
+        assert self._db is not None
+        row = self._db.execute(
+            "SELECT id, name, enrolled_at, revoked_at, info, secret_hash FROM nodes WHERE id = ?",
+            (node_id,),
+        ).fetchone()
+        return None if row is None else (_node(row), row[5])
+
+    async def nodes(self, *, include_revoked: bool = False) -> list[NodeRecord]:
+        return await self._call(self._nodes, include_revoked)
+
+    def _nodes(self, include_revoked: bool) -> list[NodeRecord]:
+        assert self._db is not None
+        rows = self._db.execute(
+            "SELECT id, name, enrolled_at, revoked_at, info FROM nodes "
+            "WHERE ?1 OR revoked_at IS NULL ORDER BY enrolled_at",
+            (include_revoked,),
+        ).fetchall()
+        return [
+            NodeRecord(
+                id=r[0],
+                name=r[1],
+                enrolled_at=r[2],
+                revoked_at=r[3],
+                info=_decode_info(r[4]),
+            )
+            for r in rows
+        ]
+
+    async def save_node_info(self, node_id: str, info: NodeInfo) -> None:
+        await self._call(self._save_node_info, node_id, info)
+
+    def _save_node_info(self, node_id: str, info: NodeInfo) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE nodes SET info = ? WHERE id = ?", (_encoder.encode(info), node_id))
+
+    async def revoke_node(self, node_id: str) -> bool:
+        return await self._call(self._revoke_node, node_id)
+
+    def _revoke_node(self, node_id: str) -> bool:
+        with self._tx() as db:
+            cursor = db.execute(
+                "UPDATE nodes SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                (time.time(), node_id),
+            )
+            return cursor.rowcount == 1
+
+    async def set_join_token(self, secret_hash: str) -> None:
+        await self._call(self._set_join_token, secret_hash)
+
+    def _set_join_token(self, secret_hash: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO join_token VALUES (1, ?, ?)", (secret_hash, time.time())
+            )
+
+    async def join_token_hash(self) -> str | None:
+        return await self._call(self._join_token_hash)
+
+    def _join_token_hash(self) -> str | None:
+        assert self._db is not None
+        row = self._db.execute("SELECT secret_hash FROM join_token WHERE id = 1").fetchone()
+        return None if row is None else str(row[0])
+
+    async def images_to_hold(self) -> list[str]:
+        """The newest pushed image of each app: what every worker should hold."""
+        return await self._call(self._images_to_hold)
+
+    def _images_to_hold(self) -> list[str]:
+        assert self._db is not None
+        rows = self._db.execute(
+            "SELECT app, json_extract(doc, '$.repository'), json_extract(doc, '$.digest') "
+            "FROM deployments WHERE json_extract(doc, '$.digest') IS NOT NULL "
+            "AND state IN ('distributing', 'releasing', 'succeeded') ORDER BY seq DESC LIMIT 5000"
+        ).fetchall()
+        newest: dict[str, str] = {}
+        for app, repository, digest in rows:
+            newest.setdefault(app, f"{repository}@{digest}")
+        return list(newest.values())
+
+
+def _node(row: tuple[Any, ...]) -> NodeRecord:
+    return NodeRecord(
+        id=row[0], name=row[1], enrolled_at=row[2], revoked_at=row[3], info=_decode_info(row[4])
+    )
+
+
+class NameTaken(Exception):
+    """An active node already has this name."""
 
 
 class IdempotencyConflict(Exception):

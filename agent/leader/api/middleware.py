@@ -14,7 +14,7 @@ from agent.logs import get_logger
 
 log = get_logger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PUBLIC_PATHS = frozenset({"/healthz"})
+PUBLIC_PATHS = frozenset({"/healthz", "/v1/ca.pem", "/v1/join", "/v1/agent"})
 _HTTP_CODES = {
     401: "unauthorized",
     403: "forbidden",

@@ -1,0 +1,221 @@
+"""The leader's side of the worker links: who is connected, what each was sent, and the
+answers the distribution stage waits for.
+
+Each link has its own bounded send queue drained by its own task under a deadline, so a
+worker that stops reading is dropped and never delays the others. A broadcast is
+encoded once and queued to every link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import WSMsgType, web
+
+from agent import wire
+from agent.credentials import RegistryCredentials
+from agent.leader.models import LastPull, NodeRecord
+from agent.leader.store import Store
+from agent.logs import get_logger
+
+log = get_logger(__name__)
+SEND_QUEUE = 256
+SEND_DEADLINE = 10.0
+ProgressSink = Callable[[str, wire.PullProgress], Awaitable[None]]
+
+
+def wire_credentials(creds: RegistryCredentials | None, version: int) -> wire.WireCredentials:
+    if creds is None:
+        return wire.WireCredentials(version=version)
+    return wire.WireCredentials(
+        version=creds.version,
+        server=creds.server,
+        username=creds.username,
+        password=creds.password,
+    )
+
+
+@dataclass(eq=False)
+class Link:
+    """One connected worker: its socket, its send queue, and how to cut it off."""
+
+    node: NodeRecord
+    ws: web.WebSocketResponse
+    request: web.Request
+    queue: asyncio.Queue[str] = field(default_factory=lambda: asyncio.Queue(SEND_QUEUE))
+    closer: asyncio.Task[bool] | None = None
+
+    def send(self, data: str) -> None:
+        try:
+            self.queue.put_nowait(data)
+        except asyncio.QueueFull:
+            log.warning("link.queue_full", node=self.node.name)
+            self.drop()
+
+    async def pump(self) -> None:
+        while True:
+            data = await self.queue.get()
+            try:
+                async with asyncio.timeout(SEND_DEADLINE):
+                    await self.ws.send_str(data)
+            except TimeoutError:
+                log.warning("link.send_deadline", node=self.node.name, deadline_s=SEND_DEADLINE)
+                self.drop()
+                return
+
+    def drop(self) -> None:
+        """Cut a worker that stopped reading: no close handshake, it would not read it."""
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()
+
+    def kick(self, code: int, reason: str) -> None:
+        if self.closer is None:
+            self.closer = asyncio.create_task(self.ws.close(code=code, message=reason.encode()))
+
+
+class Hub:
+    def __init__(self, store: Store, progress: ProgressSink) -> None:
+        self._store = store
+        self._progress = progress
+        self._links: dict[str, Link] = {}
+        self._waiters: dict[tuple[str, str], asyncio.Future[wire.PullResult | None]] = {}
+        self._credentials: RegistryCredentials | None = None
+        self._credentials_version = 0
+
+    def connected(self, node_id: str) -> bool:
+        return node_id in self._links
+
+    @property
+    def connected_count(self) -> int:
+        return len(self._links)
+
+    def set_credentials(self, creds: RegistryCredentials | None, version: int) -> None:
+        """Remember the credentials in force and send them to every connected worker."""
+        self._credentials, self._credentials_version = creds, version
+        data = wire.encode(wire.Credentials(credentials=self._wire_credentials()))
+        for link in list(self._links.values()):
+            link.send(data)
+
+    def _wire_credentials(self) -> wire.WireCredentials:
+        return wire_credentials(self._credentials, self._credentials_version)
+
+    def kick(self, node_id: str, code: int, reason: str) -> None:
+        link = self._links.get(node_id)
+        if link is not None:
+            link.kick(code, reason)
+
+    async def serve(
+        self, node: NodeRecord, ws: web.WebSocketResponse, request: web.Request
+    ) -> None:
+        """Own one worker's link from its first message to its close."""
+        link = Link(node, ws, request)
+        previous = self._links.get(node.id)
+        if previous is not None:
+            previous.kick(wire.CLOSE_REPLACED, "replaced by a newer connection")
+        self._links[node.id] = link
+        pump = asyncio.create_task(link.pump(), name=f"link-pump-{node.name}")
+        log.info("link.connected", node=node.name)
+        try:
+            link.send(await self._sync(link))
+            await self._read(link)
+        finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+            if link.closer is not None:
+                with contextlib.suppress(Exception):
+                    await link.closer
+            if self._links.get(node.id) is link:
+                del self._links[node.id]
+            self._release_waiters(node.id)
+            await self._touch(node)
+            log.info("link.disconnected", node=node.name, code=ws.close_code)
+
+    async def _sync(self, link: Link) -> str:
+        images = await self._store.images_to_hold()
+        return wire.encode(wire.Sync(credentials=self._wire_credentials(), images=images))
+
+    async def _read(self, link: Link) -> None:
+        async for msg in link.ws:
+            if msg.type != WSMsgType.TEXT:
+                await link.ws.close(code=wire.CLOSE_BAD_MESSAGE, message=b"text frames only")
+                return
+            try:
+                message = wire.decode_for_leader(msg.data)
+            except wire.BadMessage as exc:
+                log.warning("link.bad_message", node=link.node.name, error=str(exc))
+                await link.ws.close(code=wire.CLOSE_BAD_MESSAGE, message=str(exc)[:120].encode())
+                return
+            await self._dispatch(link, message)
+
+    async def _dispatch(self, link: Link, message: wire.ToLeader) -> None:
+        node = link.node
+        match message:
+            case wire.Hello():
+                node.info.agent_version = message.agent_version
+                node.info.engine_version = message.engine_version
+                node.info.arch = message.arch
+                await self._touch(node)
+            case wire.CredentialsAck():
+                node.info.credentials_version = message.version
+                await self._touch(node)
+                log.info("link.credentials_ack", node=node.name, version=message.version)
+            case wire.PullProgress() if (node.id, message.order) in self._waiters:
+                await self._progress(node.name, message)
+            case wire.PullResult():
+                node.info.last_pull = LastPull(
+                    image=message.image,
+                    ok=message.ok,
+                    error=message.error,
+                    seconds=message.seconds,
+                    at=time.time(),
+                )
+                await self._touch(node)
+                waiter = self._waiters.get((node.id, message.order))
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(message)
+
+    async def _touch(self, node: NodeRecord) -> None:
+        node.info.last_seen = time.time()
+        await self._store.save_node_info(node.id, node.info)
+
+    def _release_waiters(self, node_id: str) -> None:
+        for (waiting_node, _), waiter in self._waiters.items():
+            if waiting_node == node_id and not waiter.done():
+                waiter.set_result(None)
+
+    async def pull_everywhere(
+        self, order: str, image: str, nodes: list[NodeRecord]
+    ) -> dict[str, wire.PullResult | None]:
+        """Order every connected node to pull `image`; wait for each answer.
+
+        A node that is offline, or whose link drops before it answers, maps to None.
+        """
+        data = wire.encode(
+            wire.PullOrder(order=order, image=image, credentials=self._wire_credentials())
+        )
+        loop = asyncio.get_running_loop()
+        waiting: dict[str, asyncio.Future[wire.PullResult | None]] = {}
+        for node in nodes:
+            link = self._links.get(node.id)
+            if link is not None:
+                waiting[node.id] = self._waiters[(node.id, order)] = loop.create_future()
+                link.send(data)
+        try:
+            if waiting:
+                await asyncio.wait(waiting.values())
+            return {
+                node.id: waiting[node.id].result() if node.id in waiting else None for node in nodes
+            }
+        finally:
+            for node_id in waiting:
+                self._waiters.pop((node_id, order), None)
+
+    async def close_all(self) -> None:
+        for link in list(self._links.values()):
+            link.kick(wire.CLOSE_SHUTDOWN, "leader shutting down")

@@ -1,0 +1,192 @@
+"""The leader's certificate authority, its server certificate, and join tokens that pin it.
+
+A join token is `DAT1-<sha256 of the CA certificate, hex>-<secret>`, in the spirit of
+Docker Swarm's SWMTKN: a worker trusts exactly the CA whose digest its token names.
+Private keys are written 0600 and never leave the state directory.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import os
+import secrets
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from agent.errors import AgentError
+
+TOKEN_PREFIX = "DAT1"  # noqa: S105 (a format marker, not a secret)
+CA_DAYS = 3650
+SERVER_DAYS = 825
+
+
+class JoinTokenError(AgentError):
+    """A join token that is not of the form DAT1-<fingerprint>-<secret>."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderTLS:
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    def fingerprint(self) -> str:
+        return ca_fingerprint(self.ca_file.read_bytes())
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
+def ca_fingerprint(ca_pem: bytes) -> str:
+    """The SHA-256 of the CA certificate's DER bytes, in hex."""
+    cert = x509.load_pem_x509_certificate(ca_pem)
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def ensure_leader_tls(directory: Path, names: list[str]) -> LeaderTLS:
+    """Load the CA and server certificate from `directory`, creating them on first start.
+
+    A server certificate whose names no longer cover `names` is issued again from the
+    same CA, so join tokens stay valid.
+    """
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tls = LeaderTLS(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    ca_key_file = directory / "ca.key"
+    if not tls.ca_file.exists():
+        _write_ca(tls.ca_file, ca_key_file)
+    if not tls.cert_file.exists() or not _covers(tls.cert_file, names):
+        _write_server(tls, ca_key_file, names)
+    return tls
+
+
+def default_names(extra: list[str]) -> list[str]:
+    hostname = socket.gethostname()
+    return list(dict.fromkeys([*extra, hostname, "localhost", "127.0.0.1", "::1"]))
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    data = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _write_ca(ca_file: Path, key_file: Path) -> None:
+    key = _new_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "deploy-agent leader CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    _write_key(key_file, key)
+    ca_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _san(names: list[str]) -> x509.SubjectAlternativeName:
+    entries: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            entries.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            entries.append(x509.DNSName(name))
+    return x509.SubjectAlternativeName(entries)
+
+
+def _covers(cert_file: Path, names: list[str]) -> bool:
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    have = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    expires = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+    return set(_san(names)) <= set(have) and expires > datetime.timedelta(days=30)
+
+
+def _write_server(tls: LeaderTLS, ca_key_file: Path, names: list[str]) -> None:
+    ca_cert = x509.load_pem_x509_certificate(tls.ca_file.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca_key_file.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = _new_key()
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=SERVER_DAYS))
+        .add_extension(_san(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_key(tls.key_file, key)
+    tls.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def secret_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def make_join_token(fingerprint: str, secret: str) -> str:
+    return f"{TOKEN_PREFIX}-{fingerprint}-{secret}"
+
+
+def parse_join_token(token: str) -> tuple[str, str]:
+    """Split a join token into (CA fingerprint, secret)."""
+    prefix, _, rest = token.strip().partition("-")
+    fingerprint, _, secret = rest.partition("-")
+    if prefix != TOKEN_PREFIX or len(fingerprint) != 64 or not secret:
+        raise JoinTokenError(
+            "the join token is malformed: expected DAT1-<64 hex digits>-<secret>; "
+            "get a new one with `deploy-agent join-token` on the leader"
+        )
+    try:
+        int(fingerprint, 16)
+    except ValueError:
+        raise JoinTokenError("the join token's CA fingerprint is not hex") from None
+    return fingerprint.lower(), secret

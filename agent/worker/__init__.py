@@ -1,0 +1,1 @@
+"""The worker: holds one link to the leader, keeps its credentials in memory, pulls images."""

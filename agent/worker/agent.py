@@ -1,0 +1,205 @@
+"""The worker agent: enrol once, then hold one link to the leader and act on its orders.
+
+Credentials live in memory only. The link reconnects with capped, jittered backoff;
+a revoked node stops for good (exit status 3) instead of knocking forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import platform
+from collections.abc import Coroutine
+from typing import Any
+
+import aiohttp
+
+from agent import __version__, wire
+from agent.backoff import Backoff
+from agent.config import Config, WorkerConfig
+from agent.credentials import RegistryCredentials
+from agent.engine import Engine
+from agent.errors import AgentError, ConfigError
+from agent.logs import get_logger, redactor
+from agent.worker.identity import Identity, enrol, load_identity, save_identity
+from agent.worker.puller import Puller
+
+log = get_logger(__name__)
+SEND_DEADLINE = 10.0
+CONNECT_TIMEOUT = 15.0
+
+
+class NodeRevoked(AgentError):
+    """The leader no longer accepts this node."""
+
+
+class Worker:
+    def __init__(self, config: Config) -> None:
+        assert config.worker is not None
+        self.config = config
+        self.worker_config: WorkerConfig = config.worker
+        self.engine = Engine(config.engine.url, timeout=config.engine.timeout)
+        self._credentials: RegistryCredentials | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._send_lock = asyncio.Lock()
+        self.puller = Puller(
+            self.engine,
+            parallel=self.worker_config.max_parallel_pulls,
+            retry_budget=self.worker_config.pull_retry_budget,
+            credentials=lambda: self._credentials,
+            send=self._send,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            identity = await self._identity()
+            await self._link_loop(identity, stop)
+        finally:
+            await self.puller.close()
+            await self.engine.close()
+
+    async def _identity(self) -> Identity:
+        state = self.config.state_path
+        identity = await asyncio.to_thread(load_identity, state)
+        if identity is not None:
+            return identity
+        token = self.worker_config.join_token
+        if not token:
+            raise ConfigError(f"worker.join_token: needed to enrol ({state} has no identity)")
+        identity = await enrol(self.worker_config.leader_url, token, self.worker_config.name)
+        await asyncio.to_thread(save_identity, state, identity)
+        return identity
+
+    async def _link_loop(self, identity: Identity, stop: asyncio.Event) -> None:
+        backoff = Backoff()
+        async with aiohttp.ClientSession() as session:
+            while not stop.is_set():
+                try:
+                    await self._connect(session, identity, stop, backoff)
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    log.warning("link.failed", error=repr(exc))
+                if stop.is_set():
+                    return
+                delay = backoff.next()
+                log.info("link.reconnect", in_s=round(delay, 2), attempt=backoff.attempt)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await stop.wait()
+
+    async def _connect(
+        self,
+        session: aiohttp.ClientSession,
+        identity: Identity,
+        stop: asyncio.Event,
+        backoff: Backoff,
+    ) -> None:
+        url = identity.leader_url.replace("http", "ws", 1) + wire.AGENT_PATH
+        try:
+            ws = await session.ws_connect(
+                url,
+                headers=identity.auth_header(),
+                ssl=identity.ssl_context(),
+                heartbeat=wire.HEARTBEAT_SECONDS,
+                timeout=aiohttp.ClientWSTimeout(ws_close=5),
+                max_msg_size=4 * 1024 * 1024,
+                compress=0,
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in (401, 403):
+                raise NodeRevoked(
+                    f"the leader refused this node ({exc.status}): it was revoked or is unknown; "
+                    f"clear {self.config.state_path} and enrol with a new join token"
+                ) from None
+            raise
+        async with ws:
+            backoff.reset()
+            self._ws = ws
+            log.info("link.connected", leader=identity.leader_url)
+            try:
+                await self._send(await self._hello())
+                await _until_closed_or(stop, self._read(ws))
+            finally:
+                self._ws = None
+        log.info("link.closed", code=ws.close_code)
+        if ws.close_code == wire.CLOSE_REVOKED:
+            raise NodeRevoked("the leader revoked this node")
+
+    async def _hello(self) -> wire.Hello:
+        try:
+            info = await self.engine.version()
+            engine_version, arch = str(info.get("Version")), str(info.get("Arch"))
+        except AgentError:
+            engine_version, arch = "unavailable", platform.machine()
+        name = self.worker_config.name or platform.node()
+        return wire.Hello(
+            name=name, agent_version=__version__, engine_version=engine_version, arch=arch
+        )
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for msg in ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                break
+            try:
+                message = wire.decode_for_worker(msg.data)
+            except wire.BadMessage as exc:
+                log.error("link.bad_message", error=str(exc))
+                await ws.close(code=wire.CLOSE_BAD_MESSAGE, message=b"bad message")
+                return
+            await self._dispatch(message)
+
+    async def _dispatch(self, message: wire.ToWorker) -> None:
+        match message:
+            case wire.Credentials():
+                await self._take_credentials(message.credentials)
+            case wire.Sync():
+                await self._take_credentials(message.credentials)
+                for image in message.images:
+                    self.puller.order(wire.SYNC_ORDER, image)
+            case wire.PullOrder():
+                await self._take_credentials(message.credentials)
+                self.puller.order(message.order, message.image)
+
+    async def _take_credentials(self, creds: wire.WireCredentials) -> None:
+        held = self._credentials.version if self._credentials else 0
+        if creds.version < held:
+            return
+        if creds.server and creds.username and creds.password:
+            redactor.add(creds.password)
+            self._credentials = RegistryCredentials(
+                server=creds.server,
+                username=creds.username,
+                password=creds.password,
+                version=creds.version,
+            )
+        else:
+            self._credentials = None
+        await self._send(wire.CredentialsAck(version=creds.version))
+        log.info("credentials.updated", version=creds.version)
+
+    async def _send(self, message: wire.ToLeader) -> None:
+        """Send on the current link; with none, the leader catches up at the next Sync."""
+        ws = self._ws
+        if ws is None or ws.closed:
+            log.info("link.send_skipped", type=type(message).__name__)
+            return
+        async with self._send_lock:
+            try:
+                async with asyncio.timeout(SEND_DEADLINE):
+                    await ws.send_str(wire.encode(message))
+            except (TimeoutError, ConnectionError, aiohttp.ClientError) as exc:
+                log.warning("link.send_failed", error=repr(exc))
+
+
+async def _until_closed_or(stop: asyncio.Event, reading: Coroutine[Any, Any, None]) -> None:
+    """Run the read loop until it ends or `stop` is set, whichever comes first."""
+    read = asyncio.create_task(reading)
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([read, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (read, stopped):
+            task.cancel()
+        await asyncio.gather(read, stopped, return_exceptions=True)
+    error = None if read.cancelled() else read.exception()
+    if error is not None:
+        raise error

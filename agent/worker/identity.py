@@ -1,0 +1,103 @@
+"""A worker's identity: enrolment with a join token that pins the leader's CA, and the
+node secret kept 0600 in the state directory.
+
+The CA is fetched once over an unverified connection and trusted only if its SHA-256
+matches the token's pin; every later connection verifies against it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+from pathlib import Path
+
+import aiohttp
+import msgspec
+
+from agent.errors import AgentError
+from agent.logs import get_logger
+from agent.tls import ca_fingerprint, parse_join_token
+
+log = get_logger(__name__)
+CALL_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=10)
+IDENTITY_FILE = "node.json"
+
+
+class EnrolmentError(AgentError):
+    """The worker could not join: wrong token, wrong CA pin, leader refused."""
+
+
+class Identity(msgspec.Struct, frozen=True):
+    node_id: str
+    secret: str
+    leader_url: str
+    ca_pem: str | None
+
+    def ssl_context(self) -> ssl.SSLContext | bool:
+        if self.ca_pem is None:
+            return False  # plain HTTP leader: there is nothing to verify
+        context = ssl.create_default_context(cadata=self.ca_pem)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        return context
+
+    def auth_header(self) -> dict[str, str]:
+        return {"Authorization": f"Node {self.node_id}:{self.secret}"}
+
+
+def load_identity(state_dir: Path) -> Identity | None:
+    path = state_dir / IDENTITY_FILE
+    if not path.exists():
+        return None
+    return msgspec.json.decode(path.read_bytes(), type=Identity)
+
+
+def save_identity(state_dir: Path, identity: Identity) -> None:
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = state_dir / IDENTITY_FILE
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(msgspec.json.encode(identity))
+    tmp.replace(path)
+
+
+async def enrol(leader_url: str, token: str, name: str | None) -> Identity:
+    """Join the leader at `leader_url` with `token`; return the identity to keep."""
+    url = leader_url.rstrip("/")
+    pinned, _ = parse_join_token(token)
+    ca_pem = await _fetch_pinned_ca(url, pinned) if url.startswith("https://") else None
+    if ca_pem is None:
+        log.warning("enrol.plain_http", leader=url)
+    identity = Identity(node_id="", secret="", leader_url=url, ca_pem=ca_pem)
+    body = {"token": token, "name": name or socket.gethostname()}
+    async with (
+        aiohttp.ClientSession(timeout=CALL_TIMEOUT) as session,
+        session.post(f"{url}/v1/join", json=body, ssl=identity.ssl_context()) as response,
+    ):
+        doc = await response.json(content_type=None)
+        if response.status != 201:
+            message = doc.get("error", {}).get("message", response.reason)
+            raise EnrolmentError(f"the leader refused to enrol this node: {message}")
+    log.info("enrol.done", node_id=doc["node_id"])
+    return Identity(node_id=doc["node_id"], secret=doc["secret"], leader_url=url, ca_pem=ca_pem)
+
+
+async def _fetch_pinned_ca(url: str, pinned: str) -> str:
+    async with (
+        aiohttp.ClientSession(timeout=CALL_TIMEOUT) as session,
+        session.get(f"{url}/v1/ca.pem", ssl=False) as response,
+    ):
+        if response.status != 200:
+            raise EnrolmentError(f"the leader did not serve its CA ({response.status})")
+        ca_pem = await response.text()
+    try:
+        actual = ca_fingerprint(ca_pem.encode())
+    except ValueError:
+        raise EnrolmentError("the leader served something that is not a certificate") from None
+    if actual != pinned:
+        raise EnrolmentError(
+            "the leader's CA does not match the join token's pin: refusing to trust it "
+            f"(token pins {pinned[:16]}…, leader has {actual[:16]}…)"
+        )
+    return ca_pem

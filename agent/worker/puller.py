@@ -1,0 +1,132 @@
+"""Pulls images on the worker's engine: bounded concurrency, one pull per digest at a
+time, transient errors retried with backoff. Every order gets exactly one answer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_before_delay,
+    wait_exponential_jitter,
+)
+
+from agent import wire
+from agent.credentials import RegistryCredentials
+from agent.engine import Engine, PushProgress
+from agent.errors import EngineError, RegistryError, RegistryTransientError
+from agent.logs import get_logger
+from agent.progress import LayerThrottle
+
+log = get_logger(__name__)
+Send = Callable[[wire.ToLeader], Awaitable[None]]
+CredentialsSource = Callable[[], RegistryCredentials | None]
+
+
+class Puller:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        parallel: int,
+        retry_budget: float,
+        credentials: CredentialsSource,
+        send: Send,
+    ) -> None:
+        self._engine = engine
+        self._slots = asyncio.Semaphore(parallel)
+        self._retry_budget = retry_budget
+        self._credentials = credentials
+        self._send = send
+        self._inflight: dict[str, asyncio.Task[str | None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def order(self, order: str, image: str) -> None:
+        """Make sure `image` is present, then answer `order`; a duplicate joins the pull."""
+        pull = self._inflight.get(image)
+        if pull is None:
+            pull = asyncio.create_task(self._pull(order, image), name=f"pull-{image}")
+            self._inflight[image] = pull
+            pull.add_done_callback(lambda _: self._inflight.pop(image, None))
+        answer = asyncio.create_task(self._answer(order, image, pull, time.monotonic()))
+        self._tasks.add(answer)
+        answer.add_done_callback(self._tasks.discard)
+
+    async def _answer(
+        self, order: str, image: str, pull: asyncio.Task[str | None], started: float
+    ) -> None:
+        error = await asyncio.shield(pull)
+        seconds = time.monotonic() - started
+        log.info("pull.done", image=image, ok=error is None, error=error, seconds=round(seconds, 3))
+        await self._send(
+            wire.PullResult(
+                order=order, image=image, ok=error is None, error=error, seconds=seconds
+            )
+        )
+
+    async def _pull(self, order: str, image: str) -> str | None:
+        """None when the image is present; otherwise the reason it is not."""
+        async with self._slots:
+            try:
+                if await self._engine.image_id(image) is not None:
+                    return None
+                await self._pull_with_retries(order, image)
+            except (RegistryError, EngineError) as exc:
+                return exc.message
+        return None
+
+    async def _pull_with_retries(self, order: str, image: str) -> None:
+        progress = _Progress(order, image, self._send)
+        retrying = AsyncRetrying(
+            stop=stop_before_delay(self._retry_budget),
+            wait=wait_exponential_jitter(initial=1, max=15, jitter=1),
+            retry=retry_if_exception(_transient),
+            before_sleep=lambda state: log.warning(
+                "pull.retry",
+                image=image,
+                attempt=state.attempt_number,
+                error=str(state.outcome.exception() if state.outcome else ""),
+            ),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                await self._engine.pull(image, self._credentials(), progress)
+
+    async def close(self) -> None:
+        pending = [*self._inflight.values(), *self._tasks]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _transient(exc: BaseException) -> bool:
+    """Registry hiccups, and an engine that is restarting, are worth another try."""
+    return isinstance(exc, RegistryTransientError) or (
+        isinstance(exc, EngineError) and not isinstance(exc, RegistryError)
+    )
+
+
+class _Progress:
+    """Sends the engine's pull progress to the leader, thinned out per layer."""
+
+    def __init__(self, order: str, image: str, send: Send) -> None:
+        self._order, self._image, self._send = order, image, send
+        self._throttle = LayerThrottle()
+
+    async def __call__(self, progress: PushProgress) -> None:
+        if not self._throttle.due(progress.layer, progress.status):
+            return
+        await self._send(
+            wire.PullProgress(
+                order=self._order,
+                image=self._image,
+                layer=progress.layer,
+                status=progress.status,
+                current=progress.current,
+                total=progress.total,
+            )
+        )
