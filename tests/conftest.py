@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from agent import logs
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader, LeaderProcess, leader_config
 from tests.support.registry import Registry
+from tests.support.worker import WorkerProcess
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -25,6 +27,37 @@ def dockerd() -> Iterator[Dockerd]:
     engine.start()
     yield engine
     engine.stop()
+
+
+@pytest.fixture(scope="session")
+def worker_engines() -> Iterator[list[Dockerd]]:
+    """Two more engines, one per simulated worker node, started side by side."""
+    engines = [Dockerd(), Dockerd()]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(Dockerd.start, engines))
+    yield engines
+    for engine in engines:
+        engine.stop()
+
+
+@pytest.fixture
+def worker_process(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def make(
+        name: str, engine: Dockerd, leader_url: str, token: str, **worker: Any
+    ) -> WorkerProcess:
+        workdir = tmp_path / f"worker-{name}-{len(started)}"
+        workdir.mkdir()
+        proc = WorkerProcess(
+            workdir, name=name, engine_url=engine.url, leader_url=leader_url, token=token, **worker
+        )
+        started.append(proc)
+        return proc
+
+    yield make
+    for proc in started:
+        proc.terminate()
 
 
 @pytest.fixture

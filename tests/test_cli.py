@@ -6,6 +6,7 @@ import asyncio
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from tests.support.contexts import busybox_context, run_step
 from tests.support.leader import InProcessLeader
@@ -15,9 +16,12 @@ SCRIPT = str(Path(sys.executable).parent / "deploy-agent")
 
 
 async def _cli(
-    leader: InProcessLeader | None, *args: str, stdin: bytes = b""
+    leader: InProcessLeader | None,
+    *args: str,
+    stdin: bytes = b"",
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[int, str, str]:
-    env = dict(os.environ)
+    env = dict(os.environ) | (extra_env or {})
     if leader is not None:
         env |= {"DEPLOY_AGENT_URL": leader.api.base_url, "DEPLOY_AGENT_TOKEN": leader.api.token}
     proc = await asyncio.create_subprocess_exec(
@@ -108,3 +112,22 @@ async def test_unreachable_leader_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert code == 2, err
     assert "cannot reach the leader" in err
+
+
+async def test_join_token_and_nodes_commands(
+    leader_factory: Any, worker_engines: list[Any], worker_process: Any
+) -> None:
+    """`join-token` prints a token a worker enrols with; `nodes` lists it connected."""
+    leader = await leader_factory(leader={"plain_http": None})
+    ca = str(Path(leader.config.state_dir) / "tls" / "ca.pem")
+    env_ca = {"DEPLOY_AGENT_CA": ca}
+    code, token, err = await _cli(leader, "join-token", extra_env=env_ca)
+    assert code == 0, err
+    assert token.startswith("DAT1-")
+    worker_process("cli-node", worker_engines[0], leader.url, token.strip()).start()
+    await leader.api.wait_nodes(**{"cli-node": True})
+
+    code, out, err = await _cli(leader, "nodes", extra_env=env_ca)
+
+    assert code == 0, err
+    assert "cli-node" in out and "connected" in out

@@ -37,19 +37,21 @@ class Target:
     ca_file: str | None = None
 
     @classmethod
-    def resolve(cls, url: str | None, token_file: str | None, config: Config | None) -> Target:
-        """URL and token from flags, then the environment, then the leader's config."""
+    def resolve(
+        cls, url: str | None, token_file: str | None, config: Config | None, ca: str | None
+    ) -> Target:
+        """URL, token and CA from flags, then the environment, then the leader's config."""
         token = Path(token_file).read_text().strip() if token_file else None
         token = token or os.environ.get("DEPLOY_AGENT_TOKEN")
         url = url or os.environ.get("DEPLOY_AGENT_URL")
-        ca = None
+        ca = ca or os.environ.get("DEPLOY_AGENT_CA")
         if config is not None and config.leader is not None:
             lc = config.leader
             scheme = "http" if lc.plain_http else "https"
             host = "127.0.0.1" if lc.host in ("0.0.0.0", "::") else lc.host  # noqa: S104
             url = url or f"{scheme}://{host}:{lc.port}"
             token = token or lc.api_token
-            if not lc.plain_http:
+            if not lc.plain_http and ca is None:
                 ca = lc.tls.ca_file if lc.tls else str(config.state_path / "tls" / "ca.pem")
         if not url or not token:
             raise SystemExit(

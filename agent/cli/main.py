@@ -127,12 +127,13 @@ def _client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", help=f"leader config (default {DEFAULT_CONFIG})")
     parser.add_argument("--url", help="leader URL (or DEPLOY_AGENT_URL)")
     parser.add_argument("--token-file", help="file with the API token (or DEPLOY_AGENT_TOKEN)")
+    parser.add_argument("--ca-file", help="CA to verify the leader with (or DEPLOY_AGENT_CA)")
 
 
 def _client(args: argparse.Namespace) -> Client:
     path = args.config or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None)
     config: Config | None = load_config(path) if path else None
-    return Client(Target.resolve(args.url, args.token_file, config))
+    return Client(Target.resolve(args.url, args.token_file, config, args.ca_file))
 
 
 async def _run(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from agent.logs import get_logger
 log = get_logger(__name__)
 SEND_QUEUE = 256
 SEND_DEADLINE = 10.0
+CLOSE_DEADLINE = 5.0
 ProgressSink = Callable[[str, wire.PullProgress], Awaitable[None]]
 
 
@@ -77,6 +78,19 @@ class Link:
         if self.closer is None:
             self.closer = asyncio.create_task(self.ws.close(code=code, message=reason.encode()))
 
+    async def finish(self) -> None:
+        """Wait briefly for a close handshake under way; cut the connection if it stalls."""
+        if self.closer is None:
+            return
+        try:
+            async with asyncio.timeout(CLOSE_DEADLINE):
+                await self.closer
+        except TimeoutError:
+            log.info("link.close_stalled", node=self.node.name, deadline_s=CLOSE_DEADLINE)
+            self.drop()
+        except (ConnectionError, RuntimeError) as exc:
+            log.info("link.close_failed", node=self.node.name, error=repr(exc))
+
 
 class Hub:
     def __init__(self, store: Store, progress: ProgressSink) -> None:
@@ -123,16 +137,17 @@ class Hub:
         try:
             link.send(await self._sync(link))
             await self._read(link)
+        except ConnectionError as exc:
+            log.info("link.broken", node=node.name, error=repr(exc))
         finally:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
-            if link.closer is not None:
-                with contextlib.suppress(Exception):
-                    await link.closer
+            # Forget the link first: from here on nothing may wait for its answers.
             if self._links.get(node.id) is link:
                 del self._links[node.id]
             self._release_waiters(node.id)
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+            await link.finish()
             await self._touch(node)
             log.info("link.disconnected", node=node.name, code=ws.close_code)
 
@@ -143,13 +158,13 @@ class Hub:
     async def _read(self, link: Link) -> None:
         async for msg in link.ws:
             if msg.type != WSMsgType.TEXT:
-                await link.ws.close(code=wire.CLOSE_BAD_MESSAGE, message=b"text frames only")
+                link.kick(wire.CLOSE_BAD_MESSAGE, "text frames only")
                 return
             try:
                 message = wire.decode_for_leader(msg.data)
             except wire.BadMessage as exc:
                 log.warning("link.bad_message", node=link.node.name, error=str(exc))
-                await link.ws.close(code=wire.CLOSE_BAD_MESSAGE, message=str(exc)[:120].encode())
+                link.kick(wire.CLOSE_BAD_MESSAGE, str(exc)[:120])
                 return
             await self._dispatch(link, message)
 

@@ -6,6 +6,7 @@ import asyncio
 import gzip as gzip_module
 import io
 import json
+import ssl
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,11 @@ class Api:
         self.token = token
         self.session = aiohttp.ClientSession(timeout=TIMEOUT)
         self.responses: list[str] = []  # every body seen, for secret scans
+        self.ssl: ssl.SSLContext | bool = True
+
+    def trust(self, ca_file: Path) -> None:
+        """Verify the leader's certificate against its own CA."""
+        self.ssl = ssl.create_default_context(cafile=str(ca_file))
 
     async def close(self) -> None:
         await self.session.close()
@@ -41,7 +47,7 @@ class Api:
         if isinstance(kwargs.get("data"), bytes):
             kwargs["data"] = io.BytesIO(kwargs["data"])
         async with self.session.request(
-            method, self.base_url + path, headers=headers, **kwargs
+            method, self.base_url + path, headers=headers, ssl=self.ssl, **kwargs
         ) as response:
             text = await response.text()
             self.responses.append(text)
@@ -76,6 +82,7 @@ class Api:
         async with self.session.get(
             f"{self.base_url}/v1/deployments/{dep_id}/events",
             headers={"Authorization": f"Bearer {self.token}"},
+            ssl=self.ssl,
         ) as response:
             assert response.status == 200
             async for line in response.content:
@@ -97,4 +104,26 @@ class Api:
                 _, doc = await self.request("GET", f"/v1/deployments/{dep_id}")
                 if doc["state"] == state:
                     return
+                await asyncio.sleep(0.1)
+
+    async def join_token(self) -> str:
+        status, doc = await self.request("POST", "/v1/join-tokens")
+        assert status == 200, doc
+        return str(doc["token"])
+
+    async def nodes(self) -> dict[str, dict[str, Any]]:
+        status, doc = await self.request("GET", "/v1/nodes")
+        assert status == 200, doc
+        return {node["name"]: node for node in doc["nodes"]}
+
+    async def wait_nodes(self, timeout: float = 30, **expected: bool) -> dict[str, Any]:
+        """Wait until each named node's `connected` is as given; return the node list."""
+        async with asyncio.timeout(timeout):
+            while True:
+                nodes = await self.nodes()
+                if all(
+                    name in nodes and nodes[name]["connected"] is want
+                    for name, want in expected.items()
+                ):
+                    return nodes
                 await asyncio.sleep(0.1)

@@ -13,6 +13,7 @@ from agent.config import Config, parse_config
 from agent.leader.server import Leader
 from tests.support.api import Api
 from tests.support.procs import free_port, port_open, stop, wait_until
+from tests.support.toml import to_toml
 
 TOKEN = "test-api-token-0123456789"
 
@@ -50,7 +51,13 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def base_url(raw: dict[str, Any]) -> str:
-    return f"http://{raw['leader']['listen']}"
+    scheme = "http" if raw["leader"].get("plain_http") else "https"
+    return f"{scheme}://{raw['leader']['listen']}"
+
+
+def _trust_leader(api: Api, raw: dict[str, Any]) -> None:
+    if not raw["leader"].get("plain_http"):
+        api.trust(Path(raw["state_dir"]) / "tls" / "ca.pem")
 
 
 class InProcessLeader:
@@ -64,31 +71,16 @@ class InProcessLeader:
 
     async def start(self) -> InProcessLeader:
         await self.leader.start()
+        _trust_leader(self.api, self.raw)
         return self
+
+    @property
+    def url(self) -> str:
+        return self.api.base_url
 
     async def stop(self) -> None:
         await self.api.close()
         await self.leader.stop()
-
-
-def _toml(raw: dict[str, Any], prefix: str = "") -> str:
-    scalars = {k: v for k, v in raw.items() if not isinstance(v, dict)}
-    tables = {k: v for k, v in raw.items() if isinstance(v, dict)}
-    lines = [f"[{prefix}]"] if prefix and scalars else []
-    lines += [f"{k} = {_value(v)}" for k, v in scalars.items()]
-    for key, table in tables.items():
-        lines.append(_toml(table, f"{prefix}.{key}" if prefix else key))
-    return "\n".join(lines) + "\n"
-
-
-def _value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(_value(i) for i in v) + "]"
-    return str(v)
 
 
 class LeaderProcess:
@@ -98,7 +90,7 @@ class LeaderProcess:
         self.raw = raw
         self.workdir = workdir
         self.config_path = workdir / "leader.toml"
-        self.config_path.write_text(_toml(raw))
+        self.config_path.write_text(to_toml(raw))
         assert tomllib.loads(self.config_path.read_text())  # the file is what the test meant
         self.log_path = workdir / "leader.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -113,6 +105,7 @@ class LeaderProcess:
             )
         port = int(self.raw["leader"]["listen"].rpartition(":")[2])
         wait_until(lambda: self._alive() and port_open(port), 30, "leader process")
+        _trust_leader(self.api, self.raw)
 
     def _alive(self) -> bool:
         assert self.proc is not None

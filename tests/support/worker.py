@@ -1,0 +1,65 @@
+"""Worker agents for tests: real `deploy-agent run` processes with a worker config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.support.procs import stop
+from tests.support.toml import to_toml
+
+
+class WorkerProcess:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        name: str,
+        engine_url: str,
+        leader_url: str,
+        token: str,
+        **worker: Any,
+    ) -> None:
+        self.name = name
+        self.workdir = workdir
+        self.state_dir = workdir / "state"
+        self.config_path = workdir / "worker.toml"
+        self.log_path = workdir / "worker.log"
+        raw = {
+            "role": "worker",
+            "state_dir": str(self.state_dir),
+            "log": {"format": "json"},
+            "engine": {"url": engine_url},
+            "worker": {"leader_url": leader_url, "join_token": token, "name": name, **worker},
+        }
+        self.config_path.write_text(to_toml(raw))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "run", "-c", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def terminate(self) -> int | None:
+        if self.proc is None:
+            return None
+        stop(self.proc, 15)
+        return self.proc.returncode
+
+    def wait_exit(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""

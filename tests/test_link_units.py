@@ -1,0 +1,67 @@
+"""Fast checks of the link's parts: join tokens, the leader CA, wire messages, backoff."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from agent import wire
+from agent.backoff import Backoff
+from agent.tls import JoinTokenError, ensure_leader_tls, make_join_token, parse_join_token
+
+
+def test_join_token_round_trip_and_malformed_tokens() -> None:
+    fingerprint = "ab" * 32
+    assert parse_join_token(make_join_token(fingerprint, "s3cret")) == (fingerprint, "s3cret")
+    for bad in ("", "DAT1-short-x", "XYZ1-" + "ab" * 32 + "-s", "DAT1-" + "zz" * 32 + "-s"):
+        with pytest.raises(JoinTokenError):
+            parse_join_token(bad)
+
+
+def test_leader_ca_is_made_once_and_the_certificate_follows_new_names(tmp_path: Path) -> None:
+    """The CA survives restarts (tokens stay valid); new names get a new server certificate."""
+    first = ensure_leader_tls(tmp_path, ["leader.test", "127.0.0.1"])
+    fingerprint = first.fingerprint()
+    assert (tmp_path / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "server.key").stat().st_mode & 0o777 == 0o600
+    again = ensure_leader_tls(tmp_path, ["leader.test", "10.9.8.7"])
+    assert again.fingerprint() == fingerprint
+    cert = x509.load_pem_x509_certificate(again.cert_file.read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "10.9.8.7" in {str(ip) for ip in names.get_values_for_type(x509.IPAddress)}
+    context = ssl.create_default_context(cafile=str(again.ca_file))
+    assert context.cert_store_stats()["x509_ca"] == 1
+    again.server_context()  # the key matches the certificate
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        "{",
+        '{"type": "launch_missiles", "v": 1}',
+        '{"type": "credentials_ack", "v": 2, "version": 1}',
+        '{"type": "credentials_ack", "v": 1, "version": "one"}',
+        '{"type": "credentials_ack", "v": 1, "version": 1, "extra": true}',
+    ],
+)
+def test_bad_messages_do_not_decode(data: str) -> None:
+    with pytest.raises(wire.BadMessage):
+        wire.decode_for_leader(data)
+
+
+def test_messages_round_trip() -> None:
+    message = wire.PullResult(order="d1", image="r/a@sha256:" + "0" * 64, ok=False, error="x")
+    assert wire.decode_for_leader(wire.encode(message)) == message
+
+
+def test_backoff_is_capped_and_never_spins() -> None:
+    """Delays double from 0.5 s to the 30 s cap and never fall below half their ceiling."""
+    backoff = Backoff(initial=0.5, cap=30)
+    delays = [backoff.next() for _ in range(20)]
+    assert all(0.25 <= d <= 30 for d in delays)
+    assert all(d >= 15 for d in delays[7:])
+    backoff.reset()
+    assert backoff.next() <= 0.5

@@ -1,0 +1,334 @@
+"""Workers: enrolment over TLS, the link, live credentials, pulls by digest, catch-up.
+
+A leader, worker agents as real processes, each worker with its own Docker Engine,
+and a registry with a login.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.contexts import busybox_context
+from tests.support.dockerd import Dockerd
+from tests.support.leader import InProcessLeader, LeaderProcess
+from tests.support.registry import Registry
+from tests.support.worker import WorkerProcess
+
+WorkerFactory = Callable[..., WorkerProcess]
+TLS = {"plain_http": None}
+
+
+async def _cluster(
+    leader: InProcessLeader | LeaderProcess,
+    registry: Registry,
+    engines: list[Dockerd],
+    worker_process: WorkerFactory,
+    **worker: Any,
+) -> list[WorkerProcess]:
+    status, _ = await leader.api.put_registry(registry.host, registry.username, registry.password)
+    assert status == 200
+    token = await leader.api.join_token()
+    workers = [
+        worker_process(f"w{i}", engine, leader.api.base_url, token, **worker).start()
+        for i, engine in enumerate(engines, start=1)
+    ]
+    await leader.api.wait_nodes(**{w.name: True for w in workers})
+    return workers
+
+
+def _holds(engine: Dockerd, image: str) -> bool:
+    return engine.cli("image", "inspect", image, check=False).returncode == 0
+
+
+async def test_both_workers_hold_the_digest_after_a_deployment(
+    leader_process: Callable[..., LeaderProcess],
+    registry: Registry,
+    worker_engines: list[Dockerd],
+    worker_process: WorkerFactory,
+    tmp_path: Path,
+) -> None:
+    """Leader and two workers as processes over TLS: each worker's engine holds the digest."""
+    leader = leader_process(leader=TLS)
+    leader.start()
+    await _cluster(leader, registry, worker_engines, worker_process)
+
+    dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "spread")
+    final = await leader.api.wait_final(dep["id"])
+
+    assert final["state"] == "succeeded", final
+    assert {n: r["status"] for n, r in final["nodes"].items()} == {"w1": "present", "w2": "present"}
+    for engine in worker_engines:
+        assert _holds(engine, final["image"])
+    nodes = await leader.api.nodes()
+    assert all(n["last_pull"]["image"] == final["image"] for n in nodes.values())
+    assert all(n["engine_version"] and n["arch"] for n in nodes.values())
+
+
+async def test_credential_rotation_reaches_every_worker(
+    leader_factory: Callable[..., Any],
+    registry: Registry,
+    worker_engines: list[Dockerd],
+    worker_process: WorkerFactory,
+    tmp_path: Path,
+) -> None:
+    """A new password, once set, is acknowledged by both workers within 5 s and pulls work."""
+    leader = await leader_factory(leader=TLS)
+    await _cluster(leader, registry, worker_engines, worker_process)
+    registry.set_password("rotated-password-2")
+    registry.restart()
+
+    status, doc = await leader.api.put_registry(registry.host, registry.username, registry.password)
+    assert status == 200
+    version = doc["registry"]["version"]
+    async with asyncio.timeout(5):
+        while {n["credentials_version"] for n in (await leader.api.nodes()).values()} != {version}:
+            await asyncio.sleep(0.1)
+
+    dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "rotated")
+    final = await leader.api.wait_final(dep["id"])
+    assert final["state"] == "succeeded", final
+
+
+async def test_offline_worker_is_pending_and_catches_up_on_reconnect(
+    leader_factory: Callable[..., Any],
+    registry: Registry,
+    worker_engines: list[Dockerd],
+    worker_process: WorkerFactory,
+    tmp_path: Path,
+) -> None:
+    """A worker stopped during a deployment is pending; restarted, it pulls the image itself."""
+    leader = await leader_factory(leader=TLS)
+    _, w2 = await _cluster(leader, registry, worker_engines, worker_process)
+    w2.terminate()
+    await leader.api.wait_nodes(w2=False)
+
+    dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "catchup")
+    final = await leader.api.wait_final(dep["id"])
+
+    assert final["state"] == "succeeded", final
+    assert final["nodes"]["w2"]["status"] == "pending"
+    assert not _holds(worker_engines[1], final["image"])
+    w2.start()
+    async with asyncio.timeout(30):
+        while not _holds(worker_engines[1], final["image"]):
+            await asyncio.sleep(0.2)
+    nodes = await leader.api.wait_nodes(w2=True)
+    assert nodes["w2"]["connected"]
+
+
+async def test_revoked_node_is_disconnected_and_refused(
+    leader_factory: Callable[..., Any],
+    registry: Registry,
+    worker_engines: list[Dockerd],
+    worker_process: WorkerFactory,
+) -> None:
+    """DELETE /v1/nodes/{id} closes the link; the worker stops (exit 3) and is refused after."""
+    leader = await leader_factory(leader=TLS)
+    w1, _ = await _cluster(leader, registry, worker_engines, worker_process)
+    node_id = (await leader.api.nodes())["w1"]["id"]
+
+    status, _ = await leader.api.request("DELETE", f"/v1/nodes/{node_id}")
+
+    assert status == 200
+    assert await asyncio.to_thread(w1.wait_exit, 20) == 3
+    assert "w1" not in await leader.api.nodes()
+    w1.start()
+    assert await asyncio.to_thread(w1.wait_exit, 20) == 3
+    assert "this node was revoked" in w1.log_text() or "refused this node" in w1.log_text()
+
+
+async def test_wrong_join_token_is_refused(
+    leader_factory: Callable[..., Any], worker_engines: list[Dockerd], worker_process: WorkerFactory
+) -> None:
+    """A token with the right CA pin and a wrong secret does not enrol the worker."""
+    leader = await leader_factory(leader=TLS)
+    good = await leader.api.join_token()
+    forged = good.rsplit("-", 1)[0] + "-not-the-secret"
+    worker = worker_process("forger", worker_engines[0], leader.url, forged).start()
+
+    assert await asyncio.to_thread(worker.wait_exit, 30) == 1
+    assert "join token is not valid" in worker.log_text()
+    assert await leader.api.nodes() == {}
+
+
+async def test_leader_with_another_ca_is_refused(
+    leader_factory: Callable[..., Any], worker_engines: list[Dockerd], worker_process: WorkerFactory
+) -> None:
+    """A token that pins leader A's CA refuses leader B, whose CA differs."""
+    leader_a = await leader_factory(leader=TLS)
+    leader_b = await leader_factory(leader=TLS)
+    token_a = await leader_a.api.join_token()
+    await leader_b.api.join_token()
+    worker = worker_process("misled", worker_engines[0], leader_b.url, token_a).start()
+
+    assert await asyncio.to_thread(worker.wait_exit, 30) == 1
+    assert "does not match the join token's pin" in worker.log_text()
+    assert await leader_b.api.nodes() == {}
+
+
+@pytest.mark.parametrize("garbage", ["not json", '{"type": "nope", "v": 1}', '{"type": "hello"}'])
+async def test_malformed_messages_close_that_link_only(
+    leader_factory: Callable[..., Any],
+    registry: Registry,
+    worker_engines: list[Dockerd],
+    worker_process: WorkerFactory,
+    tmp_path: Path,
+    garbage: str,
+) -> None:
+    """A node sending a bad message is closed with 4400; the real workers keep working."""
+    leader = await leader_factory(leader=TLS)
+    await _cluster(leader, registry, worker_engines, worker_process)
+    rogue = await _enrol_raw(leader, "rogue")
+    async with await _link(leader, rogue) as ws:
+        await ws.send_str(garbage)
+        msg = await ws.receive(timeout=10)
+        while msg.type == 1:  # TEXT: the leader's Sync came first
+            msg = await ws.receive(timeout=10)
+        assert ws.close_code == 4400
+
+    dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "unbothered")
+    final = await leader.api.wait_final(dep["id"])
+    assert final["state"] == "succeeded"
+    assert final["nodes"]["w1"]["status"] == final["nodes"]["w2"]["status"] == "present"
+
+
+async def _enrol_raw(leader: InProcessLeader, name: str) -> dict[str, str]:
+    token = await leader.api.join_token()
+    status, doc = await leader.api.request("POST", "/v1/join", json={"token": token, "name": name})
+    assert status == 201, doc
+    return dict(doc)
+
+
+async def _link(leader: InProcessLeader, identity: dict[str, str]) -> Any:
+    url = leader.url.replace("https", "wss") + "/v1/agent"
+    return await leader.api.session.ws_connect(
+        url,
+        headers={"Authorization": f"Node {identity['node_id']}:{identity['secret']}"},
+        ssl=leader.api.ssl,
+    )
+
+
+async def test_worker_whose_engine_fails_fails_the_distribution_naming_it(
+    leader_factory: Callable[..., Any],
+    registry: Registry,
+    worker_engines: list[Dockerd],
+    worker_process: WorkerFactory,
+    tmp_path: Path,
+) -> None:
+    """With one worker's engine stopped, the deployment is distribution_failed naming it."""
+    broken = Dockerd()
+    broken.start()
+    try:
+        leader = await leader_factory(leader=TLS)
+        await _cluster(
+            leader, registry, [worker_engines[0], broken], worker_process, pull_retry_budget=3
+        )
+        broken.stop()
+
+        dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "halfway")
+        final = await leader.api.wait_final(dep["id"])
+    finally:
+        broken.stop()
+
+    assert final["state"] == "failed"
+    assert final["error"]["code"] == "distribution_failed"
+    assert "w2" in final["error"]["message"]
+    assert "w1" not in final["error"]["message"]
+    assert final["nodes"]["w1"]["status"] == "present"
+    assert final["nodes"]["w2"]["status"] == "failed"
+
+
+async def test_a_worker_that_stops_reading_does_not_delay_the_others(
+    leader_factory: Callable[..., Any],
+    registry: Registry,
+    worker_engines: list[Dockerd],
+    worker_process: WorkerFactory,
+    tmp_path: Path,
+) -> None:
+    """With a connected node that never reads, each real worker gets its pull order within 1 s."""
+    leader = await leader_factory(leader=TLS)
+    await _cluster(leader, registry, worker_engines, worker_process)
+    assert leader.leader.ctx is not None
+    hub, creds = leader.leader.ctx.hub, leader.leader.ctx.registry.current
+    stuck = await _link(leader, await _enrol_raw(leader, "stuck"))
+    try:
+        await leader.api.wait_nodes(stuck=True)
+        for version in range(1000, 1200):  # fill the stuck node's socket buffers
+            hub.set_credentials(creds, version)
+            await asyncio.sleep(0.002)
+        hub.set_credentials(creds, creds.version if creds else 0)
+
+        dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "nodelay")
+        final = await leader.api.wait_final(dep["id"])
+    finally:
+        await stuck.close()
+
+    events = await leader.api.events(dep["id"])
+    ordered_at = next(e["at"] for e in events if e["type"] == "distribution")
+    for node in ("w1", "w2"):
+        first = next(e["at"] for e in events if e["type"] == "pull" and e["node"] == node)
+        assert first - ordered_at < 1.0, (node, first - ordered_at)
+    assert final["state"] == "succeeded", final
+    assert final["nodes"]["w1"]["status"] == final["nodes"]["w2"]["status"] == "present"
+    assert final["nodes"]["stuck"]["status"] == "pending"
+
+
+CANARY = "canary-worker-registry-pw-77"
+
+
+async def test_canary_password_reaches_no_log_response_or_worker_disk(
+    leader_process: Callable[..., LeaderProcess],
+    worker_engines: list[Dockerd],
+    worker_process: WorkerFactory,
+    tmp_path: Path,
+) -> None:
+    """The registry password travels to workers yet shows up in no log, response or file."""
+    registry = Registry(password=CANARY)
+    registry.start()
+    try:
+        leader = leader_process(leader=TLS)
+        leader.start()
+        workers = await _cluster(leader, registry, worker_engines, worker_process)
+        dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "canary")
+        final = await leader.api.wait_final(dep["id"])
+        assert final["state"] == "succeeded", final
+        await leader.api.nodes()
+    finally:
+        registry.cleanup()
+    for worker in workers:
+        worker.terminate()
+    leader.terminate()
+
+    texts = {"leader log": leader.log_text(), "responses": "\n".join(leader.api.responses)}
+    for worker in workers:
+        texts[f"{worker.name} log"] = worker.log_text()
+        for path in worker.workdir.rglob("*"):
+            if path.is_file():
+                texts[str(path)] = path.read_text(errors="replace")
+    assert [name for name, text in texts.items() if CANARY in text] == []
+    assert any("credentials.updated" in t for t in texts.values())  # workers did receive them
+
+
+async def test_worker_reconnects_after_a_leader_restart_without_spinning(
+    leader_factory: Callable[..., Any],
+    registry: Registry,
+    worker_engines: list[Dockerd],
+    worker_process: WorkerFactory,
+) -> None:
+    """Down for 4 s, the leader comes back; the worker reconnects in a handful of attempts."""
+    leader = await leader_factory(leader=TLS)
+    (w1,) = await _cluster(leader, registry, worker_engines[:1], worker_process)
+    await leader.stop()
+    await asyncio.sleep(4)
+
+    same_place = {**TLS, "listen": leader.raw["leader"]["listen"]}
+    again = await leader_factory(state_dir=leader.config.state_dir, leader=same_place)
+    await again.api.wait_nodes(timeout=20, w1=True)
+
+    attempts = w1.log_text().count('"link.reconnect"')
+    assert 1 <= attempts <= 6
