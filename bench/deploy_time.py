@@ -14,37 +14,15 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
+from bench.common import docker, fresh_context
 from tests.support.api import tar_of
-from tests.support.contexts import busybox_context, run_step
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader, leader_config
 from tests.support.registry import Registry
-
-
-def _context(root: Path) -> Path:
-    ctx = busybox_context(root / uuid.uuid4().hex, run_step("echo build step"))
-    (ctx / "unique.txt").write_text(uuid.uuid4().hex)
-    with (ctx / "Dockerfile").open("a") as dockerfile:
-        dockerfile.write("COPY unique.txt /unique.txt\n")
-    return ctx
-
-
-def _docker(engine: Dockerd, env: dict[str, str], *args: str, stdin: str | None = None) -> None:
-    subprocess.run(
-        ["docker", "-H", engine.url, *args],
-        env=env,
-        input=stdin,
-        text=True,
-        capture_output=True,
-        check=True,
-        timeout=300,
-    )
 
 
 async def _timed_deploy(leader: InProcessLeader, ctx: Path, app: str) -> float:
@@ -67,9 +45,9 @@ async def _timed_cli(
     engine: Dockerd, env: dict[str, str], ctx: Path, ref: str, push: bool
 ) -> float:
     started = time.perf_counter()
-    await asyncio.to_thread(_docker, engine, env, "build", "-q", "-t", ref, str(ctx))
+    await asyncio.to_thread(docker, engine, env, "build", "-q", "-t", ref, str(ctx))
     if push:
-        await asyncio.to_thread(_docker, engine, env, "push", "-q", ref)
+        await asyncio.to_thread(docker, engine, env, "push", "-q", ref)
     return time.perf_counter() - started
 
 
@@ -82,7 +60,7 @@ async def main(runs: int) -> None:
     leader = InProcessLeader(leader_config(work / "state", engine.url))
     await leader.start()
     try:
-        _docker(
+        docker(
             engine,
             env,
             "login",
@@ -111,13 +89,15 @@ async def _measure(
 ) -> dict[str, list[float]]:
     figures: dict[str, list[float]] = {"build": [], "local": [], "build+push": [], "registry": []}
     for i in range(runs):
-        figures["build"].append(await _timed_cli(engine, env, _context(work), f"plain:{i}", False))
-        figures["local"].append(await _timed_deploy(leader, _context(work), "bench"))
+        figures["build"].append(
+            await _timed_cli(engine, env, fresh_context(work), f"plain:{i}", False)
+        )
+        figures["local"].append(await _timed_deploy(leader, fresh_context(work), "bench"))
     await leader.api.put_registry(registry.host, registry.username, registry.password)
     for i in range(runs):
         ref = f"{registry.host}/{registry.username}/plain:{i}"
-        figures["build+push"].append(await _timed_cli(engine, env, _context(work), ref, True))
-        figures["registry"].append(await _timed_deploy(leader, _context(work), "bench"))
+        figures["build+push"].append(await _timed_cli(engine, env, fresh_context(work), ref, True))
+        figures["registry"].append(await _timed_deploy(leader, fresh_context(work), "bench"))
     return figures
 
 

@@ -1,0 +1,30 @@
+"""What the benchmarks share: fresh build contexts and docker CLI calls on a given engine."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from pathlib import Path
+
+from tests.support.contexts import busybox_context, run_step
+from tests.support.dockerd import Dockerd
+
+
+def fresh_context(root: Path) -> Path:
+    ctx = busybox_context(root / uuid.uuid4().hex, run_step("echo build step"))
+    (ctx / "unique.txt").write_text(uuid.uuid4().hex)
+    with (ctx / "Dockerfile").open("a") as dockerfile:
+        dockerfile.write("COPY unique.txt /unique.txt\n")
+    return ctx
+
+
+def docker(engine: Dockerd, env: dict[str, str], *args: str, stdin: str | None = None) -> None:
+    subprocess.run(
+        ["docker", "-H", engine.url, *args],
+        env=env,
+        input=stdin,
+        text=True,
+        capture_output=True,
+        check=True,
+        timeout=300,
+    )
