@@ -63,6 +63,10 @@ class LeaderConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True
     git_allowed_schemes: tuple[str, ...] = ("https", "ssh", "git")
     drain_timeout: Seconds = 60.0
     max_attempts: PositiveInt = 3
+    keep_images: PositiveInt = 5
+    swarm_init: bool = False
+    swarm_advertise_addr: str | None = None
+    swarm_listen_addr: str = "0.0.0.0:2377"
     stage_timeouts: StageTimeouts = msgspec.field(default_factory=StageTimeouts)
 
     def __post_init__(self) -> None:

@@ -22,6 +22,7 @@ from aiodocker.utils import compose_auth_header
 from agent.credentials import RegistryCredentials
 from agent.errors import (
     BuildError,
+    EngineApiError,
     EngineError,
     RegistryAuthError,
     RegistryError,
@@ -108,6 +109,32 @@ class Engine:
         async with self._deadline("version"):
             info: dict[str, Any] = await self._docker.version()
         return info
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        """One Engine API call with a JSON answer, under the engine deadline.
+
+        For what aiodocker's helpers lack (full service specs, registry auth on update).
+        """
+        try:
+            async with self._deadline(f"{method} {path}"):
+                return await self._docker._query_json(
+                    path, method, params=dict(params or {}), data=body, headers=headers
+                )
+        except aiodocker.DockerError as exc:
+            if exc.status == 900:
+                raise EngineError(str(exc.message)) from None
+            raise EngineApiError(exc.status, str(exc.message).strip()) from None
+
+    def registry_auth_header(self, creds: RegistryCredentials) -> dict[str, str]:
+        return {"X-Registry-Auth": compose_auth_header(creds.engine_auth())}
 
     async def image_id(self, ref: str) -> str | None:
         """The id of a local image, or None when the engine does not hold it."""

@@ -4,6 +4,8 @@
     ├── ConfigError               a config key is missing or wrong (names the key)
     ├── RequestError              bad API input: HTTP status, error code, message
     ├── EngineError               the Docker Engine failed or is unreachable
+    │   ├── EngineApiError        an API call answered with an error status
+    │   ├── BuildError            the build failed (with the log's last lines)
     │   └── RegistryError         the engine talked to a registry and it said no
     │       ├── RegistryAuthError     credentials rejected (never retried)
     │       └── RegistryTransientError  connection, timeout, 5xx, 429, cut stream (retried)
@@ -39,6 +41,14 @@ class RequestError(AgentError):
 
 class EngineError(AgentError):
     """The Docker Engine could not do what was asked."""
+
+
+class EngineApiError(EngineError):
+    """The engine answered an API call with an error status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class BuildError(EngineError):

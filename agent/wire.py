@@ -60,6 +60,13 @@ class Sync(_Message, frozen=True, kw_only=True, tag="sync"):
     images: list[_Ref]
 
 
+class Retain(_Message, frozen=True, kw_only=True, tag="retain"):
+    """After a release: keep the app's newest `keep` images, remove older unused ones."""
+
+    app: _Text
+    keep: int
+
+
 # worker → leader
 
 
@@ -91,7 +98,7 @@ class PullResult(_Message, frozen=True, kw_only=True, tag="pull_result"):
     seconds: float = 0.0
 
 
-ToWorker = Credentials | PullOrder | Sync
+ToWorker = Credentials | PullOrder | Sync | Retain
 ToLeader = Hello | CredentialsAck | PullProgress | PullResult
 
 T = TypeVar("T")

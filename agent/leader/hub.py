@@ -111,12 +111,16 @@ class Hub:
     def set_credentials(self, creds: RegistryCredentials | None, version: int) -> None:
         """Remember the credentials in force and send them to every connected worker."""
         self._credentials, self._credentials_version = creds, version
-        data = wire.encode(wire.Credentials(credentials=self._wire_credentials()))
-        for link in list(self._links.values()):
-            link.send(data)
+        self.broadcast(wire.Credentials(credentials=self._wire_credentials()))
 
     def _wire_credentials(self) -> wire.WireCredentials:
         return wire_credentials(self._credentials, self._credentials_version)
+
+    def broadcast(self, message: wire.ToWorker) -> None:
+        """Queue one message, encoded once, to every connected worker."""
+        data = wire.encode(message)
+        for link in list(self._links.values()):
+            link.send(data)
 
     def kick(self, node_id: str, code: int, reason: str) -> None:
         link = self._links.get(node_id)

@@ -44,7 +44,45 @@ class GitSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ref: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")] = "HEAD"
 
 
-class DeploymentRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+class _Spec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Base of request values: immutable, and an unknown field is an error."""
+
+
+class HealthCheck(_Spec, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A container health check, as Docker's HEALTHCHECK takes it."""
+
+    test: Annotated[list[str], msgspec.Meta(min_length=1, max_length=64)]
+    interval_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
+    retries: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+    start_period_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 0.0
+
+
+class UpdateSettings(_Spec, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How Swarm rolls a service to the new image; a failure always rolls back."""
+
+    parallelism: Annotated[int, msgspec.Meta(ge=0, le=100)] = 1
+    delay_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 0.0
+    monitor_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
+    order: Literal["start-first", "stop-first"] = "start-first"
+
+
+ServiceName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")]
+
+
+class ServiceSpec(_Spec, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One Swarm service of the app, released as `{app}_{name}`."""
+
+    name: ServiceName
+    command: Annotated[list[str], msgspec.Meta(max_length=256)] | None = None
+    replicas: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 1
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    health: HealthCheck | None = None
+    update: UpdateSettings = msgspec.field(default_factory=UpdateSettings)
+
+
+class DeploymentRequest(_Spec, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """What a client asks for. A tar upload sends the same fields as query parameters."""
 
     app: AppName
@@ -53,6 +91,11 @@ class DeploymentRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True,
     build_args: dict[str, str] = msgspec.field(default_factory=dict)
     labels: dict[str, str] = msgspec.field(default_factory=dict)
     image: str | None = None
+    services: Annotated[list[ServiceSpec], msgspec.Meta(max_length=50)] = msgspec.field(
+        default_factory=list
+    )
+    allow_manager_placement: bool = False
+    prune: bool = False
 
 
 class StageTiming(msgspec.Struct, kw_only=True):
@@ -111,11 +154,14 @@ def new_deployment_id() -> str:
     return time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
 
 
-def plan(mode: Mode) -> tuple[State, ...]:
+def plan(mode: Mode, *, release: bool) -> tuple[State, ...]:
     """The stages a deployment passes through, in order, for its mode."""
-    if mode is Mode.LOCAL:
-        return (State.BUILDING,)
-    return (State.BUILDING, State.PUSHING, State.DISTRIBUTING)
+    stages = [State.BUILDING]
+    if mode is Mode.REGISTRY:
+        stages += [State.PUSHING, State.DISTRIBUTING]
+    if release:
+        stages.append(State.RELEASING)
+    return tuple(stages)
 
 
 class LastPull(msgspec.Struct, kw_only=True):

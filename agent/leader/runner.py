@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from agent.errors import DeploymentError
-from agent.leader import stages
+from agent.leader import release, stages
 from agent.leader.context import LeaderContext
 from agent.leader.models import Deployment, ErrorInfo, StageTiming, State, plan
 from agent.leader.sources import remove_quietly
@@ -25,6 +25,7 @@ _STAGES: dict[State, StageFn] = {
     State.BUILDING: stages.build,
     State.PUSHING: stages.push,
     State.DISTRIBUTING: stages.distribute,
+    State.RELEASING: release.release,
 }
 
 
@@ -63,7 +64,7 @@ class Runner:
         if self.dep.attempts > 1:
             await self.ctx.journal.save(self.dep, "resumed", attempt=self.dep.attempts)
         await self._forget_lost_image()
-        for stage in plan(self.dep.mode):
+        for stage in plan(self.dep.mode, release=bool(self.dep.request.services)):
             if not self.dep.stage_done(stage):
                 await self._run_stage(stage)
 
@@ -98,8 +99,12 @@ class Runner:
         log.info("stage.finished", seconds=round(self.dep.stages[stage].seconds or 0.0, 3))
 
     def _failure_code(self) -> str:
-        codes = {State.BUILDING: "build_failed", State.PUSHING: "push_failed"}
-        return codes.get(self.dep.state, "distribution_failed")
+        codes = {
+            State.BUILDING: "build_failed",
+            State.PUSHING: "push_failed",
+            State.DISTRIBUTING: "distribution_failed",
+        }
+        return codes.get(self.dep.state, "release_failed")
 
     async def _fail(self, exc: DeploymentError) -> None:
         tail = exc.log_tail if isinstance(exc, stages.BuildFailed) else None

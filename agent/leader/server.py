@@ -29,6 +29,7 @@ from agent.leader.context import LeaderContext
 from agent.leader.hub import Hub, ProgressSink
 from agent.leader.journal import Journal
 from agent.leader.registry import RegistryService
+from agent.leader.release import ensure_swarm
 from agent.leader.scheduler import Scheduler
 from agent.leader.store import Store
 from agent.logs import get_logger, redactor
@@ -87,6 +88,9 @@ class Leader:
         try:
             info = await engine.version()
             log.info("engine.ready", url=engine.url, version=info.get("Version"))
+            if self.leader_config.swarm_init:
+                cfg = self.leader_config
+                await ensure_swarm(engine, cfg.swarm_listen_addr, cfg.swarm_advertise_addr)
         except AgentError as exc:
             log.error("engine.unavailable", url=engine.url, error=exc.message)
 

@@ -158,6 +158,8 @@ class Worker:
             case wire.PullOrder():
                 await self._take_credentials(message.credentials)
                 self.puller.order(message.order, message.image)
+            case wire.Retain():
+                self.puller.retain(message.app, message.keep)
 
     async def _take_credentials(self, creds: wire.WireCredentials) -> None:
         held = self._credentials.version if self._credentials else 0

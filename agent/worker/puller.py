@@ -20,6 +20,7 @@ from agent.engine import Engine, PushProgress
 from agent.errors import EngineError, RegistryError, RegistryTransientError
 from agent.logs import get_logger
 from agent.progress import LayerThrottle
+from agent.retention import prune_app_images
 
 log = get_logger(__name__)
 Send = Callable[[wire.ToLeader], Awaitable[None]]
@@ -54,6 +55,19 @@ class Puller:
         answer = asyncio.create_task(self._answer(order, image, pull, time.monotonic()))
         self._tasks.add(answer)
         answer.add_done_callback(self._tasks.discard)
+
+    def retain(self, app: str, keep: int) -> None:
+        """Remove the app's old images once no pull is under way."""
+        chore = asyncio.create_task(self._retain(app, keep), name=f"retain-{app}")
+        self._tasks.add(chore)
+        chore.add_done_callback(self._tasks.discard)
+
+    async def _retain(self, app: str, keep: int) -> None:
+        async with self._slots:
+            try:
+                await prune_app_images(self._engine, app, keep)
+            except EngineError as exc:
+                log.warning("retention.failed", app=app, error=exc.message)
 
     async def _answer(
         self, order: str, image: str, pull: asyncio.Task[str | None], started: float

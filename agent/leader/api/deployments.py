@@ -45,7 +45,19 @@ TAR_TYPES = frozenset(
         "application/octet-stream",
     }
 )
-_QUERY_FIELDS = frozenset({"app", "dockerfile", "image", "build_arg", "label"})
+_QUERY_FIELDS = frozenset(
+    {
+        "app",
+        "dockerfile",
+        "image",
+        "build_arg",
+        "label",
+        "services",
+        "allow_manager_placement",
+        "prune",
+    }
+)
+_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 MAX_PAIRS = 100
 
 
@@ -102,11 +114,29 @@ def _request_from_query(request: web.Request) -> DeploymentRequest:
     }
     fields["build_args"] = _pairs(request.query.getall("build_arg", []), "build_arg")
     fields["labels"] = _pairs(request.query.getall("label", []), "label")
+    for flag in ("allow_manager_placement", "prune"):
+        if flag in request.query:
+            fields[flag] = _boolean(request.query[flag], flag)
+    if "services" in request.query:
+        fields["services"] = _json_param(request.query["services"], "services")
     try:
         req = msgspec.convert(fields, DeploymentRequest)
     except msgspec.ValidationError as exc:
         raise RequestError(400, "invalid_request", f"invalid deployment: {exc}") from None
     return _validated(req)
+
+
+def _boolean(value: str, name: str) -> bool:
+    if value.lower() not in _BOOLEANS:
+        raise RequestError(400, "invalid_request", f"{name} must be true or false")
+    return _BOOLEANS[value.lower()]
+
+
+def _json_param(value: str, name: str) -> Any:
+    try:
+        return msgspec.json.decode(value)
+    except msgspec.DecodeError as exc:
+        raise RequestError(400, "invalid_request", f"{name} is not valid JSON: {exc}") from None
 
 
 def _pairs(items: list[str], name: str) -> dict[str, str]:
@@ -130,7 +160,24 @@ def _validated(req: DeploymentRequest) -> DeploymentRequest:
     _check_keys(req.labels, LABEL_KEY, "labels")
     if req.image is not None:
         references.validate_repository(req.image)
+    _check_services(req)
     return req
+
+
+def _check_services(req: DeploymentRequest) -> None:
+    names = [svc.name for svc in req.services]
+    if len(set(names)) != len(names):
+        raise RequestError(400, "invalid_request", "services: each name may appear once")
+    if req.prune and not req.services:
+        raise RequestError(
+            400,
+            "invalid_request",
+            "prune needs the list of services to keep",
+            hint="list the app's services; those not listed are removed",
+        )
+    for svc in req.services:
+        _check_keys(svc.env, BUILD_ARG_KEY, f"services.{svc.name}.env")
+        _check_keys(svc.labels, LABEL_KEY, f"services.{svc.name}.labels")
 
 
 def _check_keys(pairs: dict[str, str], pattern: Any, name: str) -> None:
@@ -272,6 +319,7 @@ def render(dep: Deployment) -> dict[str, Any]:
         {"type": "git", "url": redact_url(git.url), "ref": git.ref} if git else {"type": "upload"}
     )
     doc["dockerfile"] = req["dockerfile"]
+    doc["services"] = [svc["name"] for svc in req["services"]]
     doc["image"] = dep.image_ref
     for name, timing in dep.stages.items():
         doc["stages"][name]["seconds"] = timing.seconds

@@ -1,0 +1,295 @@
+"""The release stage: create or update the app's Swarm services on the new image, then
+watch them until Swarm has converged or rolled back.
+
+Services roll start-first and roll back on failure, so the previous version keeps
+serving until the new one is proven; a rollback is a failure, never a success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from agent import wire
+from agent.engine import Engine
+from agent.errors import DeploymentError, EngineApiError, EngineError
+from agent.leader.context import LeaderContext
+from agent.leader.models import Deployment, Mode, ServiceSpec
+from agent.logs import get_logger
+from agent.retention import prune_app_images
+
+log = get_logger(__name__)
+POLL_SECONDS = 0.5
+APP_LABEL = "deploy-agent.app"
+DEPLOYMENT_LABEL = "deploy-agent.deployment"
+SERVICE_LABEL = "deploy-agent.service"
+NS = 1_000_000_000
+FAILED_TASKS_LIMIT = 3
+_ROLLED_BACK = frozenset({"rollback_completed", "rollback_paused"})
+
+
+async def release(ctx: LeaderContext, dep: Deployment) -> None:
+    engine = ctx.engine
+    await _require_manager(engine)
+    constrain = not dep.request.allow_manager_placement and await ctx.store.enrolled_count() > 0
+    existing = await app_services(engine, dep.app)
+    headers = _auth_headers(ctx, dep)
+    updated: list[str] = []
+    for svc in dep.request.services:
+        name = f"{dep.app}_{svc.name}"
+        spec = service_spec(dep, svc, name, constrain=constrain)
+        if name in existing:
+            await _update(engine, existing[name], spec, headers)
+            updated.append(name)
+        else:
+            await _call(engine, "POST", "services/create", body=spec, headers=headers)
+        action = "update" if name in existing else "create"
+        await ctx.journal.record(dep.id, "release", service=name, action=action)
+    try:
+        await _converge(ctx, dep)
+    except ServiceFailed as exc:
+        await _roll_back(engine, [name for name in updated if name != exc.service])
+        raise
+    if dep.request.prune:
+        await _prune(ctx, dep, existing)
+    await _retain(ctx, dep)
+
+
+async def _retain(ctx: LeaderContext, dep: Deployment) -> None:
+    """Old images go once the new release runs: here, and on every connected worker."""
+    keep = ctx.config.keep_images
+    ctx.hub.broadcast(wire.Retain(app=dep.app, keep=keep))
+    try:
+        removed = await prune_app_images(ctx.engine, dep.app, keep)
+    except EngineError as exc:
+        log.warning("retention.failed", app=dep.app, error=exc.message)
+        return
+    await ctx.journal.record(dep.id, "retention", removed=len(removed), kept=keep)
+
+
+def service_spec(
+    dep: Deployment, svc: ServiceSpec, name: str, *, constrain: bool
+) -> dict[str, Any]:
+    """The Engine API service spec for one service of `dep`."""
+    labels = {**svc.labels, APP_LABEL: dep.app, DEPLOYMENT_LABEL: dep.id, SERVICE_LABEL: svc.name}
+    container: dict[str, Any] = {
+        "Image": dep.image_ref,
+        "Env": [f"{k}={v}" for k, v in sorted(svc.env.items())],
+        "Labels": labels,
+    }
+    if svc.command is not None:
+        container["Args"] = svc.command
+    if svc.health is not None:
+        container["Healthcheck"] = {
+            "Test": svc.health.test,
+            "Interval": int(svc.health.interval_s * NS),
+            "Timeout": int(svc.health.timeout_s * NS),
+            "Retries": svc.health.retries,
+            "StartPeriod": int(svc.health.start_period_s * NS),
+        }
+    update = {
+        "Parallelism": svc.update.parallelism,
+        "Delay": int(svc.update.delay_s * NS),
+        "Monitor": int(svc.update.monitor_s * NS),
+        "Order": svc.update.order,
+        "FailureAction": "rollback",
+        "MaxFailureRatio": 0,
+    }
+    rollback = {**update, "FailureAction": "pause", "Order": "stop-first"}
+    return {
+        "Name": name,
+        "Labels": labels,
+        "TaskTemplate": {
+            "ContainerSpec": container,
+            "Placement": {"Constraints": ["node.role == worker"] if constrain else []},
+            "RestartPolicy": {"Condition": "any", "Delay": NS},
+        },
+        "Mode": {"Replicated": {"Replicas": svc.replicas}},
+        "UpdateConfig": update,
+        "RollbackConfig": rollback,
+    }
+
+
+async def _is_manager(engine: Engine) -> bool:
+    info = await engine.request("GET", "info")
+    swarm = info.get("Swarm") or {}
+    return swarm.get("LocalNodeState") == "active" and bool(swarm.get("ControlAvailable"))
+
+
+async def ensure_swarm(engine: Engine, listen_addr: str, advertise_addr: str | None) -> None:
+    """Make the leader's engine a single-node Swarm manager, unless it is in a Swarm."""
+    if await _is_manager(engine):
+        return
+    body: dict[str, Any] = {"ListenAddr": listen_addr, "ForceNewCluster": False}
+    if advertise_addr:
+        body["AdvertiseAddr"] = advertise_addr
+    node_id = await engine.request("POST", "swarm/init", body=body)
+    log.info("swarm.initialised", node_id=node_id, advertise_addr=advertise_addr)
+
+
+async def _require_manager(engine: Engine) -> None:
+    try:
+        manager = await _is_manager(engine)
+    except EngineError as exc:
+        raise DeploymentError(
+            "release_failed", f"the engine did not answer: {exc.message}"
+        ) from None
+    if not manager:
+        raise DeploymentError(
+            "release_failed",
+            "the leader's Docker Engine is not a Swarm manager, so services cannot be released",
+            hint="run `docker swarm init` on the leader, or set leader.swarm_init = true",
+        )
+
+
+def _auth_headers(ctx: LeaderContext, dep: Deployment) -> dict[str, str]:
+    creds = ctx.registry.current
+    if dep.mode is Mode.REGISTRY and creds is not None:
+        return ctx.engine.registry_auth_header(creds)
+    return {}
+
+
+async def app_services(engine: Engine, app: str) -> dict[str, dict[str, Any]]:
+    """The app's existing services, by name."""
+    filters = json.dumps({"label": [f"{APP_LABEL}={app}"]})
+    services = await _call(engine, "GET", "services", params={"filters": filters})
+    return {s["Spec"]["Name"]: s for s in services}
+
+
+async def _update(
+    engine: Engine, current: Mapping[str, Any], spec: dict[str, Any], headers: dict[str, str]
+) -> None:
+    version = str(current["Version"]["Index"])
+    await _call(
+        engine,
+        "POST",
+        f"services/{current['ID']}/update",
+        params={"version": version},
+        body=spec,
+        headers=headers,
+    )
+
+
+async def _call(engine: Engine, method: str, path: str, **kwargs: Any) -> Any:
+    try:
+        return await engine.request(method, path, **kwargs)
+    except EngineError as exc:
+        raise DeploymentError(
+            "release_failed", f"the Swarm API refused {method} {path}: {exc.message}"
+        ) from None
+
+
+class ServiceFailed(DeploymentError):
+    """One service did not converge; the others this deployment updated go back too."""
+
+    def __init__(self, service: str, code: str, message: str, hint: str | None = None) -> None:
+        super().__init__(code, message, hint)
+        self.service = service
+
+
+@dataclass
+class _Progress:
+    running: int
+    desired: int
+    update_state: str | None
+    message: str | None
+    failed: int
+    error: str | None
+
+
+async def _converge(ctx: LeaderContext, dep: Deployment) -> None:
+    """Poll each service until it runs the new image everywhere, or Swarm gives up."""
+    pending = {f"{dep.app}_{svc.name}": svc.replicas for svc in dep.request.services}
+    seen: dict[str, tuple[int, int, str | None]] = {}
+    while pending:
+        for name, desired in list(pending.items()):
+            progress = await _progress(ctx.engine, name, dep.image_ref, desired)
+            key = (progress.running, progress.desired, progress.update_state)
+            if seen.get(name) != key:
+                seen[name] = key
+                await ctx.journal.record(
+                    dep.id,
+                    "release",
+                    service=name,
+                    running=progress.running,
+                    desired=progress.desired,
+                    update_state=progress.update_state,
+                )
+            _check_failure(name, progress)
+            if progress.running == desired and progress.update_state in (None, "completed"):
+                del pending[name]
+        if pending:
+            await asyncio.sleep(POLL_SECONDS)
+
+
+def _check_failure(name: str, progress: _Progress) -> None:
+    if progress.update_state in _ROLLED_BACK:
+        raise ServiceFailed(
+            name,
+            "rolled_back",
+            f"Swarm rolled {name} back to its previous version: {progress.message}",
+            hint="the new image failed while Swarm watched it; the previous version keeps "
+            "running. Check the service's command and health check",
+        )
+    if progress.update_state == "paused":
+        message = f"Swarm paused the update of {name}: {progress.message}"
+        raise ServiceFailed(name, "release_failed", message)
+    if progress.update_state is None and progress.failed >= FAILED_TASKS_LIMIT:
+        raise ServiceFailed(
+            name,
+            "release_failed",
+            f"the tasks of {name} keep failing ({progress.failed} so far): {progress.error}",
+            hint="check the service's command; `docker service ps` shows each task",
+        )
+
+
+async def _progress(engine: Engine, name: str, image: str, desired: int) -> _Progress:
+    service = await _call(engine, "GET", f"services/{name}")
+    status = service.get("UpdateStatus") or {}
+    filters = json.dumps({"service": [name]})
+    tasks = await _call(engine, "GET", "tasks", params={"filters": filters})
+    ours = [t for t in tasks if _same_image(t["Spec"]["ContainerSpec"]["Image"], image)]
+    running = sum(
+        1 for t in ours if t["DesiredState"] == "running" and t["Status"]["State"] == "running"
+    )
+    failed = [t for t in ours if t["Status"]["State"] in ("failed", "complete", "rejected")]
+    error = next((t["Status"].get("Err") or t["Status"].get("Message") for t in failed), None)
+    return _Progress(
+        running, desired, status.get("State"), status.get("Message"), len(failed), error
+    )
+
+
+def _same_image(task_image: str, image: str) -> bool:
+    return task_image == image or task_image.startswith(image + "@")
+
+
+async def _roll_back(engine: Engine, names: list[str]) -> None:
+    """Return services this deployment already moved to the previous version."""
+    for name in names:
+        try:
+            service = await engine.request("GET", f"services/{name}")
+            await engine.request(
+                "POST",
+                f"services/{service['ID']}/update",
+                params={"version": str(service["Version"]["Index"]), "rollback": "previous"},
+                body=service["Spec"],
+            )
+            log.warning("release.rolled_back_sibling", service=name)
+        except EngineError as exc:
+            log.error("release.rollback_failed", service=name, error=exc.message)
+
+
+async def _prune(ctx: LeaderContext, dep: Deployment, existing: dict[str, Any]) -> None:
+    wanted = {f"{dep.app}_{svc.name}" for svc in dep.request.services}
+    for name, service in existing.items():
+        if name not in wanted:
+            try:
+                await ctx.engine.request("DELETE", f"services/{service['ID']}")
+            except EngineApiError as exc:
+                if exc.status != 404:
+                    message = f"could not remove {name}: {exc.message}"
+                    raise DeploymentError("release_failed", message) from None
+            await ctx.journal.record(dep.id, "release", service=name, action="removed")

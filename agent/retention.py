@@ -1,0 +1,56 @@
+"""Image retention: keep an app's newest images, remove the rest that nothing uses.
+
+Shared by leader and workers. An image a running container uses (a service's task, or
+anything else) is never removed; stopped containers, such as Swarm's task history, do
+not keep an image.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from agent.engine import Engine
+from agent.errors import EngineApiError, EngineError
+from agent.logs import get_logger
+
+log = get_logger(__name__)
+APP_LABEL = "deploy-agent.app"
+
+
+async def prune_app_images(engine: Engine, app: str, keep: int) -> list[str]:
+    """Remove `app`'s images beyond the newest `keep`; return the ids removed."""
+    filters = json.dumps({"label": [f"{APP_LABEL}={app}"]})
+    images: list[dict[str, Any]] = await engine.request(
+        "GET", "images/json", params={"filters": filters}
+    )
+    in_use = await _images_in_use(engine)
+    newest_first = sorted(images, key=lambda image: image["Created"], reverse=True)
+    removed = []
+    for image in newest_first[keep:]:
+        if image["Id"] in in_use:
+            continue
+        if await _remove(engine, image["Id"]):
+            removed.append(image["Id"])
+    if removed:
+        log.info("retention.removed", app=app, images=len(removed), kept=keep)
+    return removed
+
+
+async def _images_in_use(engine: Engine) -> set[str]:
+    """Images of running containers. Stopped ones (Swarm's task history) do not pin."""
+    containers = await engine.request("GET", "containers/json")
+    return {c["ImageID"] for c in containers}
+
+
+async def _remove(engine: Engine, image_id: str) -> bool:
+    try:
+        await engine.request("DELETE", f"images/{image_id}", params={"force": "1"})
+    except EngineApiError as exc:
+        if exc.status in (404, 409):  # gone already, or a container still needs it
+            return False
+        raise
+    except EngineError as exc:
+        log.warning("retention.failed", image=image_id, error=exc.message)
+        return False
+    return True

@@ -1,0 +1,192 @@
+"""Release on a real single-node Swarm: services converge on the new image, a failing
+image is rolled back and counted as a failure, dropped services can be pruned."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.support.contexts import busybox_context
+from tests.support.dockerd import Dockerd
+from tests.support.leader import InProcessLeader
+from tests.support.registry import Registry
+
+# a service that stops at once on SIGTERM, as a real app does (a bare `sleep` as PID 1
+# ignores it and holds its old image for the whole stop grace period)
+SLEEP = ["/bin/busybox", "sh", "-c", "trap 'exit 0' TERM; /bin/busybox sleep 3600 & wait"]
+FAST = {"monitor_s": 1}
+RELEASE = {"stage_timeouts": {"releasing": 90}}
+
+
+def _service(name: str, command: list[str] = SLEEP, replicas: int = 2) -> dict[str, Any]:
+    return {"name": name, "command": command, "replicas": replicas, "update": FAST}
+
+
+async def _release(
+    leader: InProcessLeader, ctx: Path, app: str, services: list[dict[str, Any]], **extra: Any
+) -> dict[str, Any]:
+    params = {"services": json.dumps(services), **{k: str(v).lower() for k, v in extra.items()}}
+    dep = await leader.api.deploy_dir(ctx, app, **params)
+    return await leader.api.wait_final(dep["id"], timeout=110)
+
+
+def _tasks(engine: Dockerd, service: str) -> list[tuple[str, str]]:
+    """(image, state) of each task Swarm wants running."""
+    out = engine.cli(
+        "service",
+        "ps",
+        service,
+        "--filter",
+        "desired-state=running",
+        "--format",
+        "{{.Image}} {{.CurrentState}}",
+    ).stdout
+    return [(line.split()[0], line.split()[1]) for line in out.splitlines()]
+
+
+def _service_image(engine: Dockerd, service: str) -> str:
+    return engine.cli(
+        "service", "inspect", service, "--format", "{{.Spec.TaskTemplate.ContainerSpec.Image}}"
+    ).stdout.strip()
+
+
+async def test_two_services_converge_on_the_new_image(
+    leader_factory: Callable[..., Any], swarm_engine: Dockerd, tmp_path: Path
+) -> None:
+    """Two services of two replicas each run the deployment's image when it succeeds."""
+    leader = await leader_factory(engine={"url": swarm_engine.url}, leader=RELEASE)
+    services = [_service("web"), _service("jobs")]
+
+    final = await _release(leader, busybox_context(tmp_path / "c"), "shop", services)
+
+    assert final["state"] == "succeeded", final
+    assert final["services"] == ["web", "jobs"]
+    for name in ("shop_web", "shop_jobs"):
+        assert _service_image(swarm_engine, name) == final["image"]
+        assert _tasks(swarm_engine, name) == [(final["image"], "Running")] * 2
+    events = await leader.api.events(final["id"])
+    counts = [
+        (e["running"], e["desired"])
+        for e in events
+        if e.get("service") == "shop_web" and "running" in e
+    ]
+    assert counts[-1] == (2, 2)
+
+
+async def test_failing_image_is_rolled_back_and_the_old_version_keeps_running(
+    leader_factory: Callable[..., Any], swarm_engine: Dockerd, tmp_path: Path
+) -> None:
+    """A command that exits at once is rolled_back, naming the service; v1 still runs."""
+    leader = await leader_factory(engine={"url": swarm_engine.url}, leader=RELEASE)
+    first = await _release(leader, busybox_context(tmp_path / "a"), "flaky", [_service("api")])
+    assert first["state"] == "succeeded", first
+
+    second = await _release(
+        leader,
+        busybox_context(tmp_path / "b", cmd="echo v2"),
+        "flaky",
+        [_service("api", command=["/bin/busybox", "true"])],
+    )
+
+    assert second["state"] == "failed", second
+    assert second["error"]["code"] == "rolled_back"
+    assert "flaky_api" in second["error"]["message"]
+    assert _service_image(swarm_engine, "flaky_api") == first["image"]
+    assert _tasks(swarm_engine, "flaky_api") == [(first["image"], "Running")] * 2
+
+
+async def test_local_mode_release_sends_no_registry_request(
+    leader_factory: Callable[..., Any], swarm_engine: Dockerd, registry: Registry, tmp_path: Path
+) -> None:
+    """Released in local mode, the service runs the local tag and the registry sees nothing."""
+    leader = await leader_factory(engine={"url": swarm_engine.url}, leader=RELEASE)
+    await leader.api.put_registry(registry.host, registry.username, registry.password)
+    await leader.api.request("DELETE", "/v1/registry")
+    before = registry.request_count()
+
+    final = await _release(
+        leader, busybox_context(tmp_path / "c"), "solo", [_service("one", replicas=1)]
+    )
+
+    assert final["state"] == "succeeded", final
+    assert final["mode"] == "local"
+    assert _service_image(swarm_engine, "solo_one") == f"solo:{final['id']}"
+    assert registry.request_count() == before
+
+
+async def test_prune_removes_a_dropped_service(
+    leader_factory: Callable[..., Any], swarm_engine: Dockerd, tmp_path: Path
+) -> None:
+    """With prune, a service no longer listed is removed; without it, it stays."""
+    leader = await leader_factory(engine={"url": swarm_engine.url}, leader=RELEASE)
+    ctx = busybox_context(tmp_path / "c")
+    await _release(leader, ctx, "tidy", [_service("a", replicas=1), _service("b", replicas=1)])
+    kept = await _release(leader, ctx, "tidy", [_service("a", replicas=1)])
+    assert kept["state"] == "succeeded"
+    assert swarm_engine.cli("service", "inspect", "tidy_b", check=False).returncode == 0
+
+    pruned = await _release(leader, ctx, "tidy", [_service("a", replicas=1)], prune=True)
+
+    assert pruned["state"] == "succeeded", pruned
+    assert swarm_engine.cli("service", "inspect", "tidy_b", check=False).returncode != 0
+    assert swarm_engine.cli("service", "inspect", "tidy_a", check=False).returncode == 0
+
+
+async def test_engine_that_is_not_a_manager_fails_the_release(
+    leader: InProcessLeader, tmp_path: Path
+) -> None:
+    """On an engine outside any Swarm, a release fails as release_failed saying so."""
+    final = await _release(leader, busybox_context(tmp_path / "c"), "nowhere", [_service("x")])
+
+    assert final["error"]["code"] == "release_failed"
+    assert "not a Swarm manager" in final["error"]["message"]
+    assert "swarm_init" in final["error"]["hint"]
+
+
+async def test_swarm_init_makes_the_leaders_engine_a_manager(
+    leader_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """With leader.swarm_init, a fresh engine becomes a single-node Swarm and releases work."""
+    engine = Dockerd()
+    engine.start()
+    try:
+        leader = await leader_factory(
+            engine={"url": engine.url},
+            leader={
+                **RELEASE,
+                "swarm_init": True,
+                "swarm_advertise_addr": "127.0.0.2",
+                "swarm_listen_addr": "127.0.0.2:2377",
+            },
+        )
+        state = engine.cli("info", "--format", "{{.Swarm.LocalNodeState}}").stdout.strip()
+        assert state == "active"
+        final = await _release(
+            leader, busybox_context(tmp_path / "c"), "fresh", [_service("s", replicas=1)]
+        )
+        assert final["state"] == "succeeded", final
+        await leader.stop()
+    finally:
+        engine.cli("swarm", "leave", "--force", check=False)
+        engine.stop()
+
+
+async def test_old_images_beyond_keep_images_are_removed(
+    leader_factory: Callable[..., Any], swarm_engine: Dockerd, tmp_path: Path
+) -> None:
+    """With keep_images = 2, after three releases only the two newest images remain."""
+    leader = await leader_factory(
+        engine={"url": swarm_engine.url}, leader={**RELEASE, "keep_images": 2}
+    )
+    finals = []
+    for i in range(3):
+        ctx = busybox_context(tmp_path / f"c{i}", cmd=f"echo {i}")
+        finals.append(await _release(leader, ctx, "keeper", [_service("s", replicas=1)]))
+    assert all(f["state"] == "succeeded" for f in finals)
+
+    held = swarm_engine.cli(
+        "image", "ls", "--filter", "label=deploy-agent.app=keeper", "--format", "{{.Tag}}"
+    ).stdout.split()
+    assert sorted(held) == sorted(f["id"] for f in finals[1:])
