@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import structlog
@@ -11,7 +12,9 @@ from agent import logs
 from agent.credentials import RegistryCredentials
 from agent.engine import classify_registry_error
 from agent.errors import RegistryAuthError, RegistryTransientError, RequestError
+from agent.leader.models import Deployment, DeploymentRequest, Mode, ServiceSpec
 from agent.leader.references import image_host, registry_host, repository_for
+from agent.leader.release import service_spec
 
 
 @pytest.mark.parametrize(
@@ -113,3 +116,32 @@ def test_redactor_scrubs_secrets_from_rendered_events_and_tracebacks(
     assert event["password"] == "***"
     assert event["detail"] == {"nested": ["***"]}
     assert "locals" not in json.dumps(event["exception"])
+
+
+def test_service_spec_rolls_start_first_with_rollback_and_places_on_workers() -> None:
+    """The spec carries the image, labels, rollback on failure and the worker constraint."""
+    svc = ServiceSpec(name="web", command=["run"], replicas=3, env={"A": "1"})
+    req = DeploymentRequest(app="shop", services=[svc])
+    dep = Deployment(
+        id="d1",
+        app="shop",
+        mode=Mode.REGISTRY,
+        request=req,
+        source="upload",
+        created_at=time.time(),
+        updated_at=time.time(),
+        repository="r.io/a/shop",
+        tag="d1",
+        digest="sha256:" + "1" * 64,
+    )
+    spec = service_spec(dep, svc, "shop_web", constrain=True)
+    container = spec["TaskTemplate"]["ContainerSpec"]
+    assert container["Image"] == "r.io/a/shop@sha256:" + "1" * 64
+    assert container["Args"] == ["run"] and container["Env"] == ["A=1"]
+    assert spec["Labels"]["deploy-agent.deployment"] == "d1"
+    assert spec["UpdateConfig"]["Order"] == "start-first"
+    assert spec["UpdateConfig"]["FailureAction"] == "rollback"
+    assert spec["TaskTemplate"]["Placement"]["Constraints"] == ["node.role == worker"]
+    assert service_spec(dep, svc, "shop_web", constrain=False)["TaskTemplate"]["Placement"] == {
+        "Constraints": []
+    }

@@ -97,7 +97,7 @@ class Printer:
             return _describe_push(event)
         if kind in _FORMATS:
             return _FORMATS[kind].format(**event)
-        if kind in ("resumed", "interrupted", "source", "distribution"):
+        if kind in ("resumed", "interrupted", "source", "distribution", "release", "retention"):
             details = {k: v for k, v in event.items() if k not in ("seq", "at", "type")}
             return f"    {kind} {details}"
         return None

@@ -69,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     dep.add_argument("--image", help="repository to push to (default: from the registry)")
     dep.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE")
     dep.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    dep.add_argument(
+        "--services",
+        type=Path,
+        metavar="FILE",
+        help="JSON list of Swarm services to release: name, command, replicas, env, ...",
+    )
+    dep.add_argument("--prune", action="store_true", help="remove the app's unlisted services")
+    dep.add_argument("--allow-manager-placement", action="store_true")
     dep.add_argument("--idempotency-key")
     dep.add_argument("--no-follow", action="store_true")
     dep.add_argument("--json", action="store_true", help="print events as JSON lines")
@@ -164,7 +172,7 @@ async def _deploy(args: argparse.Namespace) -> int:
                 raise SystemExit(f"deploy-agent: {args.context} is not a directory")
             params = deploy_cmd.query_params(
                 args.app, args.dockerfile, args.image, args.build_arg, args.label
-            )
+            ) + _release_params(args)
             dep = await deploy_cmd.submit_directory(
                 client, args.context, params, args.idempotency_key
             )
@@ -178,6 +186,26 @@ async def _deploy(args: argparse.Namespace) -> int:
     return 0 if final["state"] == "succeeded" else 1
 
 
+def _services(args: argparse.Namespace) -> list[Any] | None:
+    if args.services is None:
+        return None
+    services = json.loads(args.services.read_text())
+    if not isinstance(services, list):
+        raise SystemExit(f"deploy-agent: {args.services} must hold a JSON list of services")
+    return services
+
+
+def _release_params(args: argparse.Namespace) -> list[tuple[str, str]]:
+    params = []
+    services = _services(args)
+    if services is not None:
+        params.append(("services", json.dumps(services)))
+    params += [
+        (flag, "true") for flag in ("prune", "allow_manager_placement") if getattr(args, flag)
+    ]
+    return params
+
+
 def _git_body(args: argparse.Namespace) -> dict[str, Any]:
     body: dict[str, Any] = {"app": args.app, "git": {"url": args.git, "ref": args.ref}}
     if args.dockerfile:
@@ -186,6 +214,11 @@ def _git_body(args: argparse.Namespace) -> dict[str, Any]:
         body["image"] = args.image
     body["build_args"] = dict(item.partition("=")[::2] for item in args.build_arg)
     body["labels"] = dict(item.partition("=")[::2] for item in args.label)
+    services = _services(args)
+    if services is not None:
+        body["services"] = services
+    body["prune"] = args.prune
+    body["allow_manager_placement"] = args.allow_manager_placement
     return body
 
 

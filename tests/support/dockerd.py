@@ -11,7 +11,8 @@ from tests.support.procs import stop, wait_until
 
 
 class Dockerd:
-    def __init__(self) -> None:
+    def __init__(self, prefix: list[str] | None = None) -> None:
+        self.prefix = prefix or []  # e.g. nsenter into a simulated host's namespace
         # exec-root and socket paths have a length limit: keep them short under /tmp
         self.root = Path(tempfile.mkdtemp(prefix="da-e", dir="/tmp"))
         self.sock = self.root / "d.sock"
@@ -23,6 +24,7 @@ class Dockerd:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [
+                    *self.prefix,
                     "dockerd",
                     "--data-root",
                     str(self.root / "data"),

@@ -28,9 +28,9 @@ storage:
   delete:
     enabled: true
 http:
-  addr: 127.0.0.1:{port}
+  addr: {address}:{port}
   secret: test-only-secret
-auth:
+{tls}auth:
   htpasswd:
     realm: test-registry
     path: {root}/htpasswd
@@ -38,15 +38,29 @@ auth:
 
 
 class Registry:
-    def __init__(self, username: str = "pusher", password: str = "pusher-password-1") -> None:
+    def __init__(
+        self,
+        username: str = "pusher",
+        password: str = "pusher-password-1",
+        *,
+        address: str = "127.0.0.1",
+        tls: tuple[Path, Path] | None = None,
+        prefix: list[str] | None = None,
+    ) -> None:
+        """`tls` is (certificate, key); `prefix` runs it elsewhere (a host's namespace)."""
         self.root = Path(tempfile.mkdtemp(prefix="da-reg-"))
         self.port = free_port()
-        self.host = f"127.0.0.1:{self.port}"
+        self.address = address
+        self.host = f"{address}:{self.port}"
+        self.prefix = prefix or []
+        tls_block = f"  tls:\n    certificate: {tls[0]}\n    key: {tls[1]}\n" if tls else ""
         self.username = username
         self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.root / "registry.log"
-        (self.root / "config.yml").write_text(_CONFIG.format(root=self.root, port=self.port))
+        (self.root / "config.yml").write_text(
+            _CONFIG.format(root=self.root, port=self.port, address=address, tls=tls_block)
+        )
         self.set_password(password)
 
     def set_password(self, password: str) -> None:
@@ -58,11 +72,22 @@ class Registry:
     def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                ["docker-registry", "serve", str(self.root / "config.yml")],
+                [*self.prefix, "docker-registry", "serve", str(self.root / "config.yml")],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        wait_until(lambda: port_open(self.port), 20, f"registry on {self.port}")
+        wait_until(self._listening, 20, f"registry on {self.host}")
+
+    def _listening(self) -> bool:
+        if not self.prefix:
+            return port_open(self.port)
+        probe = subprocess.run(
+            [*self.prefix, "bash", "-c", f"exec 3<>/dev/tcp/{self.address}/{self.port}"],
+            capture_output=True,
+            check=False,
+            timeout=10,
+        )
+        return probe.returncode == 0
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -1,0 +1,79 @@
+"""Simulated hosts: network namespaces joined by a bridge, each with its own address.
+
+Everything made here (namespaces, links, the firewall rule) is removed by `close`, also
+after a failed test. Traffic stays between these namespaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+
+SUBNET = "10.213.{net}.{host}"
+
+
+def _run(*args: str) -> None:
+    subprocess.run(list(args), check=True, capture_output=True, timeout=30)
+
+
+@dataclass
+class Hosts:
+    """A bridge with one namespace per host; `address(name)` is the host's IP."""
+
+    names: list[str]
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:5])
+    net: int = 77
+    _undo: list[list[str]] = field(default_factory=list)
+
+    @property
+    def bridge(self) -> str:
+        return f"dab{self.tag}"
+
+    def netns(self, name: str) -> str:
+        return f"da-{self.tag}-{name}"
+
+    def address(self, name: str) -> str:
+        return SUBNET.format(net=self.net, host=10 + self.names.index(name))
+
+    def nsenter(self, name: str) -> list[str]:
+        return ["nsenter", f"--net=/var/run/netns/{self.netns(name)}"]
+
+    def open(self) -> Hosts:
+        self._do(
+            ["ip", "link", "add", self.bridge, "type", "bridge"],
+            ["ip", "link", "delete", self.bridge],
+        )
+        _run("ip", "link", "set", self.bridge, "up")
+        self._do(
+            ["iptables", "-I", "FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"],
+            ["iptables", "-D", "FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"],
+        )
+        for index, name in enumerate(self.names):
+            self._add_host(name, index)
+        return self
+
+    def _add_host(self, name: str, index: int) -> None:
+        ns, outside, inside = self.netns(name), f"dav{self.tag}{index}", "eth0"
+        self._do(["ip", "netns", "add", ns], ["ip", "netns", "delete", ns])
+        self._do(
+            ["ip", "link", "add", outside, "type", "veth", "peer", "name", f"dai{self.tag}{index}"],
+            ["ip", "link", "delete", outside],
+        )
+        _run("ip", "link", "set", f"dai{self.tag}{index}", "netns", ns)
+        _run("ip", "-n", ns, "link", "set", f"dai{self.tag}{index}", "name", inside)
+        _run("ip", "link", "set", outside, "master", self.bridge, "up")
+        _run("ip", "-n", ns, "addr", "add", f"{self.address(name)}/24", "dev", inside)
+        _run("ip", "-n", ns, "link", "set", inside, "up")
+        _run("ip", "-n", ns, "link", "set", "lo", "up")
+
+    def _do(self, action: list[str], undo: list[str]) -> None:
+        _run(*action)
+        self._undo.append(undo)
+
+    def close(self) -> None:
+        for undo in reversed(self._undo):
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                subprocess.run(undo, capture_output=True, timeout=30, check=False)
+        self._undo.clear()
