@@ -22,7 +22,6 @@ from pathlib import Path
 from bench.common import docker, fresh_context
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader, leader_config
-from tests.support.procs import free_port
 
 COMMAND = ["/bin/busybox", "sh", "-c", "trap 'exit 0' TERM; /bin/busybox sleep 3600 & wait"]
 SERVICES = [{"name": "web", "command": COMMAND, "replicas": 2, "update": {"monitor_s": 1}}]
@@ -33,23 +32,14 @@ async def main(runs: int) -> None:
     engine.start()
     work = Path(tempfile.mkdtemp(prefix="bench-release-"))
     env = {**os.environ, "DOCKER_CONFIG": str(work / "docker-config"), "DOCKER_BUILDKIT": "0"}
-    docker(
-        engine,
-        env,
-        "swarm",
-        "init",
-        "--advertise-addr",
-        "127.0.0.1",
-        "--listen-addr",
-        f"127.0.0.1:{free_port()}",
-    )
+    engine.init_swarm()
     leader = InProcessLeader(leader_config(work / "state", engine.url))
     await leader.start()
     try:
         agent, plain = await _measure(leader, engine, env, work, runs)
     finally:
         await leader.stop()
-        docker(engine, env, "swarm", "leave", "--force")
+        engine.leave_swarm()
         engine.stop()
     a, p = statistics.median(agent), statistics.median(plain)
     print(f"runs: {runs}, 2 replicas, start-first, 1 s monitor (median seconds)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +12,6 @@ import pytest
 from agent import logs
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader, LeaderProcess, leader_config
-from tests.support.procs import free_port
 from tests.support.registry import Registry
 from tests.support.worker import WorkerProcess
 
@@ -47,18 +45,10 @@ def swarm_engine() -> Iterator[Dockerd]:
     """An engine that is a single-node Swarm manager, advertising on loopback."""
     engine = Dockerd()
     engine.start()
-    engine.cli(
-        "swarm",
-        "init",
-        "--advertise-addr",
-        "127.0.0.1",
-        "--listen-addr",
-        f"127.0.0.1:{free_port()}",
-    )
+    engine.init_swarm()
     yield engine
-    engine.cli("swarm", "leave", "--force", check=False)
+    engine.leave_swarm()
     engine.stop()
-    subprocess.run(["ip", "link", "delete", "docker_gwbridge"], capture_output=True, check=False)
 
 
 @pytest.fixture

@@ -169,7 +169,7 @@ async def test_swarm_init_makes_the_leaders_engine_a_manager(
         assert final["state"] == "succeeded", final
         await leader.stop()
     finally:
-        engine.cli("swarm", "leave", "--force", check=False)
+        engine.leave_swarm(remove_bridge=False)  # the session's Swarm engine shares it
         engine.stop()
 
 

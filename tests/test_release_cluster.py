@@ -56,7 +56,7 @@ class Cluster:
 
     def close(self) -> None:
         for engine in (self.worker, self.manager):
-            engine.cli("swarm", "leave", "--force", check=False)
+            engine.leave_swarm()
         self.registry.cleanup()
         for engine in (self.worker, self.manager):
             engine.stop()

@@ -7,7 +7,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.support.procs import stop, wait_until
+from tests.support.procs import free_port, stop, wait_until
 
 
 class Dockerd:
@@ -56,6 +56,19 @@ class Dockerd:
             check=check,
             timeout=120,
         )
+
+    def init_swarm(self, address: str = "127.0.0.1") -> None:
+        """Make this engine a single-node Swarm manager (on a free port for loopback)."""
+        port = free_port() if address.startswith("127.") else 2377
+        self.cli("swarm", "init", "--advertise-addr", address, "--listen-addr", f"{address}:{port}")
+
+    def leave_swarm(self, *, remove_bridge: bool = True) -> None:
+        """Leave; the host's docker_gwbridge goes too unless another engine still uses it."""
+        self.cli("swarm", "leave", "--force", check=False)
+        if remove_bridge and not self.prefix:  # a namespace takes its bridge with it
+            subprocess.run(
+                ["ip", "link", "delete", "docker_gwbridge"], capture_output=True, check=False
+            )
 
     def stop(self) -> None:
         if self.proc is not None:
