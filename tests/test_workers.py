@@ -92,6 +92,20 @@ async def test_credential_rotation_reaches_every_worker(
     dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "rotated")
     final = await leader.api.wait_final(dep["id"])
     assert final["state"] == "succeeded", final
+    metrics = await _metrics(leader)
+    for node in ("w1", "w2"):
+        assert f'deploy_agent_node_credentials_version{{node="{node}"}} {version}.0' in metrics
+        assert f'deploy_agent_pull_duration_seconds_count{{node="{node}"}} 1.0' in metrics
+    assert "deploy_agent_workers_connected 2.0" in metrics
+
+
+async def _metrics(leader: InProcessLeader) -> str:
+    async with leader.api.session.get(
+        leader.api.base_url + "/metrics",
+        headers={"Authorization": f"Bearer {leader.api.token}"},
+        ssl=leader.api.ssl,
+    ) as response:
+        return await response.text()
 
 
 async def test_offline_worker_is_pending_and_catches_up_on_reconnect(

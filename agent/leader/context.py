@@ -9,6 +9,7 @@ from agent.config import LeaderConfig
 from agent.engine import Engine
 from agent.leader.hub import Hub
 from agent.leader.journal import Journal
+from agent.leader.metrics import LeaderMetrics
 from agent.leader.registry import RegistryService
 from agent.leader.store import Store
 from agent.tls import LeaderTLS
@@ -24,6 +25,7 @@ class LeaderContext:
     registry: RegistryService
     hub: Hub
     tls: LeaderTLS | None
+    metrics: LeaderMetrics
 
     @property
     def contexts_dir(self) -> Path:

@@ -18,6 +18,7 @@ from aiohttp import WSMsgType, web
 
 from agent import wire
 from agent.credentials import RegistryCredentials
+from agent.leader.metrics import LeaderMetrics
 from agent.leader.models import LastPull, NodeRecord
 from agent.leader.store import Store
 from agent.logs import get_logger
@@ -93,8 +94,9 @@ class Link:
 
 
 class Hub:
-    def __init__(self, store: Store, progress: ProgressSink) -> None:
+    def __init__(self, store: Store, progress: ProgressSink, metrics: LeaderMetrics) -> None:
         self._store = store
+        self._metrics = metrics
         self._progress = progress
         self._links: dict[str, Link] = {}
         self._waiters: dict[tuple[str, str], asyncio.Future[wire.PullResult | None]] = {}
@@ -195,9 +197,29 @@ class Hub:
                     at=time.time(),
                 )
                 await self._touch(node)
+                self._count_pull(node.name, message)
                 waiter = self._waiters.get((node.id, message.order))
                 if waiter is not None and not waiter.done():
                     waiter.set_result(message)
+
+    def _count_pull(self, node: str, result: wire.PullResult) -> None:
+        if result.ok:
+            self._metrics.pull_seconds.labels(node=node).observe(result.seconds)
+        else:
+            self._metrics.pull_failures.labels(node=node).inc()
+
+    def observe(self) -> None:
+        """Refresh the link gauges; called when Prometheus scrapes."""
+        metrics = self._metrics
+        metrics.workers_connected.set(len(self._links))
+        metrics.credentials_current.set(self._credentials_version)
+        metrics.send_queue.clear()
+        metrics.credentials_version.clear()
+        for link in self._links.values():
+            metrics.send_queue.labels(node=link.node.name).set(link.queue.qsize())
+            version = link.node.info.credentials_version
+            if version is not None:
+                metrics.credentials_version.labels(node=link.node.name).set(version)
 
     async def _touch(self, node: NodeRecord) -> None:
         node.info.last_seen = time.time()

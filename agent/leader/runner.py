@@ -95,6 +95,9 @@ class Runner:
                 hint=f"raise leader.stage_timeouts.{stage.value} if this work needs longer",
             ) from None
         self.dep.stages[stage].finished_at = time.time()
+        self.ctx.metrics.stage_seconds.labels(stage=stage.value).observe(
+            self.dep.stages[stage].seconds or 0.0
+        )
         await self._save()
         log.info("stage.finished", seconds=round(self.dep.stages[stage].seconds or 0.0, 3))
 
@@ -121,6 +124,9 @@ class Runner:
         if error is not None:
             fields |= {"error": {"code": error.code, "message": error.message, "hint": error.hint}}
         await self._save("state", **fields)
+        self.ctx.metrics.deployments.labels(
+            state=state.value, code=error.code if error else ""
+        ).inc()
         log.info("deployment.finished", state=state.value, code=error.code if error else None)
         await asyncio.to_thread(remove_quietly, self.ctx.context_path(self.dep.id))
 

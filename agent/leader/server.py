@@ -23,11 +23,12 @@ from agent.config import Config, LeaderConfig
 from agent.credentials import RegistryCredentials
 from agent.engine import Engine
 from agent.errors import AgentError, ConfigError, RequestError
-from agent.leader.api import cluster, deployments, middleware, nodes, registry
+from agent.leader.api import cluster, deployments, middleware, nodes, openapi, registry
 from agent.leader.api.keys import CONTEXT, SCHEDULER
 from agent.leader.context import LeaderContext
 from agent.leader.hub import Hub, ProgressSink
 from agent.leader.journal import Journal
+from agent.leader.metrics import LeaderMetrics
 from agent.leader.registry import RegistryService
 from agent.leader.release import ensure_swarm
 from agent.leader.scheduler import Scheduler
@@ -46,7 +47,13 @@ def build_app(ctx: LeaderContext, scheduler: Scheduler) -> web.Application:
     )
     app[CONTEXT] = ctx
     app[SCHEDULER] = scheduler
-    for table in (deployments.routes, registry.routes, cluster.routes, nodes.routes):
+    for table in (
+        deployments.routes,
+        registry.routes,
+        cluster.routes,
+        nodes.routes,
+        openapi.routes,
+    ):
         app.router.add_routes(table)
     return app
 
@@ -59,6 +66,7 @@ class Leader:
         self._lock_file: IO[str] | None = None
         self._runner: web.AppRunner | None = None
         self._scheduler_task: asyncio.Task[None] | None = None
+        self._lag_task: asyncio.Task[None] | None = None
         self.ctx: LeaderContext | None = None
         self.scheduler: Scheduler | None = None
 
@@ -72,16 +80,20 @@ class Leader:
         reg = RegistryService(store, engine)
         await reg.load()
         journal = Journal(store)
-        hub = Hub(store, _pull_progress(journal))
+        metrics = LeaderMetrics()
+        hub = Hub(store, _pull_progress(journal), metrics)
         reg.on_change(hub.set_credentials)
         tls = await asyncio.to_thread(_leader_tls, self.leader_config, state)
-        ctx = LeaderContext(self.leader_config, state, store, journal, engine, reg, hub, tls)
+        ctx = LeaderContext(
+            self.leader_config, state, store, journal, engine, reg, hub, tls, metrics
+        )
         self.ctx = ctx
         ctx.contexts_dir.mkdir(mode=0o700, exist_ok=True)
         await self._check_engine(engine)
         await self._seed_registry(reg)
         self.scheduler = Scheduler(ctx)
         self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
+        self._lag_task = asyncio.create_task(metrics.watch_loop_lag(), name="loop-lag")
         await self._serve(build_app(ctx, self.scheduler), tls)
 
     async def _check_engine(self, engine: Engine) -> None:
@@ -125,10 +137,11 @@ class Leader:
             await self._runner.cleanup()
         if self.scheduler is not None:
             await self.scheduler.shutdown(self.leader_config.drain_timeout)
-        if self._scheduler_task is not None:
-            self._scheduler_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._scheduler_task
+        for task in (self._scheduler_task, self._lag_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.ctx is not None:
             await self.ctx.engine.close()
             await self.ctx.store.close()

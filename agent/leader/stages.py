@@ -147,6 +147,7 @@ class _RetryRecorder:
 
     async def __call__(self, state: RetryCallState) -> None:
         self._dep.push_retries += 1
+        self._ctx.metrics.push_retries.inc()
         error = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0.0
         fields = {

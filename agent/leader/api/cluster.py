@@ -31,6 +31,14 @@ async def cluster(request: web.Request) -> web.Response:
     )
 
 
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    ctx.hub.observe()
+    ctx.metrics.workers_enrolled.set(await ctx.store.enrolled_count())
+    return web.Response(body=ctx.metrics.render(), content_type="text/plain", charset="utf-8")
+
+
 @routes.get("/healthz")
 async def healthz(_: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})

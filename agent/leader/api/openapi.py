@@ -1,0 +1,133 @@
+"""The OpenAPI 3.1 document of the leader's API, served at /v1/openapi.json.
+
+Request schemas come from the same msgspec types the handlers decode with, so the
+document cannot drift from what the API accepts; a test checks it covers every route.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from agent import __version__
+from agent.leader.api.nodes import JoinRequest
+from agent.leader.api.registry import CredentialsBody
+from agent.leader.models import DeploymentRequest
+
+routes = web.RouteTableDef()
+_REF = "#/components/schemas/{name}"
+_ERRORS = ("400", "401", "404", "409", "413", "415", "422")
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": _REF.format(name=name)}
+
+
+def _op(summary: str, ok: str = "200", body: str | None = None, **extra: Any) -> dict[str, Any]:
+    responses: dict[str, Any] = {ok: {"description": "success", **_json({"type": "object"})}}
+    responses |= {code: {"description": "refused", **_json(_ref("Error"))} for code in _ERRORS}
+    op: dict[str, Any] = {"summary": summary, "responses": responses, **extra}
+    if body is not None:
+        op["requestBody"] = {"required": True, **_json(_ref(body))}
+    return op
+
+
+_ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
+_PUBLIC: list[dict[str, list[str]]] = [{}]
+_TAR_UPLOAD = {
+    "description": "a JSON deployment with a git source, or a tar / tar.gz build context "
+    "with the other fields as query parameters",
+    "content": {
+        "application/json": {"schema": _ref("DeploymentRequest")},
+        "application/x-tar": {"schema": {"type": "string", "format": "binary"}},
+        "application/gzip": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+_LIST_QUERY = [
+    {"name": name, "in": "query", "required": False, "schema": {"type": kind}}
+    for name, kind in (("app", "string"), ("state", "string"), ("limit", "integer"))
+]
+
+
+def _paths() -> dict[str, Any]:
+    submit = _op(
+        "Submit a deployment",
+        "202",
+        parameters=[
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string"},
+            },
+        ],
+    )
+    submit["requestBody"] = _TAR_UPLOAD
+    return {
+        "/v1/deployments": {
+            "post": submit,
+            "get": _op("List deployments, newest first", parameters=_LIST_QUERY),
+        },
+        "/v1/deployments/{id}": {"get": _op("One deployment", parameters=_ID)},
+        "/v1/deployments/{id}/events": {
+            "get": _op("NDJSON event stream: replays, then follows until final", parameters=_ID)
+        },
+        "/v1/deployments/{id}/cancel": {"post": _op("Cancel a deployment", parameters=_ID)},
+        "/v1/registry": {
+            "put": _op("Verify and store registry credentials", body="CredentialsBody"),
+            "get": _op("The registry credentials, without the secret"),
+            "delete": _op("Remove the registry credentials"),
+        },
+        "/v1/cluster": {"get": _op("The mode and why, leader identity, counts")},
+        "/v1/join-tokens": {"post": _op("A new worker join token (rotates the old one)")},
+        "/v1/nodes": {"get": _op("Enrolled workers")},
+        "/v1/nodes/{id}": {"delete": _op("Revoke a worker", parameters=_ID)},
+        "/v1/ca.pem": {"get": _op("The leader's CA certificate (PEM)", security=_PUBLIC)},
+        "/v1/join": {
+            "post": _op(
+                "Enrol a worker with a join token", "201", body="JoinRequest", security=_PUBLIC
+            )
+        },
+        "/v1/agent": {"get": _op("The worker websocket (node secret)", "101", security=_PUBLIC)},
+        "/v1/openapi.json": {"get": _op("This document")},
+        "/metrics": {"get": _op("Prometheus metrics, text format")},
+        "/healthz": {"get": _op("Liveness", security=_PUBLIC)},
+    }
+
+
+def document() -> dict[str, Any]:
+    _, components = msgspec.json.schema_components(
+        [DeploymentRequest, CredentialsBody, JoinRequest], ref_template=_REF
+    )
+    components["Error"] = {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {k: {"type": "string"} for k in ("code", "message", "hint")},
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "deploy-agent leader API", "version": __version__},
+        "paths": _paths(),
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+    }
+
+
+@routes.get("/v1/openapi.json")
+async def openapi(_: web.Request) -> web.Response:
+    return web.json_response(document())
