@@ -50,6 +50,11 @@ class StageTimeouts(_Value, frozen=True, forbid_unknown_fields=True, kw_only=Tru
         return value
 
 
+class WebhookConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    url: Annotated[str, msgspec.Meta(pattern=r"^https?://")]
+    secret: Annotated[str, msgspec.Meta(min_length=16)]
+
+
 class LeaderConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
     listen: str = "0.0.0.0:7443"
     plain_http: bool = False
@@ -67,6 +72,7 @@ class LeaderConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True
     swarm_init: bool = False
     swarm_advertise_addr: str | None = None
     swarm_listen_addr: str = "0.0.0.0:2377"
+    webhooks: tuple[WebhookConfig, ...] = ()
     stage_timeouts: StageTimeouts = msgspec.field(default_factory=StageTimeouts)
 
     def __post_init__(self) -> None:
@@ -128,6 +134,7 @@ class Config(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
     def secrets(self) -> list[str]:
         """Every secret value this config holds, for the log redactor."""
         found = [self.leader.api_token] if self.leader else []
+        found += [hook.secret for hook in self.leader.webhooks] if self.leader else []
         if self.registry:
             found.append(self.registry.password)
         if self.worker and self.worker.join_token:
@@ -155,6 +162,10 @@ def parse_config(raw: dict[str, Any]) -> Config:
         if isinstance(section, dict):
             for key in keys:
                 _resolve_secret(section, key, f"{table}.{key}")
+    hooks = raw.get("leader", {}).get("webhooks") if isinstance(raw.get("leader"), dict) else None
+    for index, hook in enumerate(hooks if isinstance(hooks, list) else []):
+        if isinstance(hook, dict):
+            _resolve_secret(hook, "secret", f"leader.webhooks[{index}].secret")
     try:
         return msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:

@@ -7,7 +7,7 @@ reader that joins late replays everything and one that lags misses nothing.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from agent.leader.models import Deployment
@@ -17,9 +17,10 @@ FOLLOW_IDLE_SECONDS = 15.0
 
 
 class Journal:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, on_state: Callable[[], None] = lambda: None) -> None:
         self._store = store
         self._changed: dict[str, asyncio.Event] = {}
+        self._on_state = on_state
 
     async def record(self, dep_id: str, event_type: str, **fields: Any) -> None:
         await self._store.append_event(dep_id, {"type": event_type, **fields})
@@ -30,6 +31,8 @@ class Journal:
         event = None if event_type is None else {"type": event_type, **fields}
         await self._store.save(dep, event)
         self._wake(dep.id)
+        if event_type == "state":
+            self._on_state()
 
     def _wake(self, dep_id: str) -> None:
         changed = self._changed.pop(dep_id, None)

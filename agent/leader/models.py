@@ -144,6 +144,19 @@ class Deployment(msgspec.Struct, kw_only=True):
             return f"{self.repository}@{self.digest}"
         return f"{self.repository}:{self.tag}"
 
+    def webhook_payload(self, seq: int, event: dict[str, Any]) -> dict[str, Any]:
+        """What the control plane is told of a state change."""
+        return {
+            "deployment": self.id,
+            "app": self.app,
+            "state": event["state"],
+            "seq": seq,
+            "at": time.time(),
+            "image": self.image_ref,
+            "digest": self.digest,
+            "error": None if self.error is None else msgspec.to_builtins(self.error),
+        }
+
     def stage_done(self, stage: str) -> bool:
         timing = self.stages.get(stage)
         return timing is not None and timing.finished_at is not None

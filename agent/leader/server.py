@@ -33,6 +33,7 @@ from agent.leader.registry import RegistryService
 from agent.leader.release import ensure_swarm
 from agent.leader.scheduler import Scheduler
 from agent.leader.store import Store
+from agent.leader.webhooks import WebhookSender
 from agent.logs import get_logger, redactor
 from agent.tls import LeaderTLS, default_names, ensure_leader_tls
 
@@ -67,6 +68,7 @@ class Leader:
         self._runner: web.AppRunner | None = None
         self._scheduler_task: asyncio.Task[None] | None = None
         self._lag_task: asyncio.Task[None] | None = None
+        self._webhook_task: asyncio.Task[None] | None = None
         self.ctx: LeaderContext | None = None
         self.scheduler: Scheduler | None = None
 
@@ -74,12 +76,14 @@ class Leader:
         state = self.config.state_path
         state.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock_file = _lock_state_dir(state)
-        store = Store(state / "leader.db")
+        hooks = self.leader_config.webhooks
+        store = Store(state / "leader.db", tuple(hook.url for hook in hooks))
         await store.open()
+        sender = WebhookSender(store, hooks)
         engine = Engine(self.config.engine.url, timeout=self.config.engine.timeout)
         reg = RegistryService(store, engine)
         await reg.load()
-        journal = Journal(store)
+        journal = Journal(store, sender.wake)
         metrics = LeaderMetrics()
         hub = Hub(store, _pull_progress(journal), metrics)
         reg.on_change(hub.set_credentials)
@@ -94,6 +98,8 @@ class Leader:
         self.scheduler = Scheduler(ctx)
         self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
         self._lag_task = asyncio.create_task(metrics.watch_loop_lag(), name="loop-lag")
+        if hooks:
+            self._webhook_task = asyncio.create_task(sender.run(), name="webhooks")
         await self._serve(build_app(ctx, self.scheduler), tls)
 
     async def _check_engine(self, engine: Engine) -> None:
@@ -137,7 +143,7 @@ class Leader:
             await self._runner.cleanup()
         if self.scheduler is not None:
             await self.scheduler.shutdown(self.leader_config.drain_timeout)
-        for task in (self._scheduler_task, self._lag_task):
+        for task in (self._scheduler_task, self._lag_task, self._webhook_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -60,6 +61,20 @@ CREATE TABLE IF NOT EXISTS nodes (
     revoked_at REAL,
     info BLOB NOT NULL DEFAULT '{}'
 );
+CREATE TABLE IF NOT EXISTS webhooks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    deployment_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    body BLOB NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL,
+    last_status INTEGER,
+    last_error TEXT,
+    delivered_at REAL
+);
+CREATE INDEX IF NOT EXISTS webhooks_pending ON webhooks (state, url, id);
+CREATE INDEX IF NOT EXISTS webhooks_deployment ON webhooks (deployment_id, id);
 CREATE TABLE IF NOT EXISTS join_token (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     secret_hash TEXT NOT NULL,
@@ -75,8 +90,9 @@ _decode_info = msgspec.json.Decoder(NodeInfo).decode
 class Store:
     """Async facade over one SQLite connection that lives on one thread."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, webhook_urls: tuple[str, ...] = ()) -> None:
         self.path = path
+        self._webhook_urls = webhook_urls
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="store")
         self._db: sqlite3.Connection | None = None
 
@@ -151,7 +167,7 @@ class Store:
                 "INSERT INTO deployments (id, app, state, doc) VALUES (?, ?, ?, ?)",
                 (dep.id, dep.app, dep.state.value, _encoder.encode(dep)),
             )
-            self._insert_event(db, dep.id, {"type": "state", "state": dep.state.value})
+            self._insert_event(db, dep, {"type": "state", "state": dep.state.value})
         return dep, True
 
     async def save(self, dep: Deployment, event: dict[str, Any] | None = None) -> int | None:
@@ -164,7 +180,7 @@ class Store:
                 "UPDATE deployments SET state = ?, doc = ? WHERE id = ?",
                 (dep.state.value, _encoder.encode(dep), dep.id),
             )
-            return None if event is None else self._insert_event(db, dep.id, event)
+            return None if event is None else self._insert_event(db, dep, event)
 
     async def get(self, dep_id: str) -> Deployment | None:
         return await self._call(self._get, dep_id)
@@ -208,17 +224,71 @@ class Store:
 
     def _append_event(self, dep_id: str, event: dict[str, Any]) -> int:
         with self._tx() as db:
-            return self._insert_event(db, dep_id, event)
+            return _insert_event_row(db, dep_id, event)
 
-    @staticmethod
-    def _insert_event(db: sqlite3.Connection, dep_id: str, event: dict[str, Any]) -> int:
-        row = db.execute(
-            "SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE deployment_id = ?", (dep_id,)
-        ).fetchone()
-        seq = int(row[0])
-        doc = {"seq": seq, "at": round(time.time(), 3), **event}
-        db.execute("INSERT INTO events VALUES (?, ?, ?)", (dep_id, seq, _encoder.encode(doc)))
+    def _insert_event(self, db: sqlite3.Connection, dep: Deployment, event: dict[str, Any]) -> int:
+        """The event, and for a state change a webhook delivery per URL, in one transaction."""
+        seq = _insert_event_row(db, dep.id, event)
+        if event.get("type") == "state":
+            body = _encoder.encode(dep.webhook_payload(seq, event))
+            for url in self._webhook_urls:
+                db.execute(
+                    "INSERT INTO webhooks (deployment_id, url, body, next_at) VALUES (?, ?, ?, ?)",
+                    (dep.id, url, body, time.time()),
+                )
         return seq
+
+    # webhook deliveries
+
+    async def due_webhooks(self, now: float) -> list[WebhookRow]:
+        """The oldest undelivered webhook of each URL, if its next attempt is due."""
+        return await self._call(self._due_webhooks, now)
+
+    def _due_webhooks(self, now: float) -> list[WebhookRow]:
+        assert self._db is not None
+        rows = self._db.execute(
+            "SELECT id, deployment_id, url, body, attempts, next_at FROM webhooks "
+            "WHERE id IN (SELECT MIN(id) FROM webhooks WHERE state = 'pending' GROUP BY url)"
+        ).fetchall()
+        return [WebhookRow(*row) for row in rows if row[5] <= now]
+
+    async def webhook_result(
+        self, row_id: int, *, state: str, next_at: float, status: int | None, error: str | None
+    ) -> None:
+        await self._call(self._webhook_result, row_id, state, next_at, status, error)
+
+    def _webhook_result(
+        self, row_id: int, state: str, next_at: float, status: int | None, error: str | None
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE webhooks SET state = ?, attempts = attempts + 1, next_at = ?, "
+                "last_status = ?, last_error = ?, "
+                "delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE NULL END WHERE id = ?",
+                (state, next_at, status, error, state, time.time(), row_id),
+            )
+
+    async def webhooks_of(self, dep_id: str) -> list[dict[str, Any]]:
+        return await self._call(self._webhooks_of, dep_id)
+
+    def _webhooks_of(self, dep_id: str) -> list[dict[str, Any]]:
+        assert self._db is not None
+        rows = self._db.execute(
+            "SELECT id, url, json_extract(body, '$.state'), state, attempts, last_status, "
+            "last_error, delivered_at FROM webhooks WHERE deployment_id = ? ORDER BY id",
+            (dep_id,),
+        ).fetchall()
+        keys = (
+            "delivery",
+            "url",
+            "event_state",
+            "state",
+            "attempts",
+            "last_status",
+            "last_error",
+            "delivered_at",
+        )
+        return [dict(zip(keys, row, strict=True)) for row in rows]
 
     async def events_after(self, dep_id: str, after: int, limit: int = 500) -> list[bytes]:
         return await self._call(self._events_after, dep_id, after, limit)
@@ -385,6 +455,26 @@ class Store:
         for app, repository, digest in rows:
             newest.setdefault(app, f"{repository}@{digest}")
         return list(newest.values())
+
+
+def _insert_event_row(db: sqlite3.Connection, dep_id: str, event: dict[str, Any]) -> int:
+    row = db.execute(
+        "SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE deployment_id = ?", (dep_id,)
+    ).fetchone()
+    seq = int(row[0])
+    doc = {"seq": seq, "at": round(time.time(), 3), **event}
+    db.execute("INSERT INTO events VALUES (?, ?, ?)", (dep_id, seq, _encoder.encode(doc)))
+    return seq
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookRow:
+    id: int
+    deployment_id: str
+    url: str
+    body: bytes
+    attempts: int
+    next_at: float
 
 
 def _node(row: tuple[Any, ...]) -> NodeRecord:

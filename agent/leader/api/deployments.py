@@ -303,6 +303,13 @@ async def events(request: web.Request) -> web.StreamResponse:
     return response
 
 
+@routes.get("/v1/deployments/{id}/webhooks")
+async def webhooks(request: web.Request) -> web.Response:
+    dep = await _load(request)
+    deliveries = await request.app[CONTEXT].store.webhooks_of(dep.id)
+    return web.json_response({"webhooks": deliveries})
+
+
 @routes.post("/v1/deployments/{id}/cancel")
 async def cancel(request: web.Request) -> web.Response:
     dep = await _load(request)

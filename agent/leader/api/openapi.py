@@ -79,6 +79,9 @@ def _paths() -> dict[str, Any]:
             "get": _op("NDJSON event stream: replays, then follows until final", parameters=_ID)
         },
         "/v1/deployments/{id}/cancel": {"post": _op("Cancel a deployment", parameters=_ID)},
+        "/v1/deployments/{id}/webhooks": {
+            "get": _op("Webhook deliveries of a deployment and their outcome", parameters=_ID)
+        },
         "/v1/registry": {
             "put": _op("Verify and store registry credentials", body="CredentialsBody"),
             "get": _op("The registry credentials, without the secret"),

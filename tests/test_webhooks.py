@@ -1,0 +1,120 @@
+"""Webhooks: signed state changes reach a real receiver, in order, through failures and
+across a leader restart."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from tests.support.contexts import busybox_context
+from tests.support.procs import free_port
+
+SECRET = "webhook-secret-0123456789"
+
+
+def verify(secret: str, timestamp: str, body: bytes, signature: str) -> bool:
+    """How a receiver checks a delivery (the README shows the same)."""
+    expected = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    return hmac.compare_digest("sha256=" + expected.hexdigest(), signature)
+
+
+class Receiver:
+    def __init__(self, fail_first: int = 0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.fail_first = fail_first
+        self.seen: list[dict[str, Any]] = []
+        self.bad_signatures = 0
+        self._runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        ok = verify(
+            SECRET,
+            request.headers["X-Deploy-Agent-Timestamp"],
+            body,
+            request.headers["X-Deploy-Agent-Signature"],
+        )
+        self.bad_signatures += not ok
+        if self.fail_first > 0:
+            self.fail_first -= 1
+            return web.Response(status=500)
+        self.seen.append(json.loads(body))
+        return web.Response(status=204)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def wait_for(self, count: int, timeout: float = 30) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.seen) < count:
+                await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    made = Receiver(fail_first=2)
+    yield made
+    await made.stop()
+
+
+async def test_state_changes_are_delivered_signed_and_in_order_through_failures(
+    leader_factory: Callable[..., Any], receiver: Receiver, tmp_path: Path
+) -> None:
+    """With the receiver failing twice, every state change still arrives, in order."""
+    await receiver.start()
+    leader = await leader_factory(leader={"webhooks": [{"url": receiver.url, "secret": SECRET}]})
+    dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "hooked")
+    await leader.api.wait_final(dep["id"])
+
+    await receiver.wait_for(3)
+
+    assert [d["state"] for d in receiver.seen] == ["queued", "building", "succeeded"]
+    assert {d["deployment"] for d in receiver.seen} == {dep["id"]}
+    assert receiver.bad_signatures == 0
+    status, doc = await leader.api.request("GET", f"/v1/deployments/{dep['id']}/webhooks")
+    assert status == 200
+    deliveries = doc["webhooks"]
+    assert [d["state"] for d in deliveries] == ["delivered"] * 3
+    assert deliveries[0]["attempts"] == 3
+    assert deliveries[0]["last_status"] == 204
+
+
+async def test_undelivered_webhooks_survive_a_leader_restart(
+    leader_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Deliveries pending when the leader stops are made by the next leader."""
+    receiver = Receiver()
+    hooks = {"webhooks": [{"url": receiver.url, "secret": SECRET}]}
+    first = await leader_factory(leader=hooks)
+    dep = await first.api.deploy_dir(busybox_context(tmp_path / "c"), "later")
+    await first.api.wait_final(dep["id"])
+    _, doc = await first.api.request("GET", f"/v1/deployments/{dep['id']}/webhooks")
+    assert {d["state"] for d in doc["webhooks"]} == {"pending"}
+    await first.stop()
+
+    await receiver.start()
+    try:
+        second = await leader_factory(state_dir=first.config.state_dir, leader=hooks)
+        await receiver.wait_for(3)
+    finally:
+        await receiver.stop()
+    assert [d["state"] for d in receiver.seen] == ["queued", "building", "succeeded"]
+    _, doc = await second.api.request("GET", f"/v1/deployments/{dep['id']}/webhooks")
+    assert {d["state"] for d in doc["webhooks"]} == {"delivered"}
