@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pty
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -131,3 +133,71 @@ async def test_join_token_and_nodes_commands(
 
     assert code == 0, err
     assert "cli-node" in out and "connected" in out
+
+
+async def _cli_on_tty(
+    leader: InProcessLeader, *args: str, interrupt_after: float | None = None
+) -> tuple[int, str]:
+    """Run the command with its output on a pseudo-terminal, as a person would see it."""
+    primary, secondary = pty.openpty()
+    env = dict(os.environ) | {
+        "DEPLOY_AGENT_URL": leader.api.base_url,
+        "DEPLOY_AGENT_TOKEN": leader.api.token,
+        "COLUMNS": "120",
+        "TERM": "xterm",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        SCRIPT,
+        *args,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=secondary,
+        stderr=secondary,
+    )
+    os.close(secondary)
+    if interrupt_after is not None:
+        await asyncio.sleep(interrupt_after)
+        proc.send_signal(signal.SIGINT)
+    code = await asyncio.wait_for(proc.wait(), 120)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(primary)
+    return code, b"".join(chunks).decode(errors="replace")
+
+
+async def test_deploy_on_a_terminal_shows_stages_and_a_summary_table(
+    leader: InProcessLeader, tmp_path: Path
+) -> None:
+    """On a TTY the live view prints the stages, the build log and a summary table."""
+    context = busybox_context(tmp_path / "app", run_step("echo tty-build-line"))
+
+    code, out = await _cli_on_tty(leader, "deploy", "--app", "tty", "--context", str(context))
+
+    assert code == 0, out
+    assert "==> building" in out
+    assert "tty-build-line" in out
+    assert "succeeded" in out and "image" in out and "building" in out
+
+
+async def test_ctrl_c_detaches_and_the_deployment_goes_on(
+    leader: InProcessLeader, tmp_path: Path
+) -> None:
+    """Ctrl-C during a build detaches (exit 130); the deployment still succeeds."""
+    context = busybox_context(tmp_path / "app", run_step("sleep 3"))
+
+    code, out = await _cli_on_tty(
+        leader, "deploy", "--app", "detach", "--context", str(context), interrupt_after=2.0
+    )
+
+    assert code == 130, out
+    assert "detached" in out
+    _, listing = await leader.api.request("GET", "/v1/deployments?app=detach")
+    final = await leader.api.wait_final(listing["deployments"][0]["id"])
+    assert final["state"] == "succeeded"

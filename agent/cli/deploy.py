@@ -10,7 +10,7 @@ import tarfile
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from agent.cli.client import UPLOAD_TIMEOUT, Client
 
@@ -122,7 +122,12 @@ class Printer:
         print(text, file=self._out, flush=True)
 
 
-async def follow(client: Client, dep_id: str, printer: Printer) -> dict[str, Any]:
+class EventSink(Protocol):
+    def event(self, event: dict[str, Any]) -> None: ...
+    def summary(self, dep: dict[str, Any]) -> None: ...
+
+
+async def follow(client: Client, dep_id: str, printer: EventSink) -> dict[str, Any]:
     async for event in client.events(dep_id):
         printer.event(event)
     dep: dict[str, Any] = await client.call("GET", f"/v1/deployments/{dep_id}")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -15,6 +17,7 @@ import aiohttp
 from agent import __version__, daemon, logs
 from agent.cli import deploy as deploy_cmd
 from agent.cli.client import ApiError, Client, Target
+from agent.cli.live import LivePrinter
 from agent.config import Config, load_config
 from agent.errors import AgentError, ConfigError
 from agent.worker.agent import NodeRevoked
@@ -165,7 +168,6 @@ async def _check_config(args: argparse.Namespace) -> int:
 
 
 async def _deploy(args: argparse.Namespace) -> int:
-    printer = deploy_cmd.Printer(as_json=args.json)
     async with _client(args) as client:
         if args.context is not None:
             if not args.context.is_dir():
@@ -182,8 +184,39 @@ async def _deploy(args: argparse.Namespace) -> int:
         print(f"deployment {dep['id']} submitted ({dep['mode']} mode)", file=sys.stderr)
         if args.no_follow:
             return 0
-        final = await deploy_cmd.follow(client, dep["id"], printer)
+        final = await _follow_until_done_or_detached(client, dep["id"], args.json)
+    if final is None:
+        return 130
     return 0 if final["state"] == "succeeded" else 1
+
+
+async def _follow_until_done_or_detached(
+    client: Client, dep_id: str, as_json: bool
+) -> dict[str, Any] | None:
+    """Follow the deployment; Ctrl-C detaches (and on a terminal offers to cancel)."""
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    tty = sys.stdout.isatty() and not as_json
+    with contextlib.ExitStack() as stack:
+        printer: deploy_cmd.EventSink = (
+            stack.enter_context(LivePrinter()) if tty else deploy_cmd.Printer(as_json=as_json)
+        )
+        following = asyncio.create_task(deploy_cmd.follow(client, dep_id, printer))
+        stop = asyncio.create_task(interrupted.wait())
+        await asyncio.wait([following, stop], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        loop.remove_signal_handler(signal.SIGINT)
+        if following.done():
+            return following.result()
+        following.cancel()
+    print(f"\ndetached: deployment {dep_id} goes on", file=sys.stderr)
+    if sys.stdin.isatty():
+        answer = await asyncio.to_thread(input, "cancel it? [y/N] ")
+        if answer.strip().lower() in ("y", "yes"):
+            doc = await client.call("POST", f"/v1/deployments/{dep_id}/cancel")
+            print(f"deployment {dep_id}: {doc['state']}", file=sys.stderr)
+    return None
 
 
 def _services(args: argparse.Namespace) -> list[Any] | None:
