@@ -13,6 +13,7 @@ from agent import logs
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader, LeaderProcess, leader_config
 from tests.support.registry import Registry
+from tests.support.wheels import Wheelhouse
 from tests.support.worker import WorkerProcess
 
 
@@ -107,3 +108,11 @@ async def leader_process(
         if proc.proc is not None:
             proc.terminate()
         await proc.api.close()
+
+
+@pytest.fixture(scope="session")
+def wheelhouse() -> Iterator[Wheelhouse]:
+    """deploy-agent's wheel and its dependencies' wheels, built once for the session."""
+    house = Wheelhouse.build()
+    yield house
+    house.cleanup()
