@@ -13,6 +13,7 @@ from agent import logs
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader, LeaderProcess, leader_config
 from tests.support.registry import Registry
+from tests.support.sshd import Sshd
 from tests.support.wheels import Wheelhouse
 from tests.support.worker import WorkerProcess
 
@@ -108,6 +109,13 @@ async def leader_process(
         if proc.proc is not None:
             proc.terminate()
         await proc.api.close()
+
+
+@pytest.fixture
+def sshd() -> Iterator[Sshd]:
+    server = Sshd().start()
+    yield server
+    server.cleanup()
 
 
 @pytest.fixture(scope="session")
