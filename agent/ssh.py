@@ -6,6 +6,7 @@ has a deadline, and a failure is an `SshError` that says what failed.
 from __future__ import annotations
 
 import asyncio
+import logging
 import posixpath
 import secrets
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import asyncssh
 from agent.errors import HostKeyRejected, SshError
 
 CONNECT_TIMEOUT = 20.0
+# asyncssh logs every channel, command and file at INFO: a bootstrap reports its own steps.
+logging.getLogger("asyncssh").setLevel(logging.WARNING)
 COMMAND_TIMEOUT = 60.0
 
 

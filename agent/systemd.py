@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from agent.logs import get_logger
 
 log = get_logger(__name__)
-STATUS_REFRESH_SECONDS = 5.0  # how often the status line is refreshed without a watchdog
+STATUS_REFRESH_SECONDS = 5.0  # the status line is refreshed at least this often
 STATUS_MAX_CHARS = 200
 Summary = Callable[[], str]
 
@@ -107,7 +107,7 @@ class Notifier:
                 await task
 
     async def _pulse(self, stop: asyncio.Event, summary: Summary) -> None:
-        tick = self.watchdog_every or STATUS_REFRESH_SECONDS
+        tick = min(self.watchdog_every or STATUS_REFRESH_SECONDS, STATUS_REFRESH_SECONDS)
         stopping = False
         shown = ""
         while True:
