@@ -62,24 +62,24 @@ async def test_leader_process_is_ready_feeds_the_watchdog_and_says_it_stops(
 async def test_watchdog_pings_stop_while_the_event_loop_is_blocked(
     listener: NotifyListener,
 ) -> None:
-    """With the loop blocked for 1.5 s no ping leaves; pings come on both sides of it."""
+    """With the loop blocked for 2 s no ping leaves; pings come on both sides of it."""
     notifier = Notifier(listener.address, watchdog_every=0.1)
     async with notifier.pulse(asyncio.Event(), lambda: "busy"):
         await asyncio.sleep(0.6)
         blocked_from = time.monotonic()
-        time.sleep(1.5)  # a handler that blocks the loop: what the watchdog must catch
+        time.sleep(2.0)  # a handler that blocks the loop: what the watchdog must catch
         blocked_until = time.monotonic()
         await asyncio.sleep(0.6)
     notifier.close()
     await asyncio.sleep(0.1)  # let the listener's thread take the last datagrams
 
     pings = [m.at for m in listener.with_field("WATCHDOG=1")]
-    during = [t for t in pings if blocked_from + 0.05 < t < blocked_until - 0.05]
-    assert during == []
+    # a ping sent just before the block may arrive a little late: allow it half a second
+    assert [t for t in pings if blocked_from + 0.5 < t < blocked_until] == []
     assert any(t < blocked_from for t in pings)
     assert any(t >= blocked_until for t in pings)
     gaps = [b - a for a, b in itertools.pairwise(pings)]
-    assert max(gaps) >= 1.4
+    assert max(gaps) >= 1.5
 
 
 async def test_status_follows_readiness_and_stopping_is_said_once(listener: NotifyListener) -> None:
