@@ -1,6 +1,8 @@
 """`deploy-agent run`: start the role the config names, run until SIGTERM, then stop.
 
-Signal handlers only set an event; the stop order lives with the role.
+Signal handlers only set an event; the stop order lives with the role. The service
+manager hears READY=1 once the role serves, WATCHDOG=1 from the event loop meanwhile,
+and STOPPING=1 as soon as the stop event is set.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import signal
 from agent.config import Config
 from agent.leader.server import Leader, register_secrets
 from agent.logs import get_logger
+from agent.systemd import Notifier
 from agent.worker.agent import Worker
 
 log = get_logger(__name__)
@@ -22,15 +25,32 @@ async def run(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if config.role == "worker":
-        log.info("agent.started", role=config.role)
-        await Worker(config).run(stop)
-        return
-    leader = Leader(config)
+    notifier = Notifier.from_environ()
+    notifier.status(f"{config.role} starting")
     try:
-        await leader.start()
-        log.info("agent.started", role=config.role)
-        await stop.wait()
-        log.info("agent.stopping")
+        if config.role == "worker":
+            await _run_worker(Worker(config), stop, notifier)
+        else:
+            await _run_leader(Leader(config), stop, notifier)
     finally:
-        await leader.stop()
+        notifier.close()
+
+
+async def _run_worker(worker: Worker, stop: asyncio.Event, notifier: Notifier) -> None:
+    log.info("agent.started", role="worker")
+    async with notifier.pulse(stop, worker.status_line):
+        await worker.run(stop, notifier)
+
+
+async def _run_leader(leader: Leader, stop: asyncio.Event, notifier: Notifier) -> None:
+    async with notifier.pulse(stop, leader.status_line):
+        try:
+            await leader.start()
+            log.info("agent.started", role="leader")
+            if await leader.wait_engine(stop, notifier.waiting_for_engine):
+                notifier.ready(leader.status_line())
+                log.info("agent.ready", role="leader")
+            await stop.wait()
+            log.info("agent.stopping")
+        finally:
+            await leader.stop()

@@ -19,6 +19,7 @@ import aiodocker
 import aiohttp
 from aiodocker.utils import compose_auth_header
 
+from agent.backoff import Backoff
 from agent.credentials import RegistryCredentials
 from agent.errors import (
     BuildError,
@@ -28,7 +29,9 @@ from agent.errors import (
     RegistryError,
     RegistryTransientError,
 )
+from agent.logs import get_logger
 
+_log = get_logger(__name__)
 _DIGEST_LINE = re.compile(r": digest: (sha256:[0-9a-f]{64}) size: \d+")
 _AUTH_MARKERS = (
     "unauthorized",
@@ -106,8 +109,11 @@ class Engine:
         await self._docker.close()
 
     async def version(self) -> dict[str, Any]:
-        async with self._deadline("version"):
-            info: dict[str, Any] = await self._docker.version()
+        try:
+            async with self._deadline("version"):
+                info: dict[str, Any] = await self._docker.version()
+        except aiodocker.DockerError as exc:
+            raise EngineError(f"Docker Engine at {self.url}: {exc.message}") from None
         return info
 
     async def request(
@@ -135,6 +141,24 @@ class Engine:
 
     def registry_auth_header(self, creds: RegistryCredentials) -> dict[str, str]:
         return {"X-Registry-Auth": compose_auth_header(creds.engine_auth())}
+
+    async def wait_until_up(
+        self, stop: asyncio.Event, waiting: Callable[[str], None]
+    ) -> str | None:
+        """The engine's version once it answers, asking again with backoff while it does
+        not (`waiting` hears why); None when `stop` is set first."""
+        backoff = Backoff(initial=1.0, cap=15.0)
+        while not stop.is_set():
+            try:
+                return str((await self.version()).get("Version"))
+            except EngineError as exc:
+                delay = backoff.next()
+                _log.warning("engine.waiting", error=exc.message, retry_in_s=round(delay, 1))
+                waiting(exc.message)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await stop.wait()
+        return None
 
     async def image_id(self, ref: str) -> str | None:
         """The id of a local image, or None when the engine does not hold it."""

@@ -9,7 +9,10 @@
     │   └── RegistryError         the engine talked to a registry and it said no
     │       ├── RegistryAuthError     credentials rejected (never retried)
     │       └── RegistryTransientError  connection, timeout, 5xx, 429, cut stream (retried)
-    └── DeploymentError           a deployment failed: SPEC error code, message, hint
+    ├── DeploymentError           a deployment failed: SPEC error code, message, hint
+    ├── SshError                  an SSH connection, command or file transfer failed
+    │   └── HostKeyRejected           the host's key is not the one known_hosts holds
+    └── BootstrapError            a bootstrap step failed: which step, and why
 
 Nothing here may hold a secret: messages end up in logs and API responses.
 """
@@ -82,3 +85,19 @@ class DeploymentError(AgentError):
         super().__init__(message)
         self.code = code
         self.hint = hint
+
+
+class SshError(AgentError):
+    """The SSH connection, a remote command or a file transfer failed."""
+
+
+class HostKeyRejected(SshError):
+    """The host's key is missing from known_hosts or differs from it: never connected."""
+
+
+class BootstrapError(AgentError):
+    """A bootstrap step failed; `step` names it, the message says why."""
+
+    def __init__(self, step: str, message: str) -> None:
+        super().__init__(message)
+        self.step = step

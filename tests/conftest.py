@@ -13,6 +13,8 @@ from agent import logs
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader, LeaderProcess, leader_config
 from tests.support.registry import Registry
+from tests.support.sshd import Sshd
+from tests.support.wheels import Wheelhouse
 from tests.support.worker import WorkerProcess
 
 
@@ -118,3 +120,18 @@ async def leader_process(
         if proc.proc is not None:
             proc.terminate()
         await proc.api.close()
+
+
+@pytest.fixture
+def sshd() -> Iterator[Sshd]:
+    server = Sshd().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def wheelhouse() -> Iterator[Wheelhouse]:
+    """deploy-agent's wheel and its dependencies' wheels, built once for the session."""
+    house = Wheelhouse.build()
+    yield house
+    house.cleanup()

@@ -15,11 +15,13 @@ from typing import Any
 import aiohttp
 
 from agent import __version__, daemon, logs
+from agent.bootstrap.runner import bootstrap
+from agent.cli import bootstrap as bootstrap_cmd
 from agent.cli import deploy as deploy_cmd
 from agent.cli.client import ApiError, Client, Target
 from agent.cli.live import LivePrinter
 from agent.config import Config, load_config
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError, BootstrapError, ConfigError
 from agent.worker.agent import NodeRevoked
 
 DEFAULT_CONFIG = "/etc/deploy-agent/config.toml"
@@ -100,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
 
     _registry_parser(sub)
     _nodes_parser(sub)
+    boot = bootstrap_cmd.add_parser(sub)
+    _client_flags(boot)
+    boot.set_defaults(command=_bootstrap)
     return parser
 
 
@@ -333,4 +338,22 @@ async def _join_token(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         doc = await client.call("POST", "/v1/join-tokens")
     print(doc["token"])
+    return 0
+
+
+async def _bootstrap(args: argparse.Namespace) -> int:
+    logs.configure("info", "auto")
+    try:
+        token = await asyncio.to_thread(_read_password, str(args.join_token_file))
+        logs.redactor.add(token)
+        plan = bootstrap_cmd.plan_from(args, token)
+    except (OSError, ValueError) as exc:
+        print(f"deploy-agent: bootstrap: {exc}", file=sys.stderr)
+        return 2
+    async with _client(args) as client:
+        try:
+            await bootstrap(plan, client)
+        except BootstrapError as exc:
+            print(f"deploy-agent: bootstrap failed at step {exc.step!r}: {exc}", file=sys.stderr)
+            return 1
     return 0

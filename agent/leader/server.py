@@ -13,6 +13,7 @@ import dataclasses
 import fcntl
 import os
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -135,6 +136,22 @@ class Leader:
         if cfg.plain_http:
             log.warning("leader.plain_http", listen=cfg.listen)
         log.info("leader.serving", listen=cfg.listen, tls=not cfg.plain_http)
+
+    async def wait_engine(self, stop: asyncio.Event, waiting: Callable[[str], None]) -> bool:
+        """Whether the engine answered before `stop` was set (asked again while it does not)."""
+        assert self.ctx is not None, "start() first"
+        return await self.ctx.engine.wait_until_up(stop, waiting) is not None
+
+    def status_line(self) -> str:
+        """One line for the service manager: where it serves and what it is doing."""
+        if self.ctx is None or self.scheduler is None:
+            return "leader starting"
+        scheme = "http" if self.leader_config.plain_http else "https"
+        return (
+            f"leader serving {scheme}://{self.leader_config.listen}: "
+            f"{self.scheduler.active} deployment(s) running, "
+            f"{self.ctx.hub.connected_count} worker(s) connected"
+        )
 
     async def stop(self) -> None:
         if self.ctx is not None:

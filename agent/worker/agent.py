@@ -21,6 +21,7 @@ from agent.credentials import RegistryCredentials
 from agent.engine import Engine
 from agent.errors import AgentError, ConfigError
 from agent.logs import get_logger, redactor
+from agent.systemd import Notifier
 from agent.worker.identity import Identity, enrol, load_identity, save_identity
 from agent.worker.puller import Puller
 
@@ -50,13 +51,25 @@ class Worker:
             send=self._send,
         )
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, notifier: Notifier | None = None) -> None:
+        """Wait for the engine, enrol if needed, report ready, then hold the link until
+        `stop` is set."""
+        notifier = notifier or Notifier(None)
         try:
+            if await self.engine.wait_until_up(stop, notifier.waiting_for_engine) is None:
+                return
             identity = await self._identity()
+            notifier.ready(self.status_line())
+            log.info("agent.ready", role="worker", node_id=identity.node_id)
             await self._link_loop(identity, stop)
         finally:
             await self.puller.close()
             await self.engine.close()
+
+    def status_line(self) -> str:
+        """One line for the service manager: the link's state and the pulls under way."""
+        link = "connected to" if self._ws is not None else "connecting to"
+        return f"worker {link} {self.worker_config.leader_url}: {self.puller.busy} pull(s) running"
 
     async def _identity(self) -> Identity:
         state = self.config.state_path

@@ -45,6 +45,11 @@ class Puller:
         self._inflight: dict[str, asyncio.Task[str | None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
+    @property
+    def busy(self) -> int:
+        """How many distinct images are being pulled now."""
+        return len(self._inflight)
+
     def order(self, order: str, image: str) -> None:
         """Make sure `image` is present, then answer `order`; a duplicate joins the pull."""
         pull = self._inflight.get(image)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -96,12 +98,14 @@ class LeaderProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.api = Api(base_url(raw), raw["leader"].get("api_token", ""))
 
-    def start(self) -> None:
+    def start(self, env: Mapping[str, str] | None = None) -> None:
+        """Start it and wait until it listens; `env` adds to the test's environment."""
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "agent", "run", "-c", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
             )
         port = int(self.raw["leader"]["listen"].rpartition(":")[2])
         wait_until(lambda: self._alive() and port_open(port), 30, "leader process")

@@ -1,0 +1,138 @@
+"""The files and shell scripts a bootstrap puts on the host, as plain text.
+
+Pure functions of the plan, so they are tested without a host. Every path is quoted;
+no script ever carries a secret (the join token goes in a file over SFTP).
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.resources import files
+from shlex import quote
+
+from agent.bootstrap.plan import UNIT_NAME, Plan
+
+SERVICE_USER = "deploy-agent"
+DEFAULT_EXEC = "/opt/deploy-agent/venv/bin/deploy-agent"
+DEFAULT_CONFIG = "/etc/deploy-agent/config.toml"
+
+
+def worker_config(plan: Plan, name: str) -> str:
+    """The worker's config.toml: no secret in it, the join token is its own file."""
+    return "\n".join(
+        [
+            "# Written by `deploy-agent bootstrap`: running it again rewrites this file.",
+            'role = "worker"',
+            f"state_dir = {_toml(plan.state_dir)}",
+            "",
+            "[engine]",
+            f"url = {_toml(plan.engine_url)}",
+            "",
+            "[worker]",
+            f"leader_url = {_toml(plan.leader_url)}",
+            f"join_token_file = {_toml(plan.token_path)}",
+            f"name = {_toml(name)}",
+            "",
+        ]
+    )
+
+
+def _toml(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def unit_file(plan: Plan) -> str:
+    """The packaged worker unit, pointed at this plan's virtualenv and config."""
+    text = files("agent").joinpath("units", UNIT_NAME).read_text()
+    return text.replace(DEFAULT_EXEC, plan.agent_bin).replace(DEFAULT_CONFIG, plan.config_path)
+
+
+def engine_check(plan: Plan) -> str:
+    """Prints the engine's version, or `socket` when only the socket can be seen."""
+    url = quote(plan.engine_url)
+    socket = quote(plan.engine_url.removeprefix("unix://"))
+    return (
+        "if command -v docker >/dev/null 2>&1; then "
+        f"docker -H {url} version --format '{{{{.Server.Version}}}}'; "
+        f"else test -S {socket} && echo socket; fi"
+    )
+
+
+PYTHON_CHECK = (
+    "python3 -c 'import sys, venv, ensurepip; print(\"%d.%d.%d\" % sys.version_info[:3])'"
+)
+SYSTEMD_CHECK = "test -d /run/systemd/system && command -v systemctl >/dev/null && echo systemd"
+
+
+def virtualenv(plan: Plan) -> str:
+    """Reuses a working virtualenv, else makes one; prints which."""
+    venv = quote(plan.venv)
+    return (
+        f"if {venv}/bin/python -c '' 2>/dev/null; then echo reused; "
+        f"else rm -rf {venv} && python3 -m venv {venv} && echo created; fi"
+    )
+
+
+def install(plan: Plan, wheel_name: str, offline: bool) -> str:
+    """Installs the wheel and its dependencies, then the wheel again over an equal version."""
+    pip = f"{quote(plan.venv)}/bin/pip install --disable-pip-version-check -q"
+    wheel = quote(f"{plan.wheels_dir}/{wheel_name}")
+    source = f"--no-index --find-links {quote(plan.wheels_dir)} " if offline else ""
+    return (
+        f"set -e; {pip} {source}{wheel}; {pip} --no-deps --force-reinstall {wheel}; "
+        f"{quote(plan.agent_bin)} --version"
+    )
+
+
+def check_config(plan: Plan) -> str:
+    return f"{quote(plan.agent_bin)} check-config -c {quote(plan.config_path)}"
+
+
+def has_identity(plan: Plan) -> str:
+    return f"test -f {quote(plan.identity_path)} && echo kept || echo none"
+
+
+def systemd_install(plan: Plan) -> str:
+    """Makes the service user, hands it its files, then enables and (re)starts the unit."""
+    user = SERVICE_USER
+    return "; ".join(
+        [
+            "set -e",
+            "getent group docker >/dev/null || "
+            "{ echo 'no docker group on this host: is Docker installed?' >&2; exit 1; }",
+            f"id -u {user} >/dev/null 2>&1 || useradd --system --user-group "
+            f"--home-dir {quote(plan.state_dir)} --no-create-home "
+            f"--shell /usr/sbin/nologin {user}",
+            f"chown {user}:{user} {quote(plan.token_path)}",
+            f"chown root:{user} {quote(plan.config_path)}",
+            "systemctl daemon-reload",
+            f"systemctl enable --quiet {UNIT_NAME}",
+            f"systemctl restart {UNIT_NAME}",
+            f"systemctl is-active {UNIT_NAME}",
+        ]
+    )
+
+
+def nohup_start(plan: Plan) -> str:
+    """Stops the agent an earlier run started (if its pid is still ours), starts it anew
+    detached from the session, and prints its pid."""
+    pidfile, agent = quote(plan.pid_path), quote(plan.agent_bin)
+    return "\n".join(
+        [
+            f"old=$(cat {pidfile} 2>/dev/null || true)",
+            f'if [ -n "$old" ] && grep -qF {agent} "/proc/$old/cmdline" 2>/dev/null; then '
+            'kill -TERM "$old"; for i in $(seq 100); do '
+            'kill -0 "$old" 2>/dev/null || break; sleep 0.2; done; '
+            'kill -KILL "$old" 2>/dev/null || true; fi',
+            f"nohup {agent} run -c {quote(plan.config_path)} "
+            f">>{quote(plan.log_path)} 2>&1 </dev/null &",
+            f"echo $! >{pidfile}",
+            "echo $!",
+        ]
+    )
+
+
+def log_tail(plan: Plan, systemd: bool) -> str:
+    if systemd:
+        return f"journalctl -u {UNIT_NAME} -n 20 --no-pager -o cat"
+    return f"tail -n 20 {quote(plan.log_path)}"

@@ -1,0 +1,182 @@
+"""SSH to a host through asyncssh, the only module that imports it. The host key is
+always checked against known_hosts, never skipped; every connect, command and transfer
+has a deadline, and a failure is an `SshError` that says what failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import posixpath
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import urlsplit
+
+import asyncssh
+
+from agent.errors import HostKeyRejected, SshError
+
+CONNECT_TIMEOUT = 20.0
+# asyncssh logs every channel, command and file at INFO: a bootstrap reports its own steps.
+logging.getLogger("asyncssh").setLevel(logging.WARNING)
+COMMAND_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class SshTarget:
+    user: str
+    host: str
+    port: int = 22
+
+    @classmethod
+    def parse(cls, url: str) -> SshTarget:
+        """`ssh://user@host[:port]`, as given on the command line."""
+        parts = urlsplit(url)
+        if parts.scheme != "ssh" or not parts.hostname or not parts.username:
+            raise ValueError(f"{url!r} is not ssh://user@host[:port]")
+        if parts.password is not None or parts.path not in ("", "/"):
+            raise ValueError(f"{url!r}: only ssh://user@host[:port], no password or path")
+        try:
+            port = parts.port or 22
+        except ValueError:
+            raise ValueError(
+                f"{url!r}: the port must be 1 to 65535 in ssh://user@host:port"
+            ) from None
+        return cls(parts.username, parts.hostname, port)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.user}@{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    command: str
+    status: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0
+
+    def reason(self) -> str:
+        """The last lines the command wrote on stderr (or stdout), for an error message."""
+        text = (self.stderr.strip() or self.stdout.strip()).splitlines()
+        return " | ".join(text[-5:]) or f"exit status {self.status}"
+
+
+class SshHost:
+    """One SSH connection: run commands, upload files, write small files with a mode."""
+
+    def __init__(self, target: SshTarget, conn: asyncssh.SSHClientConnection) -> None:
+        self.target = target
+        self._conn = conn
+
+    @classmethod
+    async def connect(
+        cls,
+        target: SshTarget,
+        *,
+        known_hosts: Path,
+        identity: Path | None = None,
+        deadline: float = CONNECT_TIMEOUT,
+    ) -> SshHost:
+        try:
+            async with asyncio.timeout(deadline):
+                conn = await asyncssh.connect(
+                    target.host,
+                    target.port,
+                    username=target.user,
+                    known_hosts=str(known_hosts),
+                    client_keys=[str(identity)] if identity is not None else (),
+                    agent_path=None if identity is not None else (),
+                )
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise HostKeyRejected(
+                f"{target}: the host key is not trusted ({exc.reason}); known_hosts is "
+                f"{known_hosts}. If the host was reinstalled, check its new key and update "
+                "that file"
+            ) from None
+        except TimeoutError:
+            raise SshError(f"{target}: no SSH connection within {deadline:.0f} s") from None
+        except (asyncssh.Error, OSError) as exc:
+            raise SshError(f"{target}: cannot connect: {_describe(exc)}") from None
+        return cls(target, conn)
+
+    async def __aenter__(self) -> SshHost:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._conn.close()
+        await self._conn.wait_closed()
+
+    async def run(self, command: str, *, deadline: float = COMMAND_TIMEOUT) -> Completed:
+        """Run `command` through the remote shell; a non-zero status is returned, not raised."""
+        try:
+            async with asyncio.timeout(deadline):
+                done = await self._conn.run(command, check=False)
+        except TimeoutError:
+            raise SshError(
+                f"{_first_word(command)} did not finish within {deadline:.0f} s"
+            ) from None
+        except (asyncssh.Error, OSError) as exc:
+            raise SshError(f"{_first_word(command)}: {_describe(exc)}") from None
+        return Completed(
+            command,
+            done.exit_status if done.exit_status is not None else -1,
+            _text(done.stdout),
+            _text(done.stderr),
+        )
+
+    async def upload(self, local: list[Path], directory: str, *, deadline: float) -> None:
+        """Copy `local` files into the remote `directory`, which is made if missing."""
+        try:
+            async with asyncio.timeout(deadline), self._conn.start_sftp_client() as sftp:
+                await sftp.makedirs(directory, exist_ok=True)
+                await sftp.put([str(path) for path in local], directory)
+        except TimeoutError:
+            raise SshError(
+                f"upload to {directory} did not finish within {deadline:.0f} s"
+            ) from None
+        except (asyncssh.Error, OSError) as exc:
+            raise SshError(f"upload to {directory}: {_describe(exc)}") from None
+
+    async def write_file(self, path: str, data: bytes, *, mode: int, deadline: float) -> None:
+        """Write `path` whole with `mode`: a new file is filled, then renamed over the old,
+        so the content is never readable with a wider mode, even for a moment."""
+        tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+        attrs = asyncssh.SFTPAttrs(permissions=mode)
+        try:
+            async with asyncio.timeout(deadline), self._conn.start_sftp_client() as sftp:
+                await sftp.makedirs(posixpath.dirname(path), exist_ok=True)
+                async with sftp.open(tmp, "wb", attrs) as f:
+                    await f.write(data)
+                await sftp.chmod(tmp, mode)  # the umask may have narrowed or a file existed
+                await sftp.posix_rename(tmp, path)
+        except TimeoutError:
+            raise SshError(f"writing {path} did not finish within {deadline:.0f} s") from None
+        except (asyncssh.Error, OSError) as exc:
+            raise SshError(f"writing {path}: {_describe(exc)}") from None
+
+
+def _describe(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    return str(reason) if reason else (str(exc) or type(exc).__name__)
+
+
+def _first_word(command: str) -> str:
+    return f"`{command.split(maxsplit=1)[0]}`" if command.strip() else "the command"
+
+
+def _text(output: str | bytes | None) -> str:
+    if output is None:
+        return ""
+    return output.decode(errors="replace") if isinstance(output, bytes) else output

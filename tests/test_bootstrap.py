@@ -1,0 +1,256 @@
+"""`deploy-agent bootstrap` against a real sshd on loopback: this machine plays the host,
+without systemd, with a worker engine of its own, enrolling into a real leader over TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import stat
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import agent
+from tests.support.contexts import busybox_context
+from tests.support.dockerd import Dockerd
+from tests.support.leader import InProcessLeader
+from tests.support.registry import Registry
+from tests.support.sshd import Sshd
+from tests.support.wheels import Wheelhouse
+
+SCRIPT = str(Path(sys.executable).parent / "deploy-agent")
+TLS = {"plain_http": None}
+
+
+@dataclass
+class Run:
+    status: int
+    events: list[dict[str, Any]]
+    stderr: str
+    seconds: float
+
+    def steps(self) -> dict[str, dict[str, Any]]:
+        """The final report of each step, by name."""
+        done = [e for e in self.events if e.get("event") == "bootstrap.step"]
+        return {e["step"]: e for e in done if e["status"] != "started"}
+
+
+@dataclass
+class Host:
+    """The paths one bootstrapped "host" uses under the test's folder."""
+
+    root: Path
+
+    @property
+    def prefix(self) -> Path:
+        return self.root / "opt"
+
+    @property
+    def config_dir(self) -> Path:
+        return self.root / "etc"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    def agent_pid(self) -> int:
+        return int((self.prefix / "agent.pid").read_text())
+
+    def flags(self) -> list[str]:
+        return [
+            *("--prefix", str(self.prefix)),
+            *("--config-dir", str(self.config_dir)),
+            *("--state-dir", str(self.state_dir)),
+        ]
+
+
+Bootstrap = Callable[..., Any]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+async def _stop_agent(host: Host) -> None:
+    """End the agent the bootstrap started on the "host" (not our child: sshd's)."""
+    pid_file = host.prefix / "agent.pid"
+    if not pid_file.exists() or not _alive(pid := host.agent_pid()):
+        return
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(150):
+        if not _alive(pid):
+            return
+        await asyncio.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+async def bootstrap(
+    sshd: Sshd,
+    wheelhouse: Wheelhouse,
+    worker_engines: list[Dockerd],
+    tmp_path: Path,
+) -> AsyncIterator[Bootstrap]:
+    hosts: list[Host] = []
+
+    async def run(
+        leader: InProcessLeader, host: Host, *extra: str, wheel: bool = True, name: str = "boot-1"
+    ) -> Run:
+        if host not in hosts:
+            hosts.append(host)
+        token_file = tmp_path / "join-token"
+        token_file.write_text(await leader.api.join_token() + "\n")
+        args = [
+            *(sshd.url, "--role", "worker", "--leader-url", leader.url, "--name", name),
+            *("--join-token-file", str(token_file)),
+            *("--known-hosts", str(sshd.known_hosts), "--identity", str(sshd.identity)),
+            *("--wheelhouse", str(wheelhouse.directory)),
+            *(("--wheel", str(wheelhouse.wheel)) if wheel else ()),
+            *("--engine-url", worker_engines[0].url, "--wait", "60"),
+            *("--url", leader.url, "--ca-file", str(leader.config.state_path / "tls" / "ca.pem")),
+            *host.flags(),
+            *extra,
+        ]
+        return await _cli(leader, args)
+
+    yield run
+    for host in hosts:
+        await _stop_agent(host)
+
+
+async def _cli(leader: InProcessLeader, args: list[str]) -> Run:
+    started = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        SCRIPT,
+        "bootstrap",
+        *args,
+        env=os.environ | {"DEPLOY_AGENT_TOKEN": leader.api.token},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 110)
+    assert proc.returncode is not None
+    events = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
+    return Run(proc.returncode, events, err.decode(), time.monotonic() - started)
+
+
+async def test_bootstrap_installs_a_worker_that_connects_and_pulls(
+    leader_factory: Callable[..., Any],
+    bootstrap: Bootstrap,
+    registry: Registry,
+    worker_engines: list[Dockerd],
+    tmp_path: Path,
+) -> None:
+    """Every step reports ok (systemd skipped, nohup start said so), the node connects with
+    the package's version, its files have the right modes, and a deployment reaches it."""
+    leader: InProcessLeader = await leader_factory(leader=TLS)
+    host = Host(tmp_path / "host")
+
+    run = await bootstrap(leader, host)
+
+    assert run.status == 0, run.stderr
+    steps = run.steps()
+    assert list(steps) == [
+        *("wheel", "connect", "leader", "engine", "python", "upload", "virtualenv"),
+        *("install", "config", "service", "start", "connected"),
+    ]
+    assert steps["service"]["status"] == "skipped"
+    assert steps["service"]["detail"] == "no systemd on this host"
+    assert steps["start"]["detail"].startswith("started without systemd (nohup): pid ")
+    assert all(s["status"] == "ok" for n, s in steps.items() if n != "service")
+    assert steps["virtualenv"]["detail"].startswith("created ")
+    assert steps["engine"]["detail"].startswith("Docker Engine 20.")
+    nodes = await leader.api.nodes()
+    assert nodes["boot-1"]["connected"] is True
+    assert nodes["boot-1"]["agent_version"] == agent.__version__
+    _, cluster = await leader.api.request("GET", "/v1/cluster")
+    assert cluster["leader"]["version"] == agent.__version__
+    token_file = host.config_dir / "join-token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert token_file.read_text().strip() not in (host.config_dir / "config.toml").read_text()
+    assert token_file.read_text().strip() not in json.dumps(run.events) + run.stderr
+
+    status, _ = await leader.api.put_registry(registry.host, registry.username, registry.password)
+    assert status == 200
+    dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "booted")
+    final = await leader.api.wait_final(dep["id"])
+    assert final["state"] == "succeeded", final
+    assert final["nodes"]["boot-1"]["status"] == "present"
+    assert worker_engines[0].cli("image", "inspect", final["image"], check=False).returncode == 0
+
+
+async def test_bootstrap_again_keeps_the_node_and_replaces_the_agent(
+    leader_factory: Callable[..., Any], bootstrap: Bootstrap, tmp_path: Path
+) -> None:
+    """A second run reuses the virtualenv, keeps the node's identity, rewrites the config,
+    and leaves exactly one agent running, connected as the same node. The first run builds
+    its own wheel from this checkout."""
+    leader: InProcessLeader = await leader_factory(leader=TLS)
+    host = Host(tmp_path / "host")
+    first = await bootstrap(leader, host, wheel=False)
+    assert first.status == 0, first.stderr
+    assert "built from" in first.steps()["wheel"]["detail"]
+    node_id = (await leader.api.nodes())["boot-1"]["id"]
+    first_pid = host.agent_pid()
+    (host.config_dir / "config.toml").write_text("# changed by hand\n")
+
+    again = await bootstrap(leader, host)
+
+    assert again.status == 0, again.stderr
+    steps = again.steps()
+    assert steps["virtualenv"]["detail"].startswith("reused ")
+    assert steps["leader"]["detail"].endswith(f"node boot-1 enrolled as {node_id}")
+    assert steps["config"]["detail"].endswith("identity kept")
+    assert 'name = "boot-1"' in (host.config_dir / "config.toml").read_text()
+    assert not _alive(first_pid)
+    assert _alive(host.agent_pid())
+    nodes = await leader.api.nodes()
+    assert list(nodes) == ["boot-1"]
+    assert nodes["boot-1"]["id"] == node_id
+    assert nodes["boot-1"]["connected"] is True
+
+
+async def test_a_wrong_host_key_is_refused_before_anything_happens(
+    leader_factory: Callable[..., Any], bootstrap: Bootstrap, sshd: Sshd, tmp_path: Path
+) -> None:
+    """A known_hosts that holds another key for the host stops the run at `connect`, with
+    the reason, and the host is left untouched."""
+    leader: InProcessLeader = await leader_factory(leader=TLS)
+    host = Host(tmp_path / "host")
+
+    run = await bootstrap(leader, host, "--known-hosts", str(sshd.impostor_known_hosts()))
+
+    assert run.status == 1
+    assert "bootstrap failed at step 'connect'" in run.stderr
+    assert "host key is not trusted" in run.stderr
+    failed = run.steps()["connect"]
+    assert failed["status"] == "failed"
+    assert "host key is not trusted" in failed["error"]
+    assert not host.root.exists()
+
+
+async def test_a_failing_step_says_which_and_why(
+    leader_factory: Callable[..., Any], bootstrap: Bootstrap, tmp_path: Path
+) -> None:
+    """An engine that does not answer on the host fails the `engine` step with Docker's
+    own reason, before anything is installed."""
+    leader: InProcessLeader = await leader_factory(leader=TLS)
+    host = Host(tmp_path / "host")
+
+    run = await bootstrap(leader, host, "--engine-url", f"unix://{tmp_path}/none.sock")
+
+    assert run.status == 1
+    assert "bootstrap failed at step 'engine'" in run.stderr
+    assert "Cannot connect to the Docker daemon" in run.steps()["engine"]["error"]
+    assert not host.prefix.exists()
