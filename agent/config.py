@@ -55,6 +55,15 @@ class WebhookConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     secret: Annotated[str, msgspec.Meta(min_length=16)]
 
 
+class BuildServerConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A separate host whose Docker Engine builds and pushes, reached over SSH."""
+
+    ssh: Annotated[str, msgspec.Meta(pattern=r"^ssh://[^@/]+@[^/]+$")]
+    known_hosts: str
+    identity_file: str | None = None
+    docker_socket: str = "/var/run/docker.sock"
+
+
 class LeaderConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
     listen: str = "0.0.0.0:7443"
     plain_http: bool = False
@@ -73,6 +82,7 @@ class LeaderConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True
     swarm_advertise_addr: str | None = None
     swarm_listen_addr: str = "0.0.0.0:2377"
     webhooks: tuple[WebhookConfig, ...] = ()
+    build_server: BuildServerConfig | None = None
     stage_timeouts: StageTimeouts = msgspec.field(default_factory=StageTimeouts)
 
     def __post_init__(self) -> None:

@@ -6,9 +6,11 @@ has a deadline, and a failure is an `SshError` that says what failed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import posixpath
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -117,6 +119,24 @@ class SshHost:
     async def close(self) -> None:
         self._conn.close()
         await self._conn.wait_closed()
+
+    @contextlib.asynccontextmanager
+    async def forward_socket(self, local: Path, remote: str) -> AsyncIterator[None]:
+        """Serve `local` (a unix socket) as a tunnel to the host's `remote` socket."""
+        try:
+            async with asyncio.timeout(COMMAND_TIMEOUT):
+                listener = await self._conn.forward_local_path(str(local), remote)
+        except TimeoutError:
+            raise SshError(
+                f"forwarding {remote} did not start within {COMMAND_TIMEOUT:.0f} s"
+            ) from None
+        except (asyncssh.Error, OSError) as exc:
+            raise SshError(f"forwarding {remote}: {_describe(exc)}") from None
+        try:
+            yield
+        finally:
+            listener.close()
+            await listener.wait_closed()
 
     async def run(self, command: str, *, deadline: float = COMMAND_TIMEOUT) -> Completed:
         """Run `command` through the remote shell; a non-zero status is returned, not raised."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from agent.config import LeaderConfig
 from agent.engine import Engine
+from agent.leader.build_server import Builders
 from agent.leader.hub import Hub
 from agent.leader.journal import Journal
 from agent.leader.metrics import LeaderMetrics
@@ -26,6 +27,7 @@ class LeaderContext:
     hub: Hub
     tls: LeaderTLS | None
     metrics: LeaderMetrics
+    builders: Builders
 
     @property
     def contexts_dir(self) -> Path:

@@ -32,8 +32,9 @@ CredentialsListener = Callable[[RegistryCredentials | None, int], None]
 
 
 class RegistryService:
-    def __init__(self, store: Store, engine: Engine) -> None:
+    def __init__(self, store: Store, engine: Engine, *, build_server: bool = False) -> None:
         self._store = store
+        self._build_server = build_server
         self._engine = engine
         self._current: RegistryCredentials | None = None
         self.version = 0
@@ -97,9 +98,12 @@ class RegistryService:
             reason = "registry credentials are configured"
         elif enrolled:
             reason = f"{enrolled} worker(s) enrolled"
+        elif self._build_server:
+            reason = "images are built on a separate build server"
         else:
             reason = "no worker is enrolled and no registry is configured"
-        mode = Mode.REGISTRY if configured or enrolled else Mode.LOCAL
+        remote = configured or enrolled or self._build_server
+        mode = Mode.REGISTRY if remote else Mode.LOCAL
         return ModeDecision(mode, reason, enrolled, configured)
 
 
@@ -107,8 +111,7 @@ def registry_required(decision: ModeDecision) -> RequestError:
     return RequestError(
         409,
         "registry_required",
-        f"{decision.enrolled_workers} worker(s) are enrolled, so images must go through a "
-        "registry, and none is configured",
+        f"images must go through a registry ({decision.reason}), and none is configured",
         hint="set credentials with `deploy-agent registry set` or PUT /v1/registry "
         "(server, username, password)",
     )

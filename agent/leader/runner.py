@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from agent.errors import DeploymentError
+from agent.errors import DeploymentError, EngineError, SshError
 from agent.leader import release, stages
 from agent.leader.context import LeaderContext
 from agent.leader.models import Deployment, ErrorInfo, StageTiming, State, plan
@@ -72,7 +72,12 @@ class Runner:
         """A build recorded before a crash counts only while the engine still holds it."""
         if not self.dep.stage_done(State.BUILDING) or self.dep.digest is not None:
             return
-        if await self.ctx.engine.image_id(f"{self.dep.repository}:{self.dep.tag}") is None:
+        try:
+            async with self.ctx.builders.engine() as engine:
+                held = await engine.image_id(f"{self.dep.repository}:{self.dep.tag}")
+        except (EngineError, SshError):
+            held = None  # cannot tell: building again is safe
+        if held is None:
             del self.dep.stages[State.BUILDING]
 
     async def _run_stage(self, stage: State) -> None:

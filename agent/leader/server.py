@@ -26,6 +26,7 @@ from agent.engine import Engine
 from agent.errors import AgentError, ConfigError, RequestError
 from agent.leader.api import cluster, deployments, middleware, nodes, openapi, registry
 from agent.leader.api.keys import CONTEXT, SCHEDULER
+from agent.leader.build_server import Builders
 from agent.leader.context import LeaderContext
 from agent.leader.hub import Hub, ProgressSink
 from agent.leader.journal import Journal
@@ -82,7 +83,10 @@ class Leader:
         await store.open()
         sender = WebhookSender(store, hooks)
         engine = Engine(self.config.engine.url, timeout=self.config.engine.timeout)
-        reg = RegistryService(store, engine)
+        builders = Builders(
+            engine, self.leader_config.build_server, state, self.config.engine.timeout
+        )
+        reg = RegistryService(store, engine, build_server=builders.remote)
         await reg.load()
         journal = Journal(store, sender.wake)
         metrics = LeaderMetrics()
@@ -90,7 +94,7 @@ class Leader:
         reg.on_change(hub.set_credentials)
         tls = await asyncio.to_thread(_leader_tls, self.leader_config, state)
         ctx = LeaderContext(
-            self.leader_config, state, store, journal, engine, reg, hub, tls, metrics
+            self.leader_config, state, store, journal, engine, reg, hub, tls, metrics, builders
         )
         self.ctx = ctx
         ctx.contexts_dir.mkdir(mode=0o700, exist_ok=True)

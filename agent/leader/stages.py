@@ -26,6 +26,7 @@ from agent.errors import (
     RegistryError,
     RegistryTransientError,
     RequestError,
+    SshError,
 )
 from agent.leader.context import LeaderContext
 from agent.leader.models import Deployment
@@ -49,17 +50,18 @@ async def build(ctx: LeaderContext, dep: Deployment) -> None:
         await ctx.journal.record(dep.id, "log", line=line)
 
     try:
-        dep.image_id = await ctx.engine.build(
-            context,
-            tag=f"{dep.repository}:{dep.tag}",
-            dockerfile=dep.request.dockerfile,
-            build_args=dep.request.build_args,
-            labels=labels,
-            on_line=on_line,
-        )
+        async with ctx.builders.engine() as engine:
+            dep.image_id = await engine.build(
+                context,
+                tag=f"{dep.repository}:{dep.tag}",
+                dockerfile=dep.request.dockerfile,
+                build_args=dep.request.build_args,
+                labels=labels,
+                on_line=on_line,
+            )
     except BuildError as exc:
         raise BuildFailed(exc.message, exc.log_tail) from None
-    except EngineError as exc:
+    except (EngineError, SshError) as exc:
         raise BuildFailed(exc.message, []) from None
 
 
@@ -112,16 +114,17 @@ async def push(ctx: LeaderContext, dep: Deployment) -> None:
         reraise=True,
     )
     try:
-        async for attempt in retrying:
-            with attempt:
-                dep.digest = await ctx.engine.push(dep.repository, dep.tag, creds, progress)
+        async with ctx.builders.engine() as engine:
+            async for attempt in retrying:
+                with attempt:
+                    dep.digest = await engine.push(dep.repository, dep.tag, creds, progress)
     except RegistryAuthError as exc:
         raise DeploymentError(
             "push_unauthorized", f"the registry refused the push: {exc.message}", UNAUTHORIZED_HINT
         ) from None
     except RegistryTransientError as exc:
         raise _exhausted(ctx, dep, exc) from None
-    except (RegistryError, EngineError) as exc:
+    except (RegistryError, EngineError, SshError) as exc:
         raise DeploymentError("push_failed", f"the push failed: {exc.message}") from None
     await ctx.journal.record(dep.id, "push", status="pushed", digest=dep.digest)
 

@@ -1,0 +1,81 @@
+"""Where images are built and pushed: the leader's own engine, or a separate build
+server whose Docker socket is forwarded over SSH to a socket in a 0700 directory.
+
+A tunnel lives for one stage; an unreachable build server fails that deployment with
+its reason and never the leader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from agent.config import BuildServerConfig
+from agent.engine import Engine
+from agent.errors import SshError
+from agent.logs import get_logger
+from agent.ssh import SshHost, SshTarget
+
+log = get_logger(__name__)
+
+
+class BuildServerUnreachable(SshError):
+    """The build server could not be reached or its Docker socket not forwarded."""
+
+
+class Builders:
+    """Hands out the engine that builds: the local one, or a tunnel to the build server."""
+
+    def __init__(
+        self, local: Engine, config: BuildServerConfig | None, state_dir: Path, timeout: float
+    ) -> None:
+        self._local = local
+        self._config = config
+        self._state_dir = state_dir
+        self._timeout = timeout
+
+    @property
+    def remote(self) -> bool:
+        return self._config is not None
+
+    def describe(self) -> str:
+        return self._config.ssh if self._config else "the leader's engine"
+
+    @contextlib.asynccontextmanager
+    async def engine(self) -> AsyncIterator[Engine]:
+        if self._config is None:
+            yield self._local
+            return
+        config = self._config
+        # mkdtemp makes the directory 0700: only the agent can reach the tunnel socket
+        directory = Path(tempfile.mkdtemp(prefix="build-tunnel-", dir=self._state_dir))
+        socket = directory / "docker.sock"
+        try:
+            async with (
+                await _connect(config) as host,
+                host.forward_socket(socket, config.docker_socket),
+            ):
+                engine = Engine(f"unix://{socket}", timeout=self._timeout)
+                try:
+                    yield engine
+                finally:
+                    await engine.close()
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+async def _connect(config: BuildServerConfig) -> SshHost:
+    try:
+        target = SshTarget.parse(config.ssh)
+        identity = Path(config.identity_file) if config.identity_file else None
+        return await SshHost.connect(
+            target, known_hosts=Path(config.known_hosts), identity=identity
+        )
+    except (SshError, ValueError) as exc:
+        message = exc.message if isinstance(exc, SshError) else str(exc)
+        raise BuildServerUnreachable(
+            f"the build server {config.ssh} is unreachable: {message}"
+        ) from None

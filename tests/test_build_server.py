@@ -1,0 +1,104 @@
+"""A separate build server: the leader builds and pushes through a second engine whose
+socket a real sshd forwards, into a 0700 directory; an unreachable one fails the
+deployment with its reason and the leader stays up."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.support.contexts import busybox_context, run_step
+from tests.support.dockerd import Dockerd
+from tests.support.registry import Registry
+from tests.support.sshd import Sshd
+
+
+def _build_server(sshd: Sshd, engine: Dockerd) -> dict[str, Any]:
+    return {
+        "ssh": sshd.url,
+        "known_hosts": str(sshd.known_hosts),
+        "identity_file": str(sshd.identity),
+        "docker_socket": str(engine.sock),
+    }
+
+
+async def test_deployment_builds_on_the_build_server_and_pushes_from_there(
+    leader_factory: Callable[..., Any],
+    sshd: Sshd,
+    worker_engines: list[Dockerd],
+    dockerd: Dockerd,
+    registry: Registry,
+    tmp_path: Path,
+) -> None:
+    """The image is built by the second engine (not the leader's) and the registry serves it."""
+    builder = worker_engines[1]
+    leader = await leader_factory(leader={"build_server": _build_server(sshd, builder)})
+    _, cluster = await leader.api.request("GET", "/v1/cluster")
+    assert cluster["mode"] == "registry" and "build server" in cluster["reason"]
+    await leader.api.put_registry(registry.host, registry.username, registry.password)
+    state_dir = Path(leader.config.state_dir)
+    dep = await leader.api.deploy_dir(
+        busybox_context(tmp_path / "c", run_step("echo on-the-build-server; sleep 2")), "remote"
+    )
+    tunnel_modes = await _tunnel_modes_while_building(leader, dep["id"], state_dir)
+
+    final = await leader.api.wait_final(dep["id"])
+
+    assert final["state"] == "succeeded", final
+    tag = f"{final['repository']}:{dep['id']}"
+    assert builder.cli("image", "inspect", tag, check=False).returncode == 0
+    assert dockerd.cli("image", "inspect", tag, check=False).returncode != 0
+    assert registry.manifest_digest(f"{registry.username}/remote", dep["id"]) == final["digest"]
+    assert tunnel_modes and all(mode == 0o700 for mode in tunnel_modes)
+    assert not list(state_dir.glob("build-tunnel-*"))  # each tunnel is gone after its stage
+
+
+async def _tunnel_modes_while_building(leader: Any, dep_id: str, state_dir: Path) -> list[int]:
+    async with asyncio.timeout(60):
+        while True:
+            tunnels = list(state_dir.glob("build-tunnel-*"))
+            if tunnels:
+                return [stat.S_IMODE(t.stat().st_mode) for t in tunnels]
+            _, doc = await leader.api.request("GET", f"/v1/deployments/{dep_id}")
+            assert doc["state"] in ("queued", "building"), doc
+            await asyncio.sleep(0.05)
+
+
+async def test_unreachable_build_server_fails_the_deployment_not_the_leader(
+    leader_factory: Callable[..., Any],
+    sshd: Sshd,
+    worker_engines: list[Dockerd],
+    registry: Registry,
+    tmp_path: Path,
+) -> None:
+    """With the build server's sshd stopped, the build fails naming it; the leader serves on."""
+    leader = await leader_factory(leader={"build_server": _build_server(sshd, worker_engines[1])})
+    await leader.api.put_registry(registry.host, registry.username, registry.password)
+    sshd.cleanup()
+
+    dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "stranded")
+    final = await leader.api.wait_final(dep["id"])
+
+    assert final["state"] == "failed"
+    assert final["error"]["code"] == "build_failed"
+    assert (
+        "build server" in final["error"]["message"] and "unreachable" in final["error"]["message"]
+    )
+    status, _ = await leader.api.request("GET", "/v1/cluster")
+    assert status == 200
+
+
+async def test_build_server_without_registry_is_409(
+    leader_factory: Callable[..., Any], sshd: Sshd, worker_engines: list[Dockerd], tmp_path: Path
+) -> None:
+    """A build server means the registry flow: without credentials the deployment is refused."""
+    leader = await leader_factory(leader={"build_server": _build_server(sshd, worker_engines[1])})
+
+    status, doc = await leader.api.deploy_dir_raw(busybox_context(tmp_path / "c"), "nowhere")
+
+    assert status == 409
+    assert doc["error"]["code"] == "registry_required"
+    assert "build server" in doc["error"]["message"]
