@@ -234,30 +234,15 @@ class Engine:
     ) -> str:
         """Push `repository:tag` once; return its digest, or raise a classified error."""
         digest: str | None = None
-        headers = {"X-Registry-Auth": compose_auth_header(creds.engine_auth())}
-        try:
-            async with contextlib.aclosing(
-                self._stream(
-                    f"images/{repository}/push",
-                    params={"tag": tag},
-                    headers=headers,
-                    idle_timeout=PUSH_IDLE_SECONDS,
-                )
-            ) as stream:
-                async for item in stream:
-                    digest = _digest_of(item) or digest
-                    if "id" in item and "status" in item:
-                        await on_progress(_progress_of(item))
-        except _StreamError as exc:
-            raise classify_registry_error(exc.message) from None
-        except aiodocker.DockerError as exc:
-            raise _engine_or_registry(exc) from None
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            raise RegistryTransientError(f"push stream broke: {exc}", unreachable=False) from None
-        except TimeoutError:
-            raise RegistryTransientError(
-                f"the push made no progress for {PUSH_IDLE_SECONDS:.0f} s", unreachable=True
-            ) from None
+
+        async def watch(item: Mapping[str, Any]) -> None:
+            nonlocal digest
+            digest = _digest_of(item) or digest
+            if "id" in item and "status" in item:
+                await on_progress(_progress_of(item))
+
+        params = {"tag": tag}
+        await self._registry_stream("push", f"images/{repository}/push", params, creds, watch)
         if digest is None:
             raise RegistryTransientError(
                 "the push stream ended before the registry confirmed a digest", unreachable=False
@@ -269,33 +254,44 @@ class Engine:
     ) -> None:
         """Pull `ref` (repository@digest); done only when the engine then holds it."""
         repository, _, digest = ref.partition("@")
+
+        async def watch(item: Mapping[str, Any]) -> None:
+            if "id" in item and "status" in item:
+                await on_progress(_progress_of(item))
+
+        params = {"fromImage": repository, "tag": digest}
+        await self._registry_stream("pull", "images/create", params, creds, watch)
+        if await self.image_id(ref) is None:
+            raise RegistryTransientError(
+                "the pull stream ended but the engine does not hold the image", unreachable=False
+            )
+
+    async def _registry_stream(
+        self,
+        what: str,
+        path: str,
+        params: Mapping[str, str],
+        creds: RegistryCredentials | None,
+        watch: Callable[[Mapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        """Run a push or pull stream to its end; raise its failure, classified."""
         headers = {"X-Registry-Auth": compose_auth_header(creds.engine_auth())} if creds else {}
         try:
             async with contextlib.aclosing(
-                self._stream(
-                    "images/create",
-                    params={"fromImage": repository, "tag": digest},
-                    headers=headers,
-                    idle_timeout=PUSH_IDLE_SECONDS,
-                )
+                self._stream(path, params=params, headers=headers, idle_timeout=PUSH_IDLE_SECONDS)
             ) as stream:
                 async for item in stream:
-                    if "id" in item and "status" in item:
-                        await on_progress(_progress_of(item))
+                    await watch(item)
         except _StreamError as exc:
             raise classify_registry_error(exc.message) from None
         except aiodocker.DockerError as exc:
             raise _engine_or_registry(exc) from None
         except (aiohttp.ClientError, ConnectionError) as exc:
-            raise RegistryTransientError(f"pull stream broke: {exc}", unreachable=False) from None
+            raise RegistryTransientError(f"{what} stream broke: {exc}", unreachable=False) from None
         except TimeoutError:
             raise RegistryTransientError(
-                f"the pull made no progress for {PUSH_IDLE_SECONDS:.0f} s", unreachable=True
+                f"the {what} made no progress for {PUSH_IDLE_SECONDS:.0f} s", unreachable=True
             ) from None
-        if await self.image_id(ref) is None:
-            raise RegistryTransientError(
-                "the pull stream ended but the engine does not hold the image", unreachable=False
-            )
 
     async def _stream(
         self,

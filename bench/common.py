@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tests.support.contexts import busybox_context, run_step
 from tests.support.dockerd import Dockerd
+from tests.support.registry import Registry
 
 
 def fresh_context(root: Path) -> Path:
@@ -27,4 +28,18 @@ def docker(engine: Dockerd, env: dict[str, str], *args: str, stdin: str | None =
         capture_output=True,
         check=True,
         timeout=300,
+    )
+
+
+def docker_login(engine: Dockerd, env: dict[str, str], registry: Registry) -> None:
+    """Log the docker CLI in, as a person would before `docker push` or `docker pull`."""
+    docker(
+        engine,
+        env,
+        "login",
+        "-u",
+        registry.username,
+        "--password-stdin",
+        registry.host,
+        stdin=registry.password,
     )

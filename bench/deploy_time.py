@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import docker, fresh_context
+from bench.common import docker, docker_login, fresh_context
 from tests.support.api import tar_of
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader, leader_config
@@ -60,16 +60,7 @@ async def main(runs: int) -> None:
     leader = InProcessLeader(leader_config(work / "state", engine.url))
     await leader.start()
     try:
-        docker(
-            engine,
-            env,
-            "login",
-            "-u",
-            registry.username,
-            "--password-stdin",
-            registry.host,
-            stdin=registry.password,
-        )
+        docker_login(engine, env, registry)
         figures = await _measure(engine, registry, leader, env, work=work, runs=runs)
     finally:
         await leader.stop()

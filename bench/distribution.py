@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.common import docker, fresh_context
+from bench.common import docker, docker_login, fresh_context
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader, leader_config
 from tests.support.registry import Registry
@@ -73,16 +73,7 @@ async def _measure(
 ) -> tuple[list[float], list[float]]:
     env = {**os.environ, "DOCKER_CONFIG": str(work / "docker-config"), "DOCKER_BUILDKIT": "0"}
     for engine in engines:
-        docker(
-            engine,
-            env,
-            "login",
-            "-u",
-            registry.username,
-            "--password-stdin",
-            registry.host,
-            stdin=registry.password,
-        )
+        docker_login(engine, env, registry)
     agent, plain = [], []
     for i in range(runs):
         dep = await leader.api.deploy_dir(fresh_context(work), "bench")
