@@ -66,7 +66,8 @@ async def test_random_sigkills_lose_nothing_and_never_push_twice(
     resumed = sum(1 for attempts in outcomes if attempts > 1)
     print(
         f"kill trials: {TRIALS}, seed {seed}, deployments {len(outcomes)}, "
-        f"resumed after a kill {resumed}, lost 0, pushed twice 0"
+        f"resumed after a kill {resumed}, each ended once (asserted), recorded digests "
+        f"pushed again 0 (asserted), unrecorded in-flight pushes redone {repushed}"
     )
 
 
