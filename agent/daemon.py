@@ -11,8 +11,8 @@ import asyncio
 import signal
 
 from agent.config import Config
-from agent.leader.server import Leader, register_secrets
-from agent.logs import get_logger
+from agent.leader.server import Leader
+from agent.logs import get_logger, redactor
 from agent.systemd import Notifier
 from agent.worker.agent import Worker
 
@@ -20,7 +20,7 @@ log = get_logger(__name__)
 
 
 async def run(config: Config) -> None:
-    register_secrets(config)
+    redactor.add(*config.secrets())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -36,7 +36,7 @@ from agent.leader.release import ensure_swarm
 from agent.leader.scheduler import Scheduler
 from agent.leader.store import Store
 from agent.leader.webhooks import WebhookSender
-from agent.logs import get_logger, redactor
+from agent.logs import get_logger
 from agent.tls import LeaderTLS, default_names, ensure_leader_tls
 
 log = get_logger(__name__)
@@ -219,7 +219,3 @@ def _lock_state_dir(state: Path) -> IO[str]:
         raise ConfigError(f"state_dir: another deploy-agent holds {state}/lock") from None
     os.chmod(lock.name, 0o600)
     return lock
-
-
-def register_secrets(config: Config) -> None:
-    redactor.add(*config.secrets())

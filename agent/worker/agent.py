@@ -59,6 +59,7 @@ class Worker:
             if await self.engine.wait_until_up(stop, notifier.waiting_for_engine) is None:
                 return
             identity = await self._identity()
+            redactor.add(identity.secret)
             notifier.ready(self.status_line())
             log.info("agent.ready", role="worker", node_id=identity.node_id)
             await self._link_loop(identity, stop)
