@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
 
+from agent.leader.store import IDEMPOTENCY_TTL_S
 from tests.support.contexts import busybox_context, run_step
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader
@@ -128,6 +130,25 @@ async def test_idempotency_key_returns_the_same_deployment(
     _, listing = await leader.api.request("GET", "/v1/deployments?app=idem")
     assert len(listing["deployments"]) == 1
     await leader.api.wait_final(d1["id"])
+
+
+async def test_an_expired_idempotency_key_can_be_used_again(
+    leader: InProcessLeader, tmp_path: Path
+) -> None:
+    """A key older than the retention window no longer binds: another body is accepted."""
+    context = busybox_context(tmp_path / "c")
+    key = {"Idempotency-Key": "order-78"}
+    s1, d1 = await leader.api.deploy_dir_raw(context, "idem", headers=key)
+    await leader.api.wait_final(d1["id"])
+    aged = time.time() - IDEMPOTENCY_TTL_S - 60
+    with sqlite3.connect(leader.config.state_path / "leader.db") as db:
+        db.execute("UPDATE idempotency SET created_at = ? WHERE key = ?", (aged, "order-78"))
+
+    s2, d2 = await leader.api.deploy_dir_raw(context, "other", headers=key)
+
+    assert (s1, s2) == (202, 202)
+    assert d2["id"] != d1["id"]
+    await leader.api.wait_final(d2["id"])
 
 
 async def test_stage_past_its_deadline_fails_with_timeout(

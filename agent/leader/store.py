@@ -23,6 +23,7 @@ from agent.credentials import RegistryCredentials
 from agent.leader.models import Deployment, NodeInfo, NodeRecord, State
 
 T = TypeVar("T")
+IDEMPOTENCY_TTL_S = 24 * 3600.0  # a retried submission arrives well within a day
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deployments (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -45,6 +46,7 @@ CREATE TABLE IF NOT EXISTS idempotency (
     deployment_id TEXT NOT NULL,
     created_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created_at);
 CREATE TABLE IF NOT EXISTS registry_credentials (
     version INTEGER PRIMARY KEY AUTOINCREMENT,
     server TEXT,
@@ -150,6 +152,10 @@ class Store:
     ) -> tuple[Deployment, bool]:
         with self._tx() as db:
             if idempotency is not None:
+                db.execute(
+                    "DELETE FROM idempotency WHERE created_at < ?",
+                    (time.time() - IDEMPOTENCY_TTL_S,),
+                )
                 row = db.execute(
                     "SELECT d.doc, i.fingerprint FROM idempotency i "
                     "JOIN deployments d ON d.id = i.deployment_id WHERE i.key = ?",
