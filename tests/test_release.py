@@ -97,6 +97,26 @@ async def test_failing_image_is_rolled_back_and_the_old_version_keeps_running(
     assert _tasks(swarm_engine, "flaky_api") == [(first["image"], "Running")] * 2
 
 
+async def test_a_failed_first_release_removes_the_services_it_created(
+    leader_factory: Callable[..., Any], swarm_engine: Dockerd, tmp_path: Path
+) -> None:
+    """A new app whose second service keeps failing leaves no service behind: the one
+    that did start goes too, as there was no earlier version to return to."""
+    leader = await leader_factory(engine={"url": swarm_engine.url}, leader=RELEASE)
+    services = [_service("web"), _service("broken", command=["/bin/busybox", "false"])]
+
+    final = await _release(leader, busybox_context(tmp_path / "c"), "fresh", services)
+
+    assert final["state"] == "failed", final
+    assert "fresh_broken" in final["error"]["message"]
+    left = swarm_engine.cli("service", "ls", "--filter", "label=deploy-agent.app=fresh", "-q")
+    assert left.stdout.split() == []
+    removed = [
+        e["service"] for e in await leader.api.events(final["id"]) if e.get("action") == "removed"
+    ]
+    assert sorted(removed) == ["fresh_broken", "fresh_web"]
+
+
 async def test_local_mode_release_sends_no_registry_request(
     leader_factory: Callable[..., Any], swarm_engine: Dockerd, registry: Registry, tmp_path: Path
 ) -> None:

@@ -38,6 +38,7 @@ async def release(ctx: LeaderContext, dep: Deployment) -> None:
     existing = await app_services(engine, dep.app)
     headers = _auth_headers(ctx, dep)
     updated: list[str] = []
+    created: list[str] = []
     for svc in dep.request.services:
         name = f"{dep.app}_{svc.name}"
         spec = service_spec(dep, svc, name, constrain=constrain)
@@ -46,12 +47,14 @@ async def release(ctx: LeaderContext, dep: Deployment) -> None:
             updated.append(name)
         else:
             await _call(engine, "POST", "services/create", body=spec, headers=headers)
+            created.append(name)
         action = "update" if name in existing else "create"
         await ctx.journal.record(dep.id, "release", service=name, action=action)
     try:
         await _converge(ctx, dep)
     except ServiceFailed as exc:
         await _roll_back(engine, [name for name in updated if name != exc.service])
+        await _remove_created(ctx, dep, created)
         raise
     if dep.request.prune:
         await _prune(ctx, dep, existing)
@@ -280,6 +283,19 @@ async def _roll_back(engine: Engine, names: list[str]) -> None:
             log.warning("release.rolled_back_sibling", service=name)
         except EngineError as exc:
             log.error("release.rollback_failed", service=name, error=exc.message)
+
+
+async def _remove_created(ctx: LeaderContext, dep: Deployment, names: list[str]) -> None:
+    """Services this failed deployment created had no previous version to go back to:
+    remove them, so the app is left as it was before."""
+    for name in names:
+        try:
+            await ctx.engine.request("DELETE", f"services/{name}")
+        except EngineError as exc:
+            log.error("release.remove_failed", service=name, error=exc.message)
+            continue
+        log.warning("release.removed_new_service", service=name)
+        await ctx.journal.record(dep.id, "release", service=name, action="removed")
 
 
 async def _prune(ctx: LeaderContext, dep: Deployment, existing: dict[str, Any]) -> None:
