@@ -136,9 +136,10 @@ async def test_join_token_and_nodes_commands(
 
 
 async def _cli_on_tty(
-    leader: InProcessLeader, *args: str, interrupt_after: float | None = None
+    leader: InProcessLeader, *args: str, interrupt_on: str | None = None
 ) -> tuple[int, str]:
-    """Run the command with its output on a pseudo-terminal, as a person would see it."""
+    """Run the command with its output on a pseudo-terminal, as a person would see it;
+    press Ctrl-C once `interrupt_on` has appeared on the screen."""
     primary, secondary = pty.openpty()
     env = dict(os.environ) | {
         "DEPLOY_AGENT_URL": leader.api.base_url,
@@ -155,21 +156,50 @@ async def _cli_on_tty(
         stderr=secondary,
     )
     os.close(secondary)
-    if interrupt_after is not None:
-        await asyncio.sleep(interrupt_after)
-        proc.send_signal(signal.SIGINT)
-    code = await asyncio.wait_for(proc.wait(), 120)
-    chunks = []
-    while True:
+    screen = _Screen(primary)
+    try:
+        if interrupt_on is not None:
+            await asyncio.wait_for(screen.shows(interrupt_on), 60)
+            proc.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(proc.wait(), 120)
+        await screen.closed.wait()
+    finally:
+        screen.close()
+    return code, screen.text()
+
+
+class _Screen:
+    """What the command wrote to its terminal, read as it arrives."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.chunks: list[bytes] = []
+        self.changed = asyncio.Event()
+        self.closed = asyncio.Event()
+        asyncio.get_running_loop().add_reader(fd, self._read)
+
+    def _read(self) -> None:
         try:
-            chunk = os.read(primary, 65536)
-        except OSError:
-            break
+            chunk = os.read(self.fd, 65536)
+        except OSError:  # the other side closed: EIO on a pty
+            chunk = b""
         if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(primary)
-    return code, b"".join(chunks).decode(errors="replace")
+            asyncio.get_running_loop().remove_reader(self.fd)
+            self.closed.set()
+        self.chunks.append(chunk)
+        self.changed.set()
+
+    async def shows(self, marker: str) -> None:
+        while marker not in self.text():
+            self.changed.clear()
+            await self.changed.wait()
+
+    def text(self) -> str:
+        return b"".join(self.chunks).decode(errors="replace")
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.fd)
+        os.close(self.fd)
 
 
 async def test_deploy_on_a_terminal_shows_stages_and_a_summary_table(
@@ -190,10 +220,10 @@ async def test_ctrl_c_detaches_and_the_deployment_goes_on(
     leader: InProcessLeader, tmp_path: Path
 ) -> None:
     """Ctrl-C during a build detaches (exit 130); the deployment still succeeds."""
-    context = busybox_context(tmp_path / "app", run_step("sleep 3"))
+    context = busybox_context(tmp_path / "app", run_step("echo started; sleep 3"))
 
     code, out = await _cli_on_tty(
-        leader, "deploy", "--app", "detach", "--context", str(context), interrupt_after=2.0
+        leader, "deploy", "--app", "detach", "--context", str(context), interrupt_on="started"
     )
 
     assert code == 130, out
