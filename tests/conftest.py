@@ -17,6 +17,19 @@ from tests.support.sshd import Sshd
 from tests.support.wheels import Wheelhouse
 from tests.support.worker import WorkerProcess
 
+# Tests run in parallel processes (pytest-xdist). Tests that share a machine-wide resource
+# run in one process: a loopback Swarm owns the host's docker_gwbridge, and wheel builds
+# write into this checkout's build/ directory.
+SHARED_RESOURCES = {"swarm_engine": "swarm", "wheelhouse": "wheel"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        for fixture, group in SHARED_RESOURCES.items():
+            if fixture in fixtures:
+                item.add_marker(pytest.mark.xdist_group(group))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _logging() -> None:
