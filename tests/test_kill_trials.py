@@ -15,6 +15,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.support.contexts import busybox_context, run_step
 from tests.support.leader import LeaderProcess
 from tests.support.registry import Registry
@@ -28,6 +30,7 @@ def _manifest_puts(registry: Registry, app: str, tag: str) -> int:
     return len(pattern.findall(registry.log_path.read_text()))
 
 
+@pytest.mark.timeout(60 + 10 * TRIALS)  # about 3 s a trial; slower when the machine is busy
 async def test_random_sigkills_lose_nothing_and_never_push_twice(
     leader_process: Callable[..., LeaderProcess], registry: Registry, tmp_path: Path
 ) -> None:
