@@ -284,3 +284,34 @@ async def sleep_until(check: Callable[[], Awaitable[bool]], timeout: float, what
     except TimeoutError:
         raise AssertionError(f"{what}: not within {timeout} s") from None
     return since(started)
+
+
+async def first_event(
+    api: Api, dep_id: str, match: Callable[[dict[str, Any]], bool], timeout: float
+) -> dict[str, Any]:
+    """Follow the deployment's events until one matches; fail if it ends first."""
+    async with (
+        asyncio.timeout(timeout),
+        api.session.get(
+            f"{api.base_url}/v1/deployments/{dep_id}/events",
+            headers={"Authorization": f"Bearer {api.token}"},
+            ssl=api.ssl,
+        ) as response,
+    ):
+        assert response.status == 200
+        async for line in response.content:
+            if line.strip() and match(event := json.loads(line)):
+                return dict(event)
+    raise AssertionError(f"deployment {dep_id} ended before the awaited event")
+
+
+async def metric(api: Api, name: str) -> float:
+    """One unlabelled sample from the leader's /metrics."""
+    async with api.session.get(
+        f"{api.base_url}/metrics", headers={"Authorization": f"Bearer {api.token}"}, ssl=api.ssl
+    ) as response:
+        text = await response.text()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")

@@ -19,6 +19,12 @@ def _run(*args: str) -> None:
     subprocess.run(list(args), check=True, capture_output=True, timeout=30)
 
 
+def _tbf(mbit: int) -> list[str]:
+    """A token bucket (netem is not in every kernel); the burst covers loopback's 64 KiB
+    packets, the latency bounds the queue."""
+    return ["tbf", "rate", f"{mbit}mbit", "burst", "128kb", "latency", "500ms"]
+
+
 @dataclass
 class Hosts:
     """A bridge with one namespace per host; `address(name)` is the host's IP."""
@@ -89,9 +95,7 @@ class Hosts:
     def throttle_loopback(self, name: str, mbit: int) -> None:
         """Slow traffic between the services of one host (its loopback and own address)."""
         ns = self.netns(name)
-        _run(
-            "tc", "-n", ns, "qdisc", "replace", "dev", "lo", "root", "netem", "rate", f"{mbit}mbit"
-        )
+        _run("tc", "-n", ns, "qdisc", "replace", "dev", "lo", "root", *_tbf(mbit))
 
     def unthrottle(self, name: str) -> None:
         """Remove every throttle from the host; quiet when there is none."""
