@@ -87,9 +87,7 @@ class Hosts:
             "dev",
             self.outside(name),
             "root",
-            "netem",
-            "rate",
-            f"{mbit}mbit",
+            *_tbf(mbit),
         )
 
     def throttle_loopback(self, name: str, mbit: int) -> None:
