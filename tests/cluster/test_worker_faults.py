@@ -62,9 +62,6 @@ async def test_a_worker_lost_mid_pull_is_named_and_catches_up_when_back(
     caught_up_s = await sleep_until(
         lambda: asyncio.to_thread(cluster.holds, "w1", final["image"]), 60, "w1 catches up"
     )
-    last_pull = (await api.nodes())["w1"]["last_pull"]
-    assert last_pull["image"] == final["image"]
-    assert last_pull["ok"] is True
     measured(
         {
             "scenario": f"worker_{fault}_mid_pull",
@@ -83,8 +80,9 @@ async def _not(check: Any) -> bool:
 async def test_credentials_rotated_while_a_worker_is_cut_off_reach_it_on_heal(
     cluster: Cluster, api: Api
 ) -> None:
-    """w1 is cut off while the password changes; within 5 s of its link coming back it
-    holds the new credentials version."""
+    """w1 is cut off (the leader sees it gone) while the password changes; within 5 s of
+    its link coming back it holds the new credentials version."""
+    log_from = cluster.log_size("w1")
     cluster.cut("w1")
     cut_at = time.monotonic()
     await sleep_until(lambda: _not(_connected(api, "w1")), GONE_WITHIN_S, "leader sees w1 gone")
@@ -107,9 +105,9 @@ async def test_credentials_rotated_while_a_worker_is_cut_off_reach_it_on_heal(
         {
             "scenario": "credentials_rotated_while_cut_off",
             "leader_saw_it_gone_s": gone_s,
-            "cut_s": since(cut_at) - healed_s,
+            "cut_s": round(since(cut_at) - healed_s, 2),
             "new_version_after_heal_s": healed_s,
-            "reconnect_attempts": len(cluster.worker_events("w1", "link.reconnect")),
+            "reconnect_attempts": len(cluster.worker_events("w1", "link.reconnect", log_from)),
         }
     )
 
