@@ -8,10 +8,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from tests.cluster.harness import Cluster, measured
+from tests.cluster.harness import WORKERS, Cluster, measured
 from tests.support.api import Api
-
-WORKERS = ("w1", "w2")
 
 
 @pytest.fixture(scope="package")

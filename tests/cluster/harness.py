@@ -33,6 +33,7 @@ from tests.support.worker import WorkerProcess
 
 LEADER = "leader"
 LEADER_PORT = 7443
+WORKERS = ("w1", "w2")
 # The rest of the suite uses 10.213.77.0/24; this range keeps clusters of concurrent runs
 # apart (the bridge has an address here, so two equal subnets would clash).
 NETS = range(100, 250)

@@ -7,8 +7,15 @@ import asyncio
 import time
 from pathlib import Path
 
-from tests.cluster.conftest import WORKERS
-from tests.cluster.harness import LEADER, Cluster, first_event, measured, since, sleep_until
+from tests.cluster.harness import (
+    LEADER,
+    WORKERS,
+    Cluster,
+    first_event,
+    measured,
+    since,
+    sleep_until,
+)
 from tests.support.api import Api
 from tests.support.contexts import bulky_context
 
