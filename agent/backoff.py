@@ -16,8 +16,9 @@ class Backoff:
         self.cap = cap
         self.attempt = 0
 
-    def next(self) -> float:
-        ceiling = min(self.cap, self.initial * 2.0**self.attempt)
+    def next(self, cap: float | None = None) -> float:
+        """The next delay; `cap` lowers the ceiling for this draw only."""
+        ceiling = min(cap or self.cap, self.cap, self.initial * 2.0**self.attempt)
         self.attempt += 1
         return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 (jitter, not crypto)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ssl
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from cryptography import x509
 from agent import wire
 from agent.backoff import Backoff
 from agent.tls import JoinTokenError, ensure_leader_tls, make_join_token, parse_join_token
+from agent.worker.agent import OFFLINE_RETRY_CAP, _no_route
 
 
 def test_join_token_round_trip_and_malformed_tokens() -> None:
@@ -65,3 +67,16 @@ def test_backoff_is_capped_and_never_spins() -> None:
     assert all(d >= 15 for d in delays[7:])
     backoff.reset()
     assert backoff.next() <= 0.5
+
+
+def test_a_connect_that_never_left_the_host_keeps_a_pace_of_seconds() -> None:
+    """No route to the leader holds the worker's next try within 4 s however long the
+    outage; a refused connect (the leader's host answered) backs off to the 30 s cap."""
+    backoff = Backoff(initial=0.5, cap=30)
+    for _ in range(10):
+        backoff.next()
+    no_route = OSError(errno.ENETUNREACH, "Network is unreachable")
+    assert _no_route(no_route)
+    assert not _no_route(ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
+    assert all(2 <= backoff.next(OFFLINE_RETRY_CAP) <= 4 for _ in range(20))
+    assert backoff.next() >= 15

@@ -13,6 +13,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from aiohttp import WSMsgType, web
 
@@ -28,6 +29,9 @@ SEND_QUEUE = 256
 SEND_DEADLINE = 10.0
 CLOSE_DEADLINE = 5.0
 ProgressSink = Callable[[str, wire.PullProgress], Awaitable[None]]
+# Why a node has no answer to a pull order: offline when it was ordered, or its link
+# dropped before it answered (it was killed, or cut off, mid-pull).
+Unanswered = Literal["offline", "disconnected"]
 
 
 def wire_credentials(creds: RegistryCredentials | None, version: int) -> wire.WireCredentials:
@@ -232,10 +236,11 @@ class Hub:
 
     async def pull_everywhere(
         self, order: str, image: str, nodes: list[NodeRecord]
-    ) -> dict[str, wire.PullResult | None]:
+    ) -> dict[str, wire.PullResult | Unanswered]:
         """Order every connected node to pull `image`; wait for each answer.
 
-        A node that is offline, or whose link drops before it answers, maps to None.
+        A node that is offline maps to "offline"; one whose link drops before it
+        answers, to "disconnected".
         """
         data = wire.encode(
             wire.PullOrder(order=order, image=image, credentials=self._wire_credentials())
@@ -250,9 +255,7 @@ class Hub:
         try:
             if waiting:
                 await asyncio.wait(waiting.values())
-            return {
-                node.id: waiting[node.id].result() if node.id in waiting else None for node in nodes
-            }
+            return {node.id: _answer(waiting.get(node.id)) for node in nodes}
         finally:
             for node_id in waiting:
                 self._waiters.pop((node_id, order), None)
@@ -260,3 +263,9 @@ class Hub:
     async def close_all(self) -> None:
         for link in list(self._links.values()):
             link.kick(wire.CLOSE_SHUTDOWN, "leader shutting down")
+
+
+def _answer(waiter: asyncio.Future[wire.PullResult | None] | None) -> wire.PullResult | Unanswered:
+    if waiter is None:
+        return "offline"
+    return waiter.result() or "disconnected"

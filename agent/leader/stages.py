@@ -29,6 +29,7 @@ from agent.errors import (
     SshError,
 )
 from agent.leader.context import LeaderContext
+from agent.leader.hub import Unanswered
 from agent.leader.models import Deployment
 from agent.leader.sources import check_context, clone_to_context, redact_url
 from agent.logs import get_logger
@@ -202,9 +203,18 @@ async def distribute(ctx: LeaderContext, dep: Deployment) -> None:
         )
 
 
-def _node_result(node_id: str, result: PullResult | None) -> dict[str, object]:
-    if result is None:
-        return {"node_id": node_id, "status": "pending"}
+_PENDING_REASONS = {
+    "offline": "offline when the pull was ordered; it pulls the image when it reconnects",
+    "disconnected": (
+        "its link to the leader dropped before it answered (the agent stopped or the "
+        "network failed mid-pull); it pulls the image when it reconnects"
+    ),
+}
+
+
+def _node_result(node_id: str, result: PullResult | Unanswered) -> dict[str, object]:
+    if isinstance(result, str):
+        return {"node_id": node_id, "status": "pending", "reason": _PENDING_REASONS[result]}
     if result.ok:
         return {"node_id": node_id, "status": "present", "seconds": round(result.seconds, 3)}
     return {"node_id": node_id, "status": "failed", "error": result.error or "unknown error"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import platform
 from collections.abc import Coroutine
 from typing import Any
@@ -28,6 +29,11 @@ from agent.worker.puller import Puller
 log = get_logger(__name__)
 SEND_DEADLINE = 10.0
 CONNECT_TIMEOUT = 15.0
+# A connect that failed on this host (no route: its own link is down) never reached the
+# leader, so trying again costs the leader nothing: keep the pace at a few seconds, and
+# the link is back within that once the network is.
+OFFLINE_RETRY_CAP = 4.0
+_NO_ROUTE = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH})
 
 
 class NodeRevoked(AgentError):
@@ -88,13 +94,15 @@ class Worker:
         backoff = Backoff()
         async with aiohttp.ClientSession() as session:
             while not stop.is_set():
+                cap = None
                 try:
                     await self._connect(session, identity, stop, backoff)
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     log.warning("link.failed", error=repr(exc))
+                    cap = OFFLINE_RETRY_CAP if _no_route(exc) else None
                 if stop.is_set():
                     return
-                delay = backoff.next()
+                delay = backoff.next(cap)
                 log.info("link.reconnect", in_s=round(delay, 2), attempt=backoff.attempt)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
@@ -204,6 +212,13 @@ class Worker:
                     await ws.send_str(wire.encode(message))
             except (TimeoutError, ConnectionError, aiohttp.ClientError) as exc:
                 log.warning("link.send_failed", error=repr(exc))
+
+
+def _no_route(exc: BaseException) -> bool:
+    """Did the connect fail before leaving this host (no route to the leader)?"""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return exc.os_error.errno in _NO_ROUTE
+    return isinstance(exc, OSError) and exc.errno in _NO_ROUTE
 
 
 async def _until_closed_or(stop: asyncio.Event, reading: Coroutine[Any, Any, None]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -21,3 +22,11 @@ def busybox_context(directory: Path, *steps: str, cmd: str = "echo hello") -> Pa
 def run_step(shell: str) -> str:
     """A RUN step for a scratch image: busybox's sh, named by absolute path."""
     return f'RUN ["/bin/busybox", "sh", "-c", "{shell}"]'
+
+
+def bulky_context(directory: Path, mbytes: int) -> Path:
+    """A busybox context with a layer of `mbytes` MiB of random bytes: it does not
+    compress and no engine holds it yet, so pushing and pulling it takes real time."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "bulk").write_bytes(os.urandom(mbytes * 1024 * 1024))
+    return busybox_context(directory, "COPY bulk /bulk")

@@ -70,6 +70,13 @@ class Dockerd:
                 ["ip", "link", "delete", "docker_gwbridge"], capture_output=True, check=False
             )
 
+    def restart(self) -> None:
+        """Stop the engine as its service manager would (SIGTERM) and start it again,
+        keeping its images."""
+        if self.proc is not None:
+            stop(self.proc, timeout=30)
+        self.start()
+
     def stop(self) -> None:
         if self.proc is not None:
             stop(self.proc, timeout=30)

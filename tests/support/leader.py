@@ -88,28 +88,42 @@ class InProcessLeader:
 class LeaderProcess:
     """`deploy-agent run -c FILE` as its own process, logging to a file."""
 
-    def __init__(self, raw: dict[str, Any], workdir: Path) -> None:
+    def __init__(self, raw: dict[str, Any], workdir: Path, prefix: list[str] | None = None) -> None:
+        """`prefix` runs it elsewhere, e.g. nsenter into a simulated host's namespace."""
         self.raw = raw
+        self.prefix = prefix or []
         self.workdir = workdir
         self.config_path = workdir / "leader.toml"
         self.config_path.write_text(to_toml(raw))
         assert tomllib.loads(self.config_path.read_text())  # the file is what the test meant
         self.log_path = workdir / "leader.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.api = Api(base_url(raw), raw["leader"].get("api_token", ""))
+        self._api: Api | None = None
+        self._token = raw["leader"].get("api_token", "")
+
+    @property
+    def api(self) -> Api:
+        """A client of its API, made on first use (it needs a running event loop)."""
+        if self._api is None:
+            self._api = Api(base_url(self.raw), self._token)
+            if self.proc is not None:
+                _trust_leader(self._api, self.raw)
+        return self._api
 
     def start(self, env: Mapping[str, str] | None = None) -> None:
         """Start it and wait until it listens; `env` adds to the test's environment."""
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent", "run", "-c", str(self.config_path)],
+                [*self.prefix, sys.executable, "-m", "agent", "run", "-c", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},
             )
-        port = int(self.raw["leader"]["listen"].rpartition(":")[2])
-        wait_until(lambda: self._alive() and port_open(port), 30, "leader process")
-        _trust_leader(self.api, self.raw)
+        host, _, port = self.raw["leader"]["listen"].rpartition(":")
+        host = "127.0.0.1" if host == "0.0.0.0" else host
+        wait_until(lambda: self._alive() and port_open(int(port), host), 30, "leader process")
+        if self._api is not None:
+            _trust_leader(self._api, self.raw)
 
     def _alive(self) -> bool:
         assert self.proc is not None

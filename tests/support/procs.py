@@ -27,9 +27,10 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
     raise TimeoutError(f"{what} not ready within {timeout} s")
 
 
-def port_open(port: int) -> bool:
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        s.settimeout(2)
+        return s.connect_ex((host, port)) == 0
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:

@@ -94,6 +94,13 @@ class Registry:
             stop(self.proc)
             self.proc = None
 
+    def kill(self) -> None:
+        """SIGKILL: a crash; `start` brings it back on the same data."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
     def restart(self) -> None:
         self.stop()
         self.start()

@@ -20,9 +20,11 @@ class WorkerProcess:
         engine_url: str,
         leader_url: str,
         token: str,
+        prefix: list[str] | None = None,
         **worker: Any,
     ) -> None:
         self.name = name
+        self.prefix = prefix or []  # e.g. nsenter into a simulated host's namespace
         self.workdir = workdir
         self.state_dir = workdir / "state"
         self.config_path = workdir / "worker.toml"
@@ -40,7 +42,7 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent", "run", "-c", str(self.config_path)],
+                [*self.prefix, sys.executable, "-m", "agent", "run", "-c", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
