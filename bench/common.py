@@ -12,10 +12,11 @@ from tests.support.registry import Registry
 
 
 def fresh_context(root: Path) -> Path:
-    ctx = busybox_context(root / uuid.uuid4().hex, run_step("echo build step"))
+    """A busybox context whose unique file comes before the RUN step: nothing is cached."""
+    ctx = busybox_context(
+        root / uuid.uuid4().hex, "COPY unique.txt /unique.txt", run_step("echo build step")
+    )
     (ctx / "unique.txt").write_text(uuid.uuid4().hex)
-    with (ctx / "Dockerfile").open("a") as dockerfile:
-        dockerfile.write("COPY unique.txt /unique.txt\n")
     return ctx
 
 

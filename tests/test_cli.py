@@ -105,6 +105,23 @@ async def test_registry_set_reads_the_password_from_stdin(
     assert registry.password not in out
 
 
+async def test_a_closed_stdout_is_not_a_leader_error(leader: InProcessLeader) -> None:
+    """`deploy-agent registry show | head` with the reader gone exits quietly, blaming no leader."""
+    env = os.environ | {
+        "DEPLOY_AGENT_URL": leader.api.base_url,
+        "DEPLOY_AGENT_TOKEN": leader.api.token,
+    }
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = await asyncio.create_subprocess_exec(
+        SCRIPT, "registry", "show", env=env, stdout=write_end, stderr=asyncio.subprocess.PIPE
+    )
+    os.close(write_end)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    assert err.decode() == ""
+
+
 async def test_unreachable_leader_is_a_clear_error(tmp_path: Path) -> None:
     """With no leader listening, the command says it cannot reach it and exits 2."""
     token = tmp_path / "token"

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -44,6 +45,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     except ApiError as exc:
         print(f"deploy-agent: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except BrokenPipeError:
+        # stdout's reader went away (`deploy-agent status | head`): stop quietly, as
+        # other tools do, and keep Python from complaining when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(1) from None
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         print(f"deploy-agent: cannot reach the leader: {exc!r}", file=sys.stderr)

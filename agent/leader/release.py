@@ -19,11 +19,10 @@ from agent.errors import DeploymentError, EngineApiError, EngineError
 from agent.leader.context import LeaderContext
 from agent.leader.models import Deployment, Mode, ServiceSpec
 from agent.logs import get_logger
-from agent.retention import prune_app_images
+from agent.retention import APP_LABEL, prune_app_images
 
 log = get_logger(__name__)
 POLL_SECONDS = 0.5
-APP_LABEL = "deploy-agent.app"
 DEPLOYMENT_LABEL = "deploy-agent.deployment"
 SERVICE_LABEL = "deploy-agent.service"
 NS = 1_000_000_000

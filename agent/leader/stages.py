@@ -34,6 +34,7 @@ from agent.leader.models import Deployment
 from agent.leader.sources import check_context, clone_to_context, redact_url
 from agent.logs import get_logger
 from agent.progress import LayerThrottle
+from agent.retention import APP_LABEL
 from agent.wire import PullResult
 
 log = get_logger(__name__)
@@ -45,7 +46,9 @@ UNAUTHORIZED_HINT = (
 
 async def build(ctx: LeaderContext, dep: Deployment) -> None:
     context = await _prepare_context(ctx, dep)
-    labels = {**dep.request.labels, "deploy-agent.app": dep.app, "deploy-agent.deployment": dep.id}
+    # The classic builder commits one extra layer per label: the app label alone, which
+    # retention needs; the tag and the store already name the deployment.
+    labels = {**dep.request.labels, APP_LABEL: dep.app}
 
     async def on_line(line: str) -> None:
         await ctx.journal.record(dep.id, "log", line=line)
