@@ -17,10 +17,10 @@ from tests.support.sshd import Sshd
 from tests.support.wheels import Wheelhouse
 from tests.support.worker import WorkerProcess
 
-# Tests run in parallel processes (pytest-xdist). Tests that share a machine-wide resource
-# run in one process: a loopback Swarm owns the host's docker_gwbridge, and wheel builds
-# write into this checkout's build/ directory.
-SHARED_RESOURCES = {"swarm_engine": "swarm", "wheelhouse": "wheel"}
+# Tests run in parallel processes (pytest-xdist). Tests that share a resource run in one
+# process: a loopback Swarm owns the host's docker_gwbridge, wheel builds write into this
+# checkout's build/ directory, and the simulated cluster is started once for its tests.
+SHARED_RESOURCES = {"swarm_engine": "swarm", "wheelhouse": "wheel", "cluster": "cluster"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
