@@ -117,15 +117,16 @@ class Worker:
     ) -> None:
         url = identity.leader_url.replace("http", "ws", 1) + wire.AGENT_PATH
         try:
-            ws = await session.ws_connect(
-                url,
-                headers=identity.auth_header(),
-                ssl=identity.ssl_context(),
-                heartbeat=wire.HEARTBEAT_SECONDS,
-                timeout=aiohttp.ClientWSTimeout(ws_close=5),
-                max_msg_size=4 * 1024 * 1024,
-                compress=0,
-            )
+            async with asyncio.timeout(CONNECT_TIMEOUT):  # TCP, TLS and the upgrade together
+                ws = await session.ws_connect(
+                    url,
+                    headers=identity.auth_header(),
+                    ssl=identity.ssl_context(),
+                    heartbeat=wire.HEARTBEAT_SECONDS,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=5),
+                    max_msg_size=4 * 1024 * 1024,
+                    compress=0,
+                )
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status in (401, 403):
                 raise NodeRevoked(
