@@ -1,0 +1,132 @@
+"""Fan-out latency of the worker hub: a pull order and a credentials broadcast to N workers.
+
+    python -m bench.fanout --workers 1000 [--tls] [--stuck] [--rounds 5]
+
+A real leader runs in this process (no Docker Engine needed for the hub path); the
+workers are simulated by bench.simworkers in separate processes, speaking the real
+protocol over real websockets. Latency is from the leader issuing the order (or the
+broadcast) to the leader having handled each worker's acknowledgement. With --stuck,
+one more client stops reading once connected; its figures are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from agent import wire
+from agent.credentials import RegistryCredentials
+from agent.leader.hub import Hub
+from bench.fleet import DEFAULT_STATE, Fleet, ensure_enrolled, log_to_file, raw_config, wait_for
+from bench.probe import AckProbe, summary
+from bench.simworkers import raise_fd_limit
+from tests.support.leader import InProcessLeader
+
+IMAGE = "registry.bench:5000/bench/app@sha256:" + "0" * 64
+ROUND_TIMEOUT = 120.0
+
+
+async def pull_round(hub: Hub, probe: AckProbe, node_ids: set[str], expected: int) -> list[float]:
+    order = "bench-" + uuid.uuid4().hex[:12]
+    probe.expect(lambda m: isinstance(m, wire.PullResult) and m.order == order, expected)
+    nodes = [node for node in await _records(hub) if node.id in node_ids]
+    started = time.perf_counter()
+    task = asyncio.create_task(hub.pull_everywhere(order, IMAGE, nodes))
+    try:
+        return await probe.latencies(started, within=ROUND_TIMEOUT)
+    finally:
+        if expected < len(nodes):  # a stuck worker never answers: stop waiting for it
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def credentials_round(hub: Hub, probe: AckProbe, version: int, expected: int) -> list[float]:
+    creds = RegistryCredentials("registry.bench:5000", "bench", "bench-pw", None, version)
+    probe.expect(lambda m: isinstance(m, wire.CredentialsAck) and m.version == version, expected)
+    started = time.perf_counter()
+    hub.set_credentials(creds, version)
+    return await probe.latencies(started, within=ROUND_TIMEOUT)
+
+
+async def _records(hub: Hub) -> list[Any]:
+    return await hub._store.nodes()
+
+
+async def measure(hub: Hub, node_ids: set[str], expected: int, rounds: int) -> dict[str, Any]:
+    probe = AckProbe(hub)
+    await pull_round(hub, probe, node_ids, expected)  # warm-up, not counted
+    pulls: list[float] = []
+    creds: list[float] = []
+    for r in range(rounds):
+        pulls += await pull_round(hub, probe, node_ids, expected)
+        await asyncio.sleep(0.3)
+        creds += await credentials_round(hub, probe, 10_000 + r, expected)
+        await asyncio.sleep(0.3)
+    return {"pull": summary(pulls), "credentials": summary(creds)}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    raise_fd_limit()
+    state: Path = args.state
+    stuck = 1 if args.stuck else 0
+    total = args.workers + stuck
+    work = Path(tempfile.mkdtemp(prefix="bench-fanout-"))
+    log_to_file(work / "leader.log")
+    enrolled = await ensure_enrolled(state, total)
+    leader = await InProcessLeader(raw_config(state, tls=args.tls)).start()
+    fleet = Fleet(work, leader.url, enrolled, total, args.procs)
+    try:
+        assert leader.leader.ctx is not None
+        hub = leader.leader.ctx.hub
+        fleet.start(stuck=stuck, tls=args.tls)
+        await wait_for(lambda: hub.connected_count >= total, 300, f"{total} workers connected")
+        await asyncio.sleep(1.0)  # let every Sync be answered
+        ids = {node_id for node_id, _ in enrolled.nodes[:total]}
+        figures = await measure(hub, ids, args.workers, args.rounds)
+        figures["stuck_still_connected"] = hub.connected(fleet.stuck_node()) if stuck else None
+    finally:
+        fleet.stop()
+        await leader.stop()
+    return {"workers": args.workers, "tls": args.tls, "stuck": args.stuck, **figures}
+
+
+def render(result: dict[str, Any]) -> str:
+    mode = ("TLS" if result["tls"] else "plain") + (" +stuck" if result["stuck"] else "")
+    lines = [f"{result['workers']} workers, {mode}"]
+    for kind in ("pull", "credentials"):
+        s = result[kind]
+        lines.append(
+            f"  {kind:<12} n={int(s['n']):>6}  p50 {s['p50_ms']:8.1f} ms  p95 {s['p95_ms']:8.1f} ms"
+            f"  p99 {s['p99_ms']:8.1f} ms  max {s['max_ms']:8.1f} ms"
+        )
+    return "\n".join(lines)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workers", type=int, default=100)
+    parser.add_argument("--tls", action="store_true")
+    parser.add_argument("--stuck", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--procs", type=int, default=2, help="worker processes")
+    parser.add_argument("--state", type=Path, default=DEFAULT_STATE)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    result = asyncio.run(run(args))
+    print(render(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
