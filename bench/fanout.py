@@ -63,12 +63,14 @@ async def measure(hub: Hub, node_ids: set[str], expected: int, rounds: int) -> d
     await pull_round(hub, probe, node_ids, expected)  # warm-up, not counted
     pulls: list[float] = []
     creds: list[float] = []
+    cpu = time.process_time()
     for r in range(rounds):
         pulls += await pull_round(hub, probe, node_ids, expected)
         await asyncio.sleep(0.3)
         creds += await credentials_round(hub, probe, 10_000 + r, expected)
         await asyncio.sleep(0.3)
-    return {"pull": summary(pulls), "credentials": summary(creds)}
+    cpu_us_per_ack = (time.process_time() - cpu) / (len(pulls) + len(creds)) * 1e6
+    return {"pull": summary(pulls), "credentials": summary(creds), "cpu_us_per_ack": cpu_us_per_ack}
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -105,6 +107,7 @@ def render(result: dict[str, Any]) -> str:
             f"  {kind:<12} n={int(s['n']):>6}  p50 {s['p50_ms']:8.1f} ms  p95 {s['p95_ms']:8.1f} ms"
             f"  p99 {s['p99_ms']:8.1f} ms  max {s['max_ms']:8.1f} ms"
         )
+    lines.append(f"  leader CPU per acknowledgement: {result['cpu_us_per_ack']:.0f} us")
     return "\n".join(lines)
 
 

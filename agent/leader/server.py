@@ -170,6 +170,7 @@ class Leader:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         if self.ctx is not None:
+            await self.ctx.hub.close()
             await self.ctx.engine.close()
             await self.ctx.store.close()
         if self._lock_file is not None:

@@ -103,6 +103,7 @@ async def join(request: web.Request) -> web.Response:
 @routes.get("/v1/nodes")
 async def list_nodes(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
+    await ctx.hub.flush()
     nodes = await ctx.store.nodes()
     return web.json_response({"nodes": [_render(ctx, node) for node in nodes]})
 
