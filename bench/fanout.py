@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import tempfile
 import time
 import uuid
@@ -23,7 +22,15 @@ from typing import Any
 from agent import wire
 from agent.credentials import RegistryCredentials
 from agent.leader.hub import Hub
-from bench.fleet import DEFAULT_STATE, Fleet, ensure_enrolled, log_to_file, raw_config, wait_for
+from bench.fleet import (
+    Fleet,
+    bench_main,
+    bench_parser,
+    ensure_enrolled,
+    log_to_file,
+    raw_config,
+    wait_for,
+)
 from bench.probe import AckProbe, summary
 from bench.simworkers import raise_fd_limit
 from tests.support.leader import InProcessLeader
@@ -112,23 +119,14 @@ def render(result: dict[str, Any]) -> str:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--workers", type=int, default=100)
-    parser.add_argument("--tls", action="store_true")
+    parser = bench_parser(__doc__, workers=100)
     parser.add_argument("--stuck", action="store_true")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--procs", type=int, default=2, help="worker processes")
-    parser.add_argument("--state", type=Path, default=DEFAULT_STATE)
-    parser.add_argument("--json", type=Path, help="also write the figures here")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse(argv)
-    result = asyncio.run(run(args))
-    print(render(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    bench_main(parse(argv), run, render)
 
 
 if __name__ == "__main__":

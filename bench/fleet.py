@@ -8,12 +8,15 @@ only connect. No Docker Engine is needed: the hub path never calls it.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import logging
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +96,7 @@ class Fleet:
         self.procs = max(1, min(procs, count))
         self._children: list[subprocess.Popen[bytes]] = []
 
-    def start(self, *, stuck: int = 0, cycles: int = 0, tls: bool) -> Fleet:
+    def start(self, *, tls: bool, stuck: int = 0, cycles: int = 0, deflate: bool = False) -> Fleet:
         nodes = self.enrolled.nodes[: self.count]
         for p in range(self.procs):
             spec = FleetSpec(
@@ -102,6 +105,7 @@ class Fleet:
                 ca_pem=self.enrolled.ca_pem if tls else None,
                 stuck=stuck if p == 0 else 0,
                 cycles=cycles,
+                deflate=deflate,
             )
             path = self.work / f"fleet-{p}.json"
             path.write_bytes(msgspec.json.encode(spec))
@@ -132,11 +136,37 @@ class Fleet:
         self._children.clear()
 
 
-async def wait_for(check: Any, within: float, what: str) -> None:
+async def wait_for(check: Any, within: float, what: str, every: float = 0.1) -> None:
     """Poll `check()` (a plain callable) until true; fail naming `what` after `within` s."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     while not check():
         if loop.time() > deadline:
             raise TimeoutError(f"{what} not reached within {within} s")
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(every)
+
+
+def bench_parser(doc: str | None, workers: int) -> argparse.ArgumentParser:
+    """The options every hub benchmark takes."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--workers", type=int, default=workers)
+    parser.add_argument("--tls", action="store_true")
+    parser.add_argument("--procs", type=int, default=2, help="simulated worker processes")
+    parser.add_argument("--state", type=Path, default=DEFAULT_STATE, help="enrolment cache")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    return parser
+
+
+Result = dict[str, Any]
+
+
+def bench_main(
+    args: argparse.Namespace,
+    run: Callable[[argparse.Namespace], Coroutine[Any, Any, Result]],
+    render: Callable[[Result], str],
+) -> Result:
+    result = asyncio.run(run(args))
+    print(render(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result

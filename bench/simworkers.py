@@ -36,6 +36,7 @@ class FleetSpec(msgspec.Struct, frozen=True, kw_only=True):
     stuck: int = 0  # this many clients stop reading once their first Sync is answered
     cycles: int = 0  # 0: stay connected; else connect, sync, close this many times
     heartbeat: bool = True
+    deflate: bool = False  # offer permessage-deflate, as aiohttp clients do by default
 
 
 def raise_fd_limit() -> None:
@@ -95,7 +96,7 @@ class SimWorker:
             heartbeat=wire.HEARTBEAT_SECONDS if self.spec.heartbeat and not self.stuck else None,
             timeout=aiohttp.ClientWSTimeout(ws_close=5),
             max_msg_size=4 * 1024 * 1024,
-            compress=0,
+            compress=15 if self.spec.deflate else 0,
         )
 
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> None:
