@@ -22,6 +22,7 @@ from typing import Any
 from agent import wire
 from agent.credentials import RegistryCredentials
 from agent.leader.hub import Hub
+from agent.leader.server import GC_YOUNG_THRESHOLD, tune_collector
 from bench.fleet import (
     Fleet,
     bench_main,
@@ -31,7 +32,7 @@ from bench.fleet import (
     raw_config,
     wait_for,
 )
-from bench.probe import AckProbe, summary
+from bench.probe import AckProbe, GcPauses, summary
 from bench.simworkers import raise_fd_limit
 from tests.support.leader import InProcessLeader
 
@@ -71,13 +72,19 @@ async def measure(hub: Hub, node_ids: set[str], expected: int, rounds: int) -> d
     pulls: list[float] = []
     creds: list[float] = []
     cpu = time.process_time()
-    for r in range(rounds):
-        pulls += await pull_round(hub, probe, node_ids, expected)
-        await asyncio.sleep(0.3)
-        creds += await credentials_round(hub, probe, 10_000 + r, expected)
-        await asyncio.sleep(0.3)
+    with GcPauses() as gc_pauses:
+        for r in range(rounds):
+            pulls += await pull_round(hub, probe, node_ids, expected)
+            await asyncio.sleep(0.3)
+            creds += await credentials_round(hub, probe, 10_000 + r, expected)
+            await asyncio.sleep(0.3)
     cpu_us_per_ack = (time.process_time() - cpu) / (len(pulls) + len(creds)) * 1e6
-    return {"pull": summary(pulls), "credentials": summary(creds), "cpu_us_per_ack": cpu_us_per_ack}
+    return {
+        "pull": summary(pulls),
+        "credentials": summary(creds),
+        "cpu_us_per_ack": cpu_us_per_ack,
+        "gc": gc_pauses.figures(),
+    }
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -89,6 +96,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     log_to_file(work / "leader.log")
     enrolled = await ensure_enrolled(state, total)
     leader = await InProcessLeader(raw_config(state, tls=args.tls)).start()
+    if args.gc_young:
+        tune_collector(args.gc_young)  # as `deploy-agent run` does once the leader is up
     fleet = Fleet(work, leader.url, enrolled, total, args.procs)
     try:
         assert leader.leader.ctx is not None
@@ -115,6 +124,12 @@ def render(result: dict[str, Any]) -> str:
             f"  p99 {s['p99_ms']:8.1f} ms  max {s['max_ms']:8.1f} ms"
         )
     lines.append(f"  leader CPU per acknowledgement: {result['cpu_us_per_ack']:.0f} us")
+    gc = result["gc"]
+    lines.append(
+        f"  collector: {int(gc['collections'])} runs, {gc['total_ms']:.0f} ms in all;"
+        f" {int(gc['full_collections'])} full, {gc['full_total_ms']:.0f} ms,"
+        f" longest {gc['full_max_ms']:.0f} ms"
+    )
     return "\n".join(lines)
 
 
@@ -122,6 +137,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = bench_parser(__doc__, workers=100)
     parser.add_argument("--stuck", action="store_true")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--gc-young",
+        type=int,
+        default=GC_YOUNG_THRESHOLD,
+        help="the leader's collector tuning as deployed; 0 leaves Python's defaults",
+    )
     return parser.parse_args(argv)
 
 

@@ -8,6 +8,7 @@ unchanged, and the time is taken when it has finished with the answer.
 from __future__ import annotations
 
 import asyncio
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -62,3 +63,35 @@ def summary(samples: list[float]) -> dict[str, float]:
         "p99_ms": pct(99) * 1000,
         "max_ms": ordered[-1] * 1000,
     }
+
+
+class GcPauses:
+    """Collector runs in this process while in use, in CPU time (load on the machine
+    stretches wall time, not this)."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []
+        self._started = 0.0
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._observe)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        gc.callbacks.remove(self._observe)
+
+    def _observe(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.thread_time()
+        else:
+            self.pauses.append((info["generation"], time.thread_time() - self._started))
+
+    def figures(self) -> dict[str, float]:
+        full = [s for gen, s in self.pauses if gen == 2]
+        return {
+            "collections": float(len(self.pauses)),
+            "full_collections": float(len(full)),
+            "total_ms": sum(s for _, s in self.pauses) * 1000,
+            "full_total_ms": sum(full) * 1000,
+            "full_max_ms": max(full, default=0.0) * 1000,
+        }
