@@ -6,7 +6,8 @@ A real leader runs in this process (no Docker Engine needed for the hub path); t
 workers are simulated by bench.simworkers in separate processes, speaking the real
 protocol over real websockets. Latency is from the leader issuing the order (or the
 broadcast) to the leader having handled each worker's acknowledgement. With --stuck,
-one more client stops reading once connected; its figures are left out.
+one more client stops reading once connected and is sent orders until its socket
+buffers are full; its figures are left out.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from tests.support.leader import InProcessLeader
 
 IMAGE = "registry.bench:5000/bench/app@sha256:" + "0" * 64
 ROUND_TIMEOUT = 120.0
+# Orders to the stuck worker, ~4 KiB each: ~4.5 MiB, past what the kernel buffers on
+# loopback (tcp_wmem up to 4 MiB), so its link's sender stalls with orders queued.
+FILL = 1100
 
 
 async def pull_round(hub: Hub, probe: AckProbe, node_ids: set[str], expected: int) -> list[float]:
@@ -87,6 +91,26 @@ async def measure(hub: Hub, node_ids: set[str], expected: int, rounds: int) -> d
     }
 
 
+async def fill(hub: Hub, stuck: str) -> list[asyncio.Task[Any]]:
+    """Send the stuck worker enough orders to fill its socket buffers and stall its link's
+    sender, leaving fewer queued than the send queue holds."""
+    node = next(node for node in await _records(hub) if node.id == stuck)
+    pad = "x" * 4000  # order ids may be 4096 characters long
+    tasks = []
+    for i in range(FILL):
+        tasks.append(asyncio.create_task(hub.pull_everywhere(f"fill-{i}-{pad}", IMAGE, [node])))
+        if i % 100 == 99:
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    return tasks
+
+
+def _backlog(hub: Hub, node_id: str) -> int | None:
+    """Messages queued on a link behind a send that cannot finish (None: link gone)."""
+    link = hub._links.get(node_id)
+    return None if link is None else link.queue.qsize()
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     raise_fd_limit()
     state: Path = args.state
@@ -106,8 +130,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await wait_for(lambda: hub.connected_count >= total, 300, f"{total} workers connected")
         await asyncio.sleep(1.0)  # let every Sync be answered
         ids = {node_id for node_id, _ in enrolled.nodes[:total]}
+        filling = await fill(hub, fleet.stuck_node()) if stuck else []
+        backlog = _backlog(hub, fleet.stuck_node()) if stuck else None
         figures = await measure(hub, ids, args.workers, args.rounds)
         figures["stuck_still_connected"] = hub.connected(fleet.stuck_node()) if stuck else None
+        figures["stuck_backlog_after_fill"] = backlog
+        for task in filling:
+            task.cancel()
+        await asyncio.gather(*filling, return_exceptions=True)
     finally:
         fleet.stop()
         await leader.stop()
@@ -122,6 +152,11 @@ def render(result: dict[str, Any]) -> str:
         lines.append(
             f"  {kind:<12} n={int(s['n']):>6}  p50 {s['p50_ms']:8.1f} ms  p95 {s['p95_ms']:8.1f} ms"
             f"  p99 {s['p99_ms']:8.1f} ms  max {s['max_ms']:8.1f} ms"
+        )
+    if result["stuck"]:
+        lines.append(
+            f"  stuck worker: {result['stuck_backlog_after_fill']} orders queued behind its"
+            f" stalled send; still connected at the end: {result['stuck_still_connected']}"
         )
     lines.append(f"  leader CPU per acknowledgement: {result['cpu_us_per_ack']:.0f} us")
     gc = result["gc"]

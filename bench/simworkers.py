@@ -116,9 +116,9 @@ class SimWorker:
 
 def _stop_reading(ws: aiohttp.ClientWebSocketResponse) -> None:
     """Behave like a frozen process: the kernel buffers fill and nothing is read."""
-    conn = ws._response.connection  # the raw transport, to pause it
+    conn = ws._conn  # the raw transport, to pause it
     if conn is None or conn.transport is None:
-        return
+        raise RuntimeError("the stuck client found no transport to pause")
     sock = conn.transport.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STUCK_RCVBUF)
