@@ -141,11 +141,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         fleet.stop()
         await leader.stop()
-    return {"workers": args.workers, "tls": args.tls, "stuck": args.stuck, **figures}
+    return {
+        "workers": args.workers,
+        "tls": args.tls,
+        "stuck": args.stuck,
+        "leader_uvloop": args.leader_uvloop,
+        **figures,
+    }
 
 
 def render(result: dict[str, Any]) -> str:
     mode = ("TLS" if result["tls"] else "plain") + (" +stuck" if result["stuck"] else "")
+    mode += ", leader on uvloop" if result["leader_uvloop"] else ""
     lines = [f"{result['workers']} workers, {mode}"]
     for kind in ("pull", "credentials"):
         s = result[kind]
@@ -177,6 +184,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=GC_YOUNG_THRESHOLD,
         help="the leader's collector tuning as deployed; 0 leaves Python's defaults",
+    )
+    parser.add_argument(
+        "--leader-uvloop", action="store_true", help="run the leader on uvloop (not as deployed)"
     )
     return parser.parse_args(argv)
 

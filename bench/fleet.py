@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import uvloop
 
 from agent.logs import configure
 from agent.worker.identity import enrol
@@ -165,7 +166,9 @@ def bench_main(
     run: Callable[[argparse.Namespace], Coroutine[Any, Any, Result]],
     render: Callable[[Result], str],
 ) -> Result:
-    result = asyncio.run(run(args))
+    loop = uvloop.new_event_loop if getattr(args, "leader_uvloop", False) else None
+    with asyncio.Runner(loop_factory=loop) as runner:
+        result = runner.run(run(args))
     print(render(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
