@@ -10,6 +10,9 @@ from cryptography import x509
 
 from agent import wire
 from agent.backoff import Backoff
+from agent.leader.models import NodeRecord
+from agent.leader.node_writer import NodeInfoWriter
+from agent.leader.store import Store
 from agent.tls import JoinTokenError, ensure_leader_tls, make_join_token, parse_join_token
 
 
@@ -65,3 +68,26 @@ def test_backoff_is_capped_and_never_spins() -> None:
     assert all(d >= 15 for d in delays[7:])
     backoff.reset()
     assert backoff.next() <= 0.5
+
+
+async def test_node_info_reaches_the_store_at_the_flush_not_at_each_answer(
+    tmp_path: Path,
+) -> None:
+    """A marked node is written only when flushed (here: on close); until then the hub
+    reads its newer info from the writer."""
+    store = Store(tmp_path / "leader.db")
+    await store.open()
+    try:
+        node = NodeRecord(id="n-1", name="w1", enrolled_at=0.0)
+        await store.add_node(node, "hash")
+        writer = NodeInfoWriter(store)
+        node.info.credentials_version = 7
+        writer.mark(node)
+        pending = writer.pending("n-1")
+        assert pending is not None and pending.credentials_version == 7
+        assert (await store.nodes())[0].info.credentials_version is None
+        await writer.close()
+        assert (await store.nodes())[0].info.credentials_version == 7
+        assert writer.pending("n-1") is None
+    finally:
+        await store.close()
