@@ -11,7 +11,7 @@ import asyncio
 import signal
 
 from agent.config import Config
-from agent.leader.server import Leader
+from agent.leader.server import Leader, tune_collector
 from agent.logs import get_logger, redactor
 from agent.systemd import Notifier
 from agent.worker.agent import Worker
@@ -46,6 +46,7 @@ async def _run_leader(leader: Leader, stop: asyncio.Event, notifier: Notifier) -
     async with notifier.pulse(stop, leader.status_line):
         try:
             await leader.start()
+            tune_collector()
             log.info("agent.started", role="leader")
             if await leader.wait_engine(stop, notifier.waiting_for_engine):
                 notifier.ready(leader.status_line())

@@ -11,6 +11,9 @@ from cryptography import x509
 
 from agent import wire
 from agent.backoff import Backoff
+from agent.leader.models import NodeRecord
+from agent.leader.node_writer import NodeInfoWriter
+from agent.leader.store import Store
 from agent.tls import JoinTokenError, ensure_leader_tls, make_join_token, parse_join_token
 from agent.worker.agent import OFFLINE_RETRY_CAP, _no_route
 
@@ -80,3 +83,26 @@ def test_a_connect_that_never_left_the_host_keeps_a_pace_of_seconds() -> None:
     assert not _no_route(ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
     assert all(2 <= backoff.next(OFFLINE_RETRY_CAP) <= 4 for _ in range(20))
     assert backoff.next() >= 15
+
+
+async def test_node_info_reaches_the_store_at_the_flush_not_at_each_answer(
+    tmp_path: Path,
+) -> None:
+    """A marked node is written only when flushed (here: on close); until then the hub
+    reads its newer info from the writer."""
+    store = Store(tmp_path / "leader.db")
+    await store.open()
+    try:
+        node = NodeRecord(id="n-1", name="w1", enrolled_at=0.0)
+        await store.add_node(node, "hash")
+        writer = NodeInfoWriter(store)
+        node.info.credentials_version = 7
+        writer.mark(node)
+        pending = writer.pending("n-1")
+        assert pending is not None and pending.credentials_version == 7
+        assert (await store.nodes())[0].info.credentials_version is None
+        await writer.close()
+        assert (await store.nodes())[0].info.credentials_version == 7
+        assert writer.pending("n-1") is None
+    finally:
+        await store.close()

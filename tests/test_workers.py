@@ -211,6 +211,17 @@ async def test_malformed_messages_close_that_link_only(
     assert final["nodes"]["w1"]["status"] == final["nodes"]["w2"]["status"] == "present"
 
 
+async def test_the_leader_declines_permessage_deflate(
+    leader_factory: Callable[..., Any],
+) -> None:
+    """A client offering permessage-deflate gets plain frames: no zlib state per link."""
+    leader = await leader_factory(leader=TLS)
+    async with await _link(leader, await _enrol_raw(leader, "deflater"), compress=15) as ws:
+        sync = await ws.receive(timeout=10)
+        assert sync.type == 1  # TEXT: the Sync
+        assert ws.compress == 0
+
+
 async def _enrol_raw(leader: InProcessLeader, name: str) -> dict[str, str]:
     token = await leader.api.join_token()
     status, doc = await leader.api.request("POST", "/v1/join", json={"token": token, "name": name})
@@ -218,12 +229,13 @@ async def _enrol_raw(leader: InProcessLeader, name: str) -> dict[str, str]:
     return dict(doc)
 
 
-async def _link(leader: InProcessLeader, identity: dict[str, str]) -> Any:
+async def _link(leader: InProcessLeader, identity: dict[str, str], **options: Any) -> Any:
     url = leader.url.replace("https", "wss") + "/v1/agent"
     return await leader.api.session.ws_connect(
         url,
         headers={"Authorization": f"Node {identity['node_id']}:{identity['secret']}"},
         ssl=leader.api.ssl,
+        **options,
     )
 
 

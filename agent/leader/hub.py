@@ -21,6 +21,7 @@ from agent import wire
 from agent.credentials import RegistryCredentials
 from agent.leader.metrics import LeaderMetrics
 from agent.leader.models import LastPull, NodeRecord
+from agent.leader.node_writer import NodeInfoWriter
 from agent.leader.store import Store
 from agent.logs import get_logger
 
@@ -100,6 +101,7 @@ class Link:
 class Hub:
     def __init__(self, store: Store, progress: ProgressSink, metrics: LeaderMetrics) -> None:
         self._store = store
+        self._nodes = NodeInfoWriter(store)
         self._metrics = metrics
         self._progress = progress
         self._links: dict[str, Link] = {}
@@ -137,6 +139,7 @@ class Hub:
         self, node: NodeRecord, ws: web.WebSocketResponse, request: web.Request
     ) -> None:
         """Own one worker's link from its first message to its close."""
+        node.info = self._nodes.pending(node.id) or node.info
         link = Link(node, ws, request)
         previous = self._links.get(node.id)
         if previous is not None:
@@ -158,7 +161,7 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
             await link.finish()
-            await self._touch(node)
+            self._touch(node)
             log.info("link.disconnected", node=node.name, code=ws.close_code)
 
     async def _sync(self, link: Link) -> str:
@@ -185,11 +188,11 @@ class Hub:
                 node.info.agent_version = message.agent_version
                 node.info.engine_version = message.engine_version
                 node.info.arch = message.arch
-                await self._touch(node)
+                self._touch(node)
             case wire.CredentialsAck():
                 node.info.credentials_version = message.version
-                await self._touch(node)
-                log.info("link.credentials_ack", node=node.name, version=message.version)
+                self._touch(node)
+                log.debug("link.credentials_ack", node=node.name, version=message.version)
             case wire.PullProgress() if (node.id, message.order) in self._waiters:
                 await self._progress(node.name, message)
             case wire.PullResult():
@@ -200,11 +203,11 @@ class Hub:
                     seconds=message.seconds,
                     at=time.time(),
                 )
-                await self._touch(node)
-                self._count_pull(node.name, message)
                 waiter = self._waiters.get((node.id, message.order))
                 if waiter is not None and not waiter.done():
                     waiter.set_result(message)
+                self._touch(node)
+                self._count_pull(node.name, message)
 
     def _count_pull(self, node: str, result: wire.PullResult) -> None:
         if result.ok:
@@ -225,9 +228,13 @@ class Hub:
             if version is not None:
                 metrics.credentials_version.labels(node=link.node.name).set(version)
 
-    async def _touch(self, node: NodeRecord) -> None:
+    def _touch(self, node: NodeRecord) -> None:
         node.info.last_seen = time.time()
-        await self._store.save_node_info(node.id, node.info)
+        self._nodes.mark(node)
+
+    async def flush(self) -> None:
+        """Write what the links learnt about nodes; call before reading the node table."""
+        await self._nodes.flush()
 
     def _release_waiters(self, node_id: str) -> None:
         for (waiting_node, _), waiter in self._waiters.items():
@@ -263,6 +270,10 @@ class Hub:
     async def close_all(self) -> None:
         for link in list(self._links.values()):
             link.kick(wire.CLOSE_SHUTDOWN, "leader shutting down")
+
+    async def close(self) -> None:
+        """After the links are gone: write the last node info while the store is open."""
+        await self._nodes.close()
 
 
 def _answer(waiter: asyncio.Future[wire.PullResult | None] | None) -> wire.PullResult | Unanswered:

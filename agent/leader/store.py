@@ -411,12 +411,14 @@ class Store:
             for r in rows
         ]
 
-    async def save_node_info(self, node_id: str, info: NodeInfo) -> None:
-        await self._call(self._save_node_info, node_id, info)
+    async def save_node_infos(self, infos: dict[str, NodeInfo]) -> None:
+        """Write many nodes' info in one transaction (encoded here, on the caller's thread)."""
+        rows = [(_encoder.encode(info), node_id) for node_id, info in infos.items()]
+        await self._call(self._save_node_infos, rows)
 
-    def _save_node_info(self, node_id: str, info: NodeInfo) -> None:
+    def _save_node_infos(self, rows: list[tuple[bytes, str]]) -> None:
         with self._tx() as db:
-            db.execute("UPDATE nodes SET info = ? WHERE id = ?", (_encoder.encode(info), node_id))
+            db.executemany("UPDATE nodes SET info = ? WHERE id = ?", rows)
 
     async def revoke_node(self, node_id: str) -> bool:
         return await self._call(self._revoke_node, node_id)

@@ -103,6 +103,7 @@ async def join(request: web.Request) -> web.Response:
 @routes.get("/v1/nodes")
 async def list_nodes(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
+    await ctx.hub.flush()
     nodes = await ctx.store.nodes()
     return web.json_response({"nodes": [_render(ctx, node) for node in nodes]})
 
@@ -129,7 +130,11 @@ async def revoke_node(request: web.Request) -> web.Response:
 async def agent_link(request: web.Request) -> web.WebSocketResponse:
     ctx = request.app[CONTEXT]
     node = await _authenticate_node(ctx, request.headers.get("Authorization", ""))
-    ws = web.WebSocketResponse(heartbeat=wire.HEARTBEAT_SECONDS, max_msg_size=1024 * 1024)
+    # No permessage-deflate: the frames are small, and each deflating link holds ~100 KiB
+    # of zlib state on the leader.
+    ws = web.WebSocketResponse(
+        heartbeat=wire.HEARTBEAT_SECONDS, max_msg_size=1024 * 1024, compress=False
+    )
     await ws.prepare(request)
     await ctx.hub.serve(node, ws, request)
     return ws
