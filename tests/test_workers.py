@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.cluster import start_cluster as _cluster
 from tests.support.contexts import busybox_context
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader, LeaderProcess
@@ -21,24 +22,6 @@ from tests.support.worker import WorkerProcess
 
 WorkerFactory = Callable[..., WorkerProcess]
 TLS = {"plain_http": None}
-
-
-async def _cluster(
-    leader: InProcessLeader | LeaderProcess,
-    registry: Registry,
-    engines: list[Dockerd],
-    worker_process: WorkerFactory,
-    **worker: Any,
-) -> list[WorkerProcess]:
-    status, _ = await leader.api.put_registry(registry.host, registry.username, registry.password)
-    assert status == 200
-    token = await leader.api.join_token()
-    workers = [
-        worker_process(f"w{i}", engine, leader.api.base_url, token, **worker).start()
-        for i, engine in enumerate(engines, start=1)
-    ]
-    await leader.api.wait_nodes(**{w.name: True for w in workers})
-    return workers
 
 
 def _holds(engine: Dockerd, image: str) -> bool:
