@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 
 from agent import logs
+from tests.support.canary import CANARY
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader, LeaderProcess, leader_config
 from tests.support.registry import Registry
@@ -21,6 +23,43 @@ from tests.support.worker import WorkerProcess
 @pytest.fixture(scope="session", autouse=True)
 def _logging() -> None:
     logs.configure("info", "json")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _canary_watch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Sample every process's argv each second while the tests run, for the final scan."""
+    CANARY_ROOTS.append(tmp_path_factory.getbasetemp())
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(1.0):
+            CANARY.sample_argv()
+
+    sampler = threading.Thread(target=sample, name="canary-argv", daemon=True)
+    sampler.start()
+    yield
+    done.set()
+    sampler.join(15)
+
+
+CANARY_ROOTS: list[Path] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Captured output (in-process leaders log there) is gone after the test: keep it."""
+    for name, text in report.sections:
+        CANARY.keep(f"{report.nodeid} {name}", text)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """No canary secret anywhere outside the credential stores, or the run fails."""
+    hits = CANARY.scan(CANARY_ROOTS)
+    if hits:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        lines = ["canary secrets found outside the credential stores:", *hits]
+        if reporter is not None:
+            reporter.write_line("\n".join(lines), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

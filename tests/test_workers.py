@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.canary import CANARY as CANARY_VALUES
 from tests.support.cluster import start_cluster as _cluster
 from tests.support.contexts import busybox_context
 from tests.support.dockerd import Dockerd
@@ -275,7 +276,7 @@ async def test_a_worker_that_stops_reading_does_not_delay_the_others(
     assert final["nodes"]["stuck"]["status"] == "pending"
 
 
-CANARY = "canary-worker-registry-pw-77"
+CANARY = CANARY_VALUES.registry_password
 
 
 async def test_canary_password_reaches_no_log_response_or_worker_disk(

@@ -13,6 +13,8 @@ from typing import Any
 
 import aiohttp
 
+from tests.support.canary import CANARY
+
 TIMEOUT = aiohttp.ClientTimeout(total=120)
 
 
@@ -25,12 +27,21 @@ def tar_of(directory: Path, *, gzip: bool = True) -> bytes:
     return gzip_module.compress(buffer.getvalue(), mtime=0) if gzip else buffer.getvalue()
 
 
+def _learn_issued_secrets(doc: Any) -> None:
+    """A join token or node secret in a response is one the scan must look for."""
+    if isinstance(doc, dict):
+        for key in ("token", "secret"):
+            if isinstance(doc.get(key), str):
+                CANARY.issue(doc[key])
+
+
 class Api:
     def __init__(self, base_url: str, token: str) -> None:
         self.base_url = base_url
         self.token = token
         self.session = aiohttp.ClientSession(timeout=TIMEOUT)
         self.responses: list[str] = []  # every body seen, for secret scans
+        CANARY.responses.append(self.responses)
         self.ssl: ssl.SSLContext | bool = True
 
     def trust(self, ca_file: Path) -> None:
@@ -51,7 +62,9 @@ class Api:
         ) as response:
             text = await response.text()
             self.responses.append(text)
-            return response.status, json.loads(text) if text else None
+            doc = json.loads(text) if text else None
+            _learn_issued_secrets(doc)
+            return response.status, doc
 
     async def deploy_dir_raw(
         self, directory: Path, app: str, headers: dict[str, str] | None = None, **params: str

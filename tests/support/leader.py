@@ -14,10 +14,12 @@ from typing import Any
 from agent.config import Config, parse_config
 from agent.leader.server import Leader
 from tests.support.api import Api
+from tests.support.canary import CANARY
 from tests.support.procs import free_port, port_open, stop, wait_until
 from tests.support.toml import to_toml
 
-TOKEN = "test-api-token-0123456789"
+TOKEN = CANARY.api_token
+TOKEN_ENV = "DEPLOY_AGENT_TEST_API_TOKEN"
 
 
 def leader_config(state_dir: Path, engine_url: str, **overrides: Any) -> dict[str, Any]:
@@ -86,9 +88,16 @@ class InProcessLeader:
 
 
 class LeaderProcess:
-    """`deploy-agent run -c FILE` as its own process, logging to a file."""
+    """`deploy-agent run -c FILE` as its own process, logging to a file.
+
+    The API token reaches it through the environment, so no file of the test's holds it.
+    """
 
     def __init__(self, raw: dict[str, Any], workdir: Path) -> None:
+        token = raw["leader"].pop("api_token", None)
+        self.secret_env = {TOKEN_ENV: token} if token else {}
+        if token:
+            raw["leader"]["api_token_env"] = TOKEN_ENV
         self.raw = raw
         self.workdir = workdir
         self.config_path = workdir / "leader.toml"
@@ -96,7 +105,8 @@ class LeaderProcess:
         assert tomllib.loads(self.config_path.read_text())  # the file is what the test meant
         self.log_path = workdir / "leader.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.api = Api(base_url(raw), raw["leader"].get("api_token", ""))
+        self.api = Api(base_url(raw), token or "")
+        CANARY.logs.add(self.log_path)
 
     def start(self, env: Mapping[str, str] | None = None) -> None:
         """Start it and wait until it listens; `env` adds to the test's environment."""
@@ -105,11 +115,12 @@ class LeaderProcess:
                 [sys.executable, "-m", "agent", "run", "-c", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})},
+                env={**os.environ, **self.secret_env, **(env or {})},
             )
         port = int(self.raw["leader"]["listen"].rpartition(":")[2])
         wait_until(lambda: self._alive() and port_open(port), 30, "leader process")
         _trust_leader(self.api, self.raw)
+        CANARY.sample_argv()
 
     def _alive(self) -> bool:
         assert self.proc is not None
