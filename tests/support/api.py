@@ -27,12 +27,15 @@ def tar_of(directory: Path, *, gzip: bool = True) -> bytes:
     return gzip_module.compress(buffer.getvalue(), mtime=0) if gzip else buffer.getvalue()
 
 
-def _learn_issued_secrets(doc: Any) -> None:
-    """A join token or node secret in a response is one the scan must look for."""
+def _issued_secrets(text: str, doc: Any) -> str:
+    """Learn a join token or node secret this response hands out, for the final scan; the
+    response with it blanked out, since handing it out is the one place it belongs."""
     if isinstance(doc, dict):
         for key in ("token", "secret"):
             if isinstance(doc.get(key), str):
                 CANARY.issue(doc[key])
+                text = text.replace(doc[key], "<issued>")
+    return text
 
 
 class Api:
@@ -61,9 +64,8 @@ class Api:
             method, self.base_url + path, headers=headers, ssl=self.ssl, **kwargs
         ) as response:
             text = await response.text()
-            self.responses.append(text)
             doc = json.loads(text) if text else None
-            _learn_issued_secrets(doc)
+            self.responses.append(_issued_secrets(text, doc))
             return response.status, doc
 
     async def deploy_dir_raw(

@@ -2,11 +2,13 @@
 
 Every leader, worker and registry the tests start uses these values; join tokens and node
 secrets, which the leader issues, join the set as they appear. At the end of the run the
-scan searches process logs, captured test output, every API response, sampled process
-argument lists and every file under the run's temporary directories. The only places a
-secret may be are the credential stores: the leader's SQLite database (`leader.db` and
-its `-wal`/`-shm` files) and a worker's own 0600 identity file (`node.json`, its node
-secret). Secrets reach the daemons through environment variables, never a file or argv.
+scan searches process logs, captured test output, every API response (but for the one
+that hands a join token or node secret out), sampled process argument lists and every
+file under the run's temporary directories. The only files a secret may be in are the
+credential stores: the leader's SQLite database (`leader.db` and its `-wal`/`-shm` files),
+a worker's own 0600 identity file (`node.json`, its node secret) and the 0600 `join-token`
+file a bootstrapped worker host holds (with the operator's file it was copied from).
+The tests give secrets to the daemons through environment variables, never a file or argv.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from agent.tls import JoinTokenError, parse_join_token
 from agent.worker.identity import IDENTITY_FILE
 
-CREDENTIAL_STORES = ("leader.db", "leader.db-wal", "leader.db-shm", IDENTITY_FILE)
+CREDENTIAL_STORES = ("leader.db", "leader.db-wal", "leader.db-shm", IDENTITY_FILE, "join-token")
 
 
 @dataclass
