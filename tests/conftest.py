@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import Any
 import pytest
 
 from agent import logs
+from tests.support.canary import CANARY, MARKER_ENV
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader, LeaderProcess, leader_config
 from tests.support.registry import Registry
@@ -34,6 +37,64 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def _logging() -> None:
     logs.configure("info", "json")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _canary_watch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Sample every process's argv each second while the tests run, for the final scan."""
+    CANARY_ROOTS.append(tmp_path_factory.getbasetemp())
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(1.0):
+            CANARY.sample_argv()
+
+    sampler = threading.Thread(target=sample, name="canary-argv", daemon=True)
+    sampler.start()
+    yield
+    done.set()
+    sampler.join(15)
+
+
+CANARY_ROOTS: list[Path] = []
+CANARY_FINDINGS: list[dict[str, Any]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Captured output (in-process leaders log there) is gone after the test: keep it.
+    The teardown report carries every section of the test."""
+    if report.when != "teardown":
+        return
+    for name, text in report.sections:
+        CANARY.keep(f"{report.nodeid} {name}", text)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault(MARKER_ENV, CANARY.marker)  # one canary for every test process
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """A parallel test process ended: collect what its scan found."""
+    CANARY_FINDINGS.append(node.workeroutput.get("canary", {"hits": [], "searched": 0}))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """No canary secret anywhere outside the credential stores, or the run fails."""
+    findings = {"hits": CANARY.scan(CANARY_ROOTS), "searched": CANARY.searched}
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # a parallel test process: the main one reports
+        workeroutput["canary"] = findings
+        return
+    CANARY_FINDINGS.append(findings)
+    hits = [hit for found in CANARY_FINDINGS for hit in found["hits"]]
+    searched = sum(found["searched"] for found in CANARY_FINDINGS)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"canary scan: {searched} places searched, {len(hits)} hits", *hits]
+    if reporter is not None:
+        reporter.write_line("\n".join(lines), red=bool(hits))
+    if hits:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

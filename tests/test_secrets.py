@@ -1,5 +1,5 @@
-"""A canary API token and registry password go through a real leader process and show up
-nowhere but in the leader's credential store."""
+"""The run's canary API token and registry password go through a real leader process and
+show up nowhere but in the leader's credential store (the run's final scan looks wider)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.support.canary import CANARY
 from tests.support.contexts import busybox_context
 from tests.support.leader import LeaderProcess
 from tests.support.registry import Registry
 
-CANARY_PASSWORD = "canary-registry-pw-5f1e2d"
-CANARY_TOKEN = "canary-api-token-8c3b7a90"
+CANARY_PASSWORD = CANARY.registry_password
+CANARY_TOKEN = CANARY.api_token
 
 
 async def test_canary_secrets_never_leak(
@@ -22,14 +23,8 @@ async def test_canary_secrets_never_leak(
     registry = Registry(password=CANARY_PASSWORD)
     registry.start()
     try:
-        token_file = tmp_path / "token"
-        token_file.write_text(CANARY_TOKEN + "\n")
-        leader = leader_process(leader={"api_token_file": str(token_file)})
-        del leader.raw["leader"]["api_token"]
-        leader.config_path.write_text(
-            leader.config_path.read_text().replace(f'api_token = "{leader.api.token}"\n', "")
-        )
-        leader.api.token = CANARY_TOKEN
+        leader = leader_process()
+        assert leader.api.token == CANARY_TOKEN
         leader.start()
         await _exercise(leader, registry, tmp_path)
         argv_run = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from tests.support.canary import CANARY as CANARY_VALUES
+from tests.support.cluster import start_cluster as _cluster
 from tests.support.contexts import busybox_context
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader, LeaderProcess
@@ -21,24 +23,6 @@ from tests.support.worker import WorkerProcess
 
 WorkerFactory = Callable[..., WorkerProcess]
 TLS = {"plain_http": None}
-
-
-async def _cluster(
-    leader: InProcessLeader | LeaderProcess,
-    registry: Registry,
-    engines: list[Dockerd],
-    worker_process: WorkerFactory,
-    **worker: Any,
-) -> list[WorkerProcess]:
-    status, _ = await leader.api.put_registry(registry.host, registry.username, registry.password)
-    assert status == 200
-    token = await leader.api.join_token()
-    workers = [
-        worker_process(f"w{i}", engine, leader.api.base_url, token, **worker).start()
-        for i, engine in enumerate(engines, start=1)
-    ]
-    await leader.api.wait_nodes(**{w.name: True for w in workers})
-    return workers
 
 
 def _holds(engine: Dockerd, image: str) -> bool:
@@ -304,7 +288,7 @@ async def test_a_worker_that_stops_reading_does_not_delay_the_others(
     assert final["nodes"]["stuck"]["status"] == "pending"
 
 
-CANARY = "canary-worker-registry-pw-77"
+CANARY = CANARY_VALUES.registry_password
 
 
 async def test_canary_password_reaches_no_log_response_or_worker_disk(

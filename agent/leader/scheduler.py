@@ -15,6 +15,7 @@ from agent.leader.models import Deployment, ErrorInfo, State
 from agent.leader.runner import Runner
 from agent.leader.sources import remove_quietly
 from agent.logs import get_logger
+from agent.memory import release_free_memory
 
 log = get_logger(__name__)
 
@@ -62,6 +63,8 @@ class Scheduler:
 
     def _finished(self, dep_id: str) -> None:
         self._running.pop(dep_id, None)
+        if not self._running:
+            release_free_memory()  # the queue ran dry: give a burst's memory back
         self.wake()
 
     async def cancel(self, dep_id: str) -> Deployment:

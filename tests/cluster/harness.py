@@ -178,7 +178,7 @@ class Cluster:
 
     def new_api(self) -> Api:
         """A client of the leader's API for the running event loop; the caller closes it."""
-        api = Api(self.leader_url, self.leader.raw["leader"]["api_token"])
+        api = Api(self.leader_url, self.leader.token)
         api.trust(self.root / "leader" / "state" / "tls" / "ca.pem")
         return api
 

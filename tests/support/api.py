@@ -13,6 +13,8 @@ from typing import Any
 
 import aiohttp
 
+from tests.support.canary import CANARY
+
 TIMEOUT = aiohttp.ClientTimeout(total=120)
 
 
@@ -25,12 +27,24 @@ def tar_of(directory: Path, *, gzip: bool = True) -> bytes:
     return gzip_module.compress(buffer.getvalue(), mtime=0) if gzip else buffer.getvalue()
 
 
+def _issued_secrets(text: str, doc: Any) -> str:
+    """Learn a join token or node secret this response hands out, for the final scan; the
+    response with it blanked out, since handing it out is the one place it belongs."""
+    if isinstance(doc, dict):
+        for key in ("token", "secret"):
+            if isinstance(doc.get(key), str):
+                CANARY.issue(doc[key])
+                text = text.replace(doc[key], "<issued>")
+    return text
+
+
 class Api:
     def __init__(self, base_url: str, token: str) -> None:
         self.base_url = base_url
         self.token = token
         self.session = aiohttp.ClientSession(timeout=TIMEOUT)
         self.responses: list[str] = []  # every body seen, for secret scans
+        CANARY.responses.append(self.responses)
         self.ssl: ssl.SSLContext | bool = True
 
     def trust(self, ca_file: Path) -> None:
@@ -50,8 +64,9 @@ class Api:
             method, self.base_url + path, headers=headers, ssl=self.ssl, **kwargs
         ) as response:
             text = await response.text()
-            self.responses.append(text)
-            return response.status, json.loads(text) if text else None
+            doc = json.loads(text) if text else None
+            self.responses.append(_issued_secrets(text, doc))
+            return response.status, doc
 
     async def deploy_dir_raw(
         self, directory: Path, app: str, headers: dict[str, str] | None = None, **params: str

@@ -7,6 +7,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from tests.support.canary import CANARY
 from tests.support.procs import free_port, stop, wait_until
 
 
@@ -81,4 +82,6 @@ class Dockerd:
         if self.proc is not None:
             stop(self.proc, timeout=30)
         subprocess.run(["umount", "-R", str(self.root / "x")], capture_output=True, check=False)
+        if self.log_path.exists():
+            CANARY.keep(f"dockerd {self.sock} log", self.log_path.read_text(errors="replace"))
         shutil.rmtree(self.root, ignore_errors=True)

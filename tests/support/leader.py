@@ -14,10 +14,12 @@ from typing import Any
 from agent.config import Config, parse_config
 from agent.leader.server import Leader
 from tests.support.api import Api
+from tests.support.canary import CANARY
 from tests.support.procs import free_port, port_open, stop, wait_until
 from tests.support.toml import to_toml
 
-TOKEN = "test-api-token-0123456789"
+TOKEN = CANARY.api_token
+TOKEN_ENV = "DEPLOY_AGENT_TEST_API_TOKEN"
 
 
 def leader_config(state_dir: Path, engine_url: str, **overrides: Any) -> dict[str, Any]:
@@ -86,10 +88,17 @@ class InProcessLeader:
 
 
 class LeaderProcess:
-    """`deploy-agent run -c FILE` as its own process, logging to a file."""
+    """`deploy-agent run -c FILE` as its own process, logging to a file.
+
+    The API token reaches it through the environment, so no file of the test's holds it.
+    """
 
     def __init__(self, raw: dict[str, Any], workdir: Path, prefix: list[str] | None = None) -> None:
         """`prefix` runs it elsewhere, e.g. nsenter into a simulated host's namespace."""
+        token = raw["leader"].pop("api_token", None)
+        self.secret_env = {TOKEN_ENV: token} if token else {}
+        if token:
+            raw["leader"]["api_token_env"] = TOKEN_ENV
         self.raw = raw
         self.prefix = prefix or []
         self.workdir = workdir
@@ -99,13 +108,14 @@ class LeaderProcess:
         self.log_path = workdir / "leader.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._api: Api | None = None
-        self._token = raw["leader"].get("api_token", "")
+        self.token = token or ""
+        CANARY.logs.add(self.log_path)
 
     @property
     def api(self) -> Api:
         """A client of its API, made on first use (it needs a running event loop)."""
         if self._api is None:
-            self._api = Api(base_url(self.raw), self._token)
+            self._api = Api(base_url(self.raw), self.token)
             if self.proc is not None:
                 _trust_leader(self._api, self.raw)
         return self._api
@@ -117,13 +127,14 @@ class LeaderProcess:
                 [*self.prefix, sys.executable, "-m", "agent", "run", "-c", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})},
+                env={**os.environ, **self.secret_env, **(env or {})},
             )
         host, _, port = self.raw["leader"]["listen"].rpartition(":")
         host = "127.0.0.1" if host == "0.0.0.0" else host
         wait_until(lambda: self._alive() and port_open(int(port), host), 30, "leader process")
         if self._api is not None:
             _trust_leader(self._api, self.raw)
+        CANARY.sample_argv()
 
     def _alive(self) -> bool:
         assert self.proc is not None

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import bcrypt
 
+from tests.support.canary import CANARY
 from tests.support.procs import free_port, port_open, stop, wait_until
 
 _ACCESS_LINE = re.compile(r'"(?:GET|HEAD|POST|PUT|PATCH|DELETE) /v2')
@@ -41,7 +42,7 @@ class Registry:
     def __init__(
         self,
         username: str = "pusher",
-        password: str = "pusher-password-1",
+        password: str = CANARY.registry_password,
         *,
         address: str = "127.0.0.1",
         tls: tuple[Path, Path] | None = None,
@@ -77,6 +78,7 @@ class Registry:
                 stderr=subprocess.STDOUT,
             )
         wait_until(self._listening, 20, f"registry on {self.host}")
+        CANARY.sample_argv()
 
     def _listening(self) -> bool:
         if not self.prefix:
@@ -132,4 +134,6 @@ class Registry:
 
     def cleanup(self) -> None:
         self.stop()
+        if self.log_path.exists():
+            CANARY.keep(f"registry {self.host} log", self.log_path.read_text(errors="replace"))
         shutil.rmtree(self.root, ignore_errors=True)

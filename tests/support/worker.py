@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from tests.support.canary import CANARY
 from tests.support.procs import stop
 from tests.support.toml import to_toml
 
+JOIN_TOKEN_ENV = "DEPLOY_AGENT_TEST_JOIN_TOKEN"
+
 
 class WorkerProcess:
+    """The join token reaches the worker through the environment, never its config file."""
+
     def __init__(
         self,
         workdir: Path,
@@ -34,10 +40,17 @@ class WorkerProcess:
             "state_dir": str(self.state_dir),
             "log": {"format": "json"},
             "engine": {"url": engine_url},
-            "worker": {"leader_url": leader_url, "join_token": token, "name": name, **worker},
+            "worker": {
+                "leader_url": leader_url,
+                "join_token_env": JOIN_TOKEN_ENV,
+                "name": name,
+                **worker,
+            },
         }
         self.config_path.write_text(to_toml(raw))
+        self.join_token = token
         self.proc: subprocess.Popen[bytes] | None = None
+        CANARY.logs.add(self.log_path)
 
     def start(self) -> WorkerProcess:
         with self.log_path.open("ab") as log:
@@ -45,7 +58,9 @@ class WorkerProcess:
                 [*self.prefix, sys.executable, "-m", "agent", "run", "-c", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env={**os.environ, JOIN_TOKEN_ENV: self.join_token},
             )
+        CANARY.sample_argv()
         return self
 
     def kill(self) -> None:

@@ -29,8 +29,15 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": _REF.format(name=name)}
 
 
-def _op(summary: str, ok: str = "200", body: str | None = None, **extra: Any) -> dict[str, Any]:
-    responses: dict[str, Any] = {ok: {"description": "success", **_json({"type": "object"})}}
+def _op(
+    summary: str,
+    ok: str = "200",
+    body: str | None = None,
+    success: dict[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    content = success if success is not None else _json({"type": "object"})
+    responses: dict[str, Any] = {ok: {"description": "success", **content}}
     responses |= {code: {"description": "refused", **_json(_ref("Error"))} for code in _ERRORS}
     op: dict[str, Any] = {"summary": summary, "responses": responses, **extra}
     if body is not None:
@@ -38,6 +45,7 @@ def _op(summary: str, ok: str = "200", body: str | None = None, **extra: Any) ->
     return op
 
 
+_DEP = _json(_ref("Deployment"))
 _ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
 _PUBLIC: list[dict[str, list[str]]] = [{}]
 _TAR_UPLOAD = {
@@ -49,6 +57,23 @@ _TAR_UPLOAD = {
         "application/gzip": {"schema": {"type": "string", "format": "binary"}},
     },
 }
+_TEXT = {"content": {"text/plain": {"schema": {"type": "string"}}}}
+_PEM = {"content": {"application/x-pem-file": {"schema": {"type": "string"}}}}
+_NDJSON = {"content": {"application/x-ndjson": {"schema": {"type": "string"}}}}
+_NO_BODY: dict[str, Any] = {}
+_UPLOAD_QUERY = [
+    {"name": name, "in": "query", "required": False, "schema": schema, "description": what}
+    for name, schema, what in (
+        ("app", {"type": "string"}, "the app (required with a tar body)"),
+        ("dockerfile", {"type": "string"}, "path of the Dockerfile inside the context"),
+        ("image", {"type": "string"}, "repository to push to"),
+        ("build_arg", {"type": "array", "items": {"type": "string"}}, "KEY=VALUE, repeated"),
+        ("label", {"type": "array", "items": {"type": "string"}}, "KEY=VALUE, repeated"),
+        ("services", {"type": "string"}, "the services as a JSON list"),
+        ("allow_manager_placement", {"type": "boolean"}, "place services on managers too"),
+        ("prune", {"type": "boolean"}, "remove the app's services not listed"),
+    )
+]
 _LIST_QUERY = [
     {"name": name, "in": "query", "required": False, "schema": {"type": kind}}
     for name, kind in (("app", "string"), ("state", "string"), ("limit", "integer"))
@@ -66,19 +91,28 @@ def _paths() -> dict[str, Any]:
                 "required": False,
                 "schema": {"type": "string"},
             },
+            *_UPLOAD_QUERY,
         ],
+        success=_json(_ref("Deployment")),
     )
     submit["requestBody"] = _TAR_UPLOAD
+    submit["responses"]["200"] = {"description": "the one this Idempotency-Key made", **_DEP}
     return {
         "/v1/deployments": {
             "post": submit,
             "get": _op("List deployments, newest first", parameters=_LIST_QUERY),
         },
-        "/v1/deployments/{id}": {"get": _op("One deployment", parameters=_ID)},
+        "/v1/deployments/{id}": {"get": _op("One deployment", parameters=_ID, success=_DEP)},
         "/v1/deployments/{id}/events": {
-            "get": _op("NDJSON event stream: replays, then follows until final", parameters=_ID)
+            "get": _op(
+                "NDJSON event stream: replays, then follows until final",
+                parameters=_ID,
+                success=_NDJSON,
+            )
         },
-        "/v1/deployments/{id}/cancel": {"post": _op("Cancel a deployment", parameters=_ID)},
+        "/v1/deployments/{id}/cancel": {
+            "post": _op("Cancel a deployment", parameters=_ID, success=_DEP)
+        },
         "/v1/deployments/{id}/webhooks": {
             "get": _op("Webhook deliveries of a deployment and their outcome", parameters=_ID)
         },
@@ -91,23 +125,49 @@ def _paths() -> dict[str, Any]:
         "/v1/join-tokens": {"post": _op("A new worker join token (rotates the old one)")},
         "/v1/nodes": {"get": _op("Enrolled workers")},
         "/v1/nodes/{id}": {"delete": _op("Revoke a worker", parameters=_ID)},
-        "/v1/ca.pem": {"get": _op("The leader's CA certificate (PEM)", security=_PUBLIC)},
+        "/v1/ca.pem": {
+            "get": _op("The leader's CA certificate (PEM)", success=_PEM, security=_PUBLIC)
+        },
         "/v1/join": {
             "post": _op(
                 "Enrol a worker with a join token", "201", body="JoinRequest", security=_PUBLIC
             )
         },
-        "/v1/agent": {"get": _op("The worker websocket (node secret)", "101", security=_PUBLIC)},
+        "/v1/agent": {
+            "get": _op(
+                "The worker websocket (node secret)", "101", success=_NO_BODY, security=_PUBLIC
+            )
+        },
         "/v1/openapi.json": {"get": _op("This document")},
-        "/metrics": {"get": _op("Prometheus metrics, text format")},
+        "/metrics": {"get": _op("Prometheus metrics, text format", success=_TEXT)},
         "/healthz": {"get": _op("Liveness", security=_PUBLIC)},
     }
+
+
+_STATES = ["queued", "building", "pushing", "distributing", "releasing"]
+_DEPLOYMENT = {
+    "type": "object",
+    "required": ["id", "app", "state", "mode", "source", "image", "stages", "nodes"],
+    "properties": {
+        "id": {"type": "string"},
+        "app": {"type": "string"},
+        "state": {"enum": [*_STATES, "succeeded", "failed", "cancelled"]},
+        "mode": {"enum": ["local", "registry"]},
+        "source": {"type": "object", "required": ["type"]},
+        "image": {"type": "string"},
+        "digest": {"type": ["string", "null"]},
+        "stages": {"type": "object"},
+        "nodes": {"type": "object"},
+        "error": {"type": ["object", "null"], "required": ["code", "message"]},
+    },
+}
 
 
 def document() -> dict[str, Any]:
     _, components = msgspec.json.schema_components(
         [DeploymentRequest, CredentialsBody, JoinRequest], ref_template=_REF
     )
+    components["Deployment"] = _DEPLOYMENT
     components["Error"] = {
         "type": "object",
         "required": ["error"],

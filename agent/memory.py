@@ -1,0 +1,28 @@
+"""Hand freed heap memory back to the system once a burst of work is over.
+
+A burst of uploads leaves glibc holding hundreds of MiB it has freed but not returned;
+`malloc_trim` returns it. A no-op where the C library has no such call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+from collections.abc import Callable
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    trim: Callable[[int], int] | None = getattr(ctypes.CDLL(name), "malloc_trim", None)
+    return trim
+
+
+def release_free_memory() -> None:
+    """Return the heap's free pages to the system (glibc's malloc_trim)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
