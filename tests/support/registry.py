@@ -65,8 +65,10 @@ class Registry:
         self.set_password(password)
 
     def set_password(self, password: str) -> None:
-        """Write the htpasswd file; takes effect at the next start."""
+        """Write the htpasswd file; takes effect at the next start. A rotated password
+        is searched for by the canary scan as well."""
         self.password = password
+        CANARY.issue(password)
         hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
         (self.root / "htpasswd").write_text(f"{self.username}:{hashed}\n")
 
