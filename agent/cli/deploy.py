@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import gzip
 import json
+import signal
 import sys
 import tarfile
 import tempfile
@@ -13,6 +16,8 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from agent.cli.client import UPLOAD_TIMEOUT, Client
+from agent.cli.commands import client_for
+from agent.cli.live import LivePrinter
 
 SKIP = frozenset({".git"})
 
@@ -148,3 +153,87 @@ def query_params(
     params += [("build_arg", item) for item in build_args]
     params += [("label", item) for item in labels]
     return params
+
+
+async def command(args: argparse.Namespace) -> int:
+    async with client_for(args) as client:
+        if args.context is not None:
+            if not args.context.is_dir():
+                raise SystemExit(f"deploy-agent: {args.context} is not a directory")
+            params = query_params(
+                args.app, args.dockerfile, args.image, args.build_arg, args.label
+            ) + _release_params(args)
+            dep = await submit_directory(client, args.context, params, args.idempotency_key)
+        else:
+            body = _git_body(args)
+            dep = await submit_git(client, body, args.idempotency_key)
+        print(f"deployment {dep['id']} submitted ({dep['mode']} mode)", file=sys.stderr)
+        if args.no_follow:
+            return 0
+        final = await _follow_until_done_or_detached(client, dep["id"], args.json)
+    if final is None:
+        return 130
+    return 0 if final["state"] == "succeeded" else 1
+
+
+async def _follow_until_done_or_detached(
+    client: Client, dep_id: str, as_json: bool
+) -> dict[str, Any] | None:
+    """Follow the deployment; Ctrl-C detaches (and on a terminal offers to cancel)."""
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    tty = sys.stdout.isatty() and not as_json
+    with contextlib.ExitStack() as stack:
+        printer: EventSink = stack.enter_context(LivePrinter()) if tty else Printer(as_json=as_json)
+        following = asyncio.create_task(follow(client, dep_id, printer))
+        stop = asyncio.create_task(interrupted.wait())
+        await asyncio.wait([following, stop], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        loop.remove_signal_handler(signal.SIGINT)
+        if following.done():
+            return following.result()
+        following.cancel()
+    print(f"\ndetached: deployment {dep_id} goes on", file=sys.stderr)
+    if sys.stdin.isatty():
+        answer = await asyncio.to_thread(input, "cancel it? [y/N] ")
+        if answer.strip().lower() in ("y", "yes"):
+            doc = await client.call("POST", f"/v1/deployments/{dep_id}/cancel")
+            print(f"deployment {dep_id}: {doc['state']}", file=sys.stderr)
+    return None
+
+
+def _services(args: argparse.Namespace) -> list[Any] | None:
+    if args.services is None:
+        return None
+    services = json.loads(args.services.read_text())
+    if not isinstance(services, list):
+        raise SystemExit(f"deploy-agent: {args.services} must hold a JSON list of services")
+    return services
+
+
+def _release_params(args: argparse.Namespace) -> list[tuple[str, str]]:
+    params = []
+    services = _services(args)
+    if services is not None:
+        params.append(("services", json.dumps(services)))
+    params += [
+        (flag, "true") for flag in ("prune", "allow_manager_placement") if getattr(args, flag)
+    ]
+    return params
+
+
+def _git_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {"app": args.app, "git": {"url": args.git, "ref": args.ref}}
+    if args.dockerfile:
+        body["dockerfile"] = args.dockerfile
+    if args.image:
+        body["image"] = args.image
+    body["build_args"] = dict(item.partition("=")[::2] for item in args.build_arg)
+    body["labels"] = dict(item.partition("=")[::2] for item in args.label)
+    services = _services(args)
+    if services is not None:
+        body["services"] = services
+    body["prune"] = args.prune
+    body["allow_manager_placement"] = args.allow_manager_placement
+    return body

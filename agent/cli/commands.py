@@ -1,0 +1,146 @@
+"""The commands that are the daemon itself or a call or two to the leader's API: each
+takes the parsed arguments and returns the process's exit code."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from agent import daemon, logs
+from agent.bootstrap.runner import bootstrap
+from agent.cli import bootstrap as bootstrap_cmd
+from agent.cli.client import Client, Target
+from agent.config import Config, load_config
+from agent.errors import AgentError, BootstrapError
+from agent.worker.agent import NodeRevoked
+
+DEFAULT_CONFIG = "/etc/deploy-agent/config.toml"
+EXIT_REVOKED = 3  # a revoked worker: restarting it cannot help
+
+
+def client_for(args: argparse.Namespace) -> Client:
+    path = args.config or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None)
+    config: Config | None = load_config(path) if path else None
+    return Client(Target.resolve(args.url, args.token_file, config, args.ca_file))
+
+
+async def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    logs.configure(config.log.level, config.log.format)
+    try:
+        await daemon.run(config)
+    except NodeRevoked as exc:
+        logs.get_logger("agent").error("agent.revoked", error=exc.message)
+        return EXIT_REVOKED
+    except AgentError as exc:
+        logs.get_logger("agent").error("agent.failed", error=exc.message)
+        return 1
+    return 0
+
+
+async def check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(f"{args.config}: ok (role {config.role})")
+    return 0
+
+
+async def status(args: argparse.Namespace) -> int:
+    async with client_for(args) as client:
+        if args.id:
+            print(json.dumps(await client.call("GET", f"/v1/deployments/{args.id}"), indent=2))
+            return 0
+        params = {"limit": args.limit} | {k: v for k in ("app", "state") if (v := getattr(args, k))}
+        doc = await client.call("GET", "/v1/deployments", params=params)
+    for dep in doc["deployments"]:
+        error = dep.get("error") or {}
+        print(
+            f"{dep['id']}  {dep['app']:<20} {dep['state']:<12} {dep['mode']:<8} "
+            f"{dep['image']}  {error.get('code', '')}"
+        )
+    return 0
+
+
+async def cancel(args: argparse.Namespace) -> int:
+    async with client_for(args) as client:
+        dep = await client.call("POST", f"/v1/deployments/{args.id}/cancel")
+    print(f"deployment {dep['id']}: {dep['state']}")
+    return 0
+
+
+async def registry_set(args: argparse.Namespace) -> int:
+    password = await asyncio.to_thread(_read_password, args.password_file)
+    body = {"server": args.server, "username": args.username, "password": password}
+    if args.namespace:
+        body["namespace"] = args.namespace
+    async with client_for(args) as client:
+        doc = await client.call("PUT", "/v1/registry", json_body=body)
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
+def _read_password(path: str | None) -> str:
+    return Path(path).read_text().strip() if path else sys.stdin.readline().strip()
+
+
+async def registry_show(args: argparse.Namespace) -> int:
+    async with client_for(args) as client:
+        print(json.dumps(await client.call("GET", "/v1/registry"), indent=2))
+    return 0
+
+
+async def registry_remove(args: argparse.Namespace) -> int:
+    async with client_for(args) as client:
+        print(json.dumps(await client.call("DELETE", "/v1/registry"), indent=2))
+    return 0
+
+
+async def nodes_list(args: argparse.Namespace) -> int:
+    async with client_for(args) as client:
+        doc = await client.call("GET", "/v1/nodes")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    for node in doc["nodes"]:
+        state = "connected" if node["connected"] else "offline"
+        last = node.get("last_pull") or {}
+        print(
+            f"{node['id']}  {node['name']:<20} {state:<10} creds v{node['credentials_version']}"
+            f"  engine {node['engine_version']} {node['arch']}  last pull: "
+            f"{last.get('image', '-')} {'ok' if last.get('ok') else last.get('error', '')}"
+        )
+    return 0
+
+
+async def nodes_revoke(args: argparse.Namespace) -> int:
+    async with client_for(args) as client:
+        await client.call("DELETE", f"/v1/nodes/{args.id}")
+    print(f"node {args.id} revoked")
+    return 0
+
+
+async def join_token(args: argparse.Namespace) -> int:
+    async with client_for(args) as client:
+        doc = await client.call("POST", "/v1/join-tokens")
+    print(doc["token"])
+    return 0
+
+
+async def bootstrap_host(args: argparse.Namespace) -> int:
+    logs.configure("info", "auto")
+    try:
+        token = await asyncio.to_thread(_read_password, str(args.join_token_file))
+        logs.redactor.add(token)
+        plan = bootstrap_cmd.plan_from(args, token)
+    except (OSError, ValueError) as exc:
+        print(f"deploy-agent: bootstrap: {exc}", file=sys.stderr)
+        return 2
+    async with client_for(args) as client:
+        try:
+            await bootstrap(plan, client)
+        except BootstrapError as exc:
+            print(f"deploy-agent: bootstrap failed at step {exc.step!r}: {exc}", file=sys.stderr)
+            return 1
+    return 0
