@@ -131,7 +131,7 @@ class SshHost:
                 f"forwarding {remote} did not start within {COMMAND_TIMEOUT:.0f} s"
             ) from None
         except (asyncssh.Error, OSError) as exc:
-            raise SshError(f"forwarding {remote}: {_describe(exc)}") from None
+            raise SshError(f"forwarding {local} to the host's {remote}: {_describe(exc)}") from None
         try:
             yield
         finally:

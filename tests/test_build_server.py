@@ -6,14 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import stat
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from agent.leader.build_server import TUNNEL_PREFIX, tunnel_parent
 from tests.support.contexts import busybox_context, run_step
 from tests.support.dockerd import Dockerd
 from tests.support.registry import Registry
 from tests.support.sshd import Sshd
+
+# tunnels may share the system's temporary directory: one process looks at it at a time
+pytestmark = pytest.mark.xdist_group("build-server")
 
 
 def _build_server(sshd: Sshd, engine: Dockerd) -> dict[str, Any]:
@@ -39,7 +46,7 @@ async def test_deployment_builds_on_the_build_server_and_pushes_from_there(
     _, cluster = await leader.api.request("GET", "/v1/cluster")
     assert cluster["mode"] == "registry" and "build server" in cluster["reason"]
     await leader.api.put_registry(registry.host, registry.username, registry.password)
-    state_dir = Path(leader.config.state_dir)
+    state_dir = tunnel_parent(Path(leader.config.state_dir))
     dep = await leader.api.deploy_dir(
         busybox_context(tmp_path / "c", run_step("echo on-the-build-server; sleep 2")), "remote"
     )
@@ -53,13 +60,13 @@ async def test_deployment_builds_on_the_build_server_and_pushes_from_there(
     assert dockerd.cli("image", "inspect", tag, check=False).returncode != 0
     assert registry.manifest_digest(f"{registry.username}/remote", dep["id"]) == final["digest"]
     assert tunnel_modes and all(mode == 0o700 for mode in tunnel_modes)
-    assert not list(state_dir.glob("build-tunnel-*"))  # each tunnel is gone after its stage
+    assert not list(state_dir.glob(f"{TUNNEL_PREFIX}*"))  # each tunnel is gone after its stage
 
 
 async def _tunnel_modes_while_building(leader: Any, dep_id: str, state_dir: Path) -> list[int]:
     async with asyncio.timeout(60):
         while True:
-            tunnels = list(state_dir.glob("build-tunnel-*"))
+            tunnels = list(state_dir.glob(f"{TUNNEL_PREFIX}*"))
             if tunnels:
                 return [stat.S_IMODE(t.stat().st_mode) for t in tunnels]
             _, doc = await leader.api.request("GET", f"/v1/deployments/{dep_id}")
@@ -87,8 +94,16 @@ async def test_unreachable_build_server_fails_the_deployment_not_the_leader(
     assert (
         "build server" in final["error"]["message"] and "unreachable" in final["error"]["message"]
     )
+    assert "SSH" in final["error"]["hint"]
     status, _ = await leader.api.request("GET", "/v1/cluster")
     assert status == 200
+
+
+def test_a_tunnel_goes_to_the_temporary_directory_when_its_socket_path_would_be_too_long() -> None:
+    """Unix socket paths have a limit of 107 bytes: a deep state directory is not used."""
+    assert tunnel_parent(Path("/var/lib/deploy-agent")) == Path("/var/lib/deploy-agent")
+    deep = Path("/var/lib") / ("d" * 80)
+    assert tunnel_parent(deep) == Path(tempfile.gettempdir())
 
 
 async def test_build_server_without_registry_is_409(

@@ -8,6 +8,7 @@ its reason and never the leader.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -20,6 +21,9 @@ from agent.logs import get_logger
 from agent.ssh import SshHost, SshTarget
 
 log = get_logger(__name__)
+TUNNEL_PREFIX = "build-tunnel-"
+TUNNEL_SOCKET = "docker.sock"
+SOCKET_PATH_MAX = 108  # sun_path on Linux, with its terminating NUL
 
 
 class BuildServerUnreachable(SshError):
@@ -51,8 +55,8 @@ class Builders:
             return
         config = self._config
         # mkdtemp makes the directory 0700: only the agent can reach the tunnel socket
-        directory = Path(tempfile.mkdtemp(prefix="build-tunnel-", dir=self._state_dir))
-        socket = directory / "docker.sock"
+        directory = Path(tempfile.mkdtemp(prefix=TUNNEL_PREFIX, dir=tunnel_parent(self._state_dir)))
+        socket = directory / TUNNEL_SOCKET
         try:
             async with (
                 await _connect(config) as host,
@@ -65,6 +69,16 @@ class Builders:
                     await engine.close()
         finally:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def tunnel_parent(state_dir: Path) -> Path:
+    """Where tunnel directories go: the state directory, unless the socket's path would
+    pass the kernel's limit for a Unix socket; then the system's temporary directory
+    (private to the agent under its systemd unit)."""
+    longest = f"{state_dir}/{TUNNEL_PREFIX}{'x' * 8}/{TUNNEL_SOCKET}"
+    if len(os.fsencode(longest)) < SOCKET_PATH_MAX:
+        return state_dir
+    return Path(tempfile.gettempdir())
 
 
 async def _connect(config: BuildServerConfig) -> SshHost:

@@ -65,17 +65,21 @@ async def build(ctx: LeaderContext, dep: Deployment) -> None:
             )
     except BuildError as exc:
         raise BuildFailed(exc.message, exc.log_tail) from None
-    except (EngineError, SshError) as exc:
+    except EngineError as exc:
         raise BuildFailed(exc.message, []) from None
+    except SshError as exc:
+        hint = "check the build server's SSH access and its Docker socket (leader.build_server)"
+        raise BuildFailed(exc.message, [], hint) from None
 
 
 class BuildFailed(DeploymentError):
-    def __init__(self, message: str, log_tail: list[str]) -> None:
-        super().__init__(
-            "build_failed",
-            f"the image build failed: {message}",
-            hint="read the build log (deploy-agent deploy follows it) and fix the Dockerfile",
-        )
+    def __init__(
+        self,
+        message: str,
+        log_tail: list[str],
+        hint: str = "read the build log (deploy-agent deploy follows it) and fix the Dockerfile",
+    ) -> None:
+        super().__init__("build_failed", f"the image build failed: {message}", hint=hint)
         self.log_tail = log_tail
 
 
