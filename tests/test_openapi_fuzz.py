@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
+from schemathesis.schemas import APIOperation
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
@@ -77,25 +80,35 @@ def served(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     leader.stop()
 
 
+# One test item per operation, each with its own id: parallel test processes schedule
+# items by id, and schemathesis' own parametrization gives them all the same one.
+OPERATIONS = [result.ok() for result in schema.get_all_operations()]
+
+
 @pytest.mark.timeout(120 + EXAMPLES)
-@schema.parametrize()
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=list(HealthCheck),
-)
+@pytest.mark.parametrize("operation", OPERATIONS, ids=lambda op: op.label)
 def test_every_operation_answers_as_documented(
-    case: schemathesis.Case, served: ThreadedLeader
+    operation: APIOperation, served: ThreadedLeader
 ) -> None:
-    """Generated requests get a documented status and body; none a 5xx.
+    """Generated requests, valid and invalid, get a documented status and body; none a 5xx.
 
     Valid submissions get through to the runner, which is fine: random bytes are no tar
     with a Dockerfile and a generated git URL clones nothing, so none of them builds.
     """
-    case.call_and_validate(
-        base_url=served.url,
-        headers={"Authorization": f"Bearer {TOKEN}"},
-        checks=CHECKS,
-        timeout=30,
-        verify=served.ca,
+    cases = st.one_of(
+        operation.as_strategy(generation_mode=GenerationMode.POSITIVE),
+        operation.as_strategy(generation_mode=GenerationMode.NEGATIVE),
     )
+
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(case=cases)
+    def answers_as_documented(case: schemathesis.Case) -> None:
+        case.call_and_validate(
+            base_url=served.url,
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            checks=CHECKS,
+            timeout=30,
+            verify=served.ca,
+        )
+
+    answers_as_documented()
