@@ -237,10 +237,10 @@ async def test_ctrl_c_detaches_and_the_deployment_goes_on(
     leader: InProcessLeader, tmp_path: Path
 ) -> None:
     """Ctrl-C during a build detaches (exit 130); the deployment still succeeds."""
-    context = busybox_context(tmp_path / "app", run_step("echo started; sleep 3"))
+    context = busybox_context(tmp_path / "app", run_step("echo detach-me; sleep 3"))
 
     code, out = await _cli_on_tty(
-        leader, "deploy", "--app", "detach", "--context", str(context), interrupt_on="started"
+        leader, "deploy", "--app", "detach", "--context", str(context), interrupt_on="detach-me"
     )
 
     assert code == 130, out
