@@ -47,6 +47,10 @@ JSON_BODY_LIMIT = 1024 * 1024
 # as shipped: most of an idle worker link's memory). TLS records carry at most 16 KiB.
 TLS_READ_BUFFER = 64 * 1024
 GC_YOUNG_THRESHOLD = 20_000
+# Connections waiting to be accepted (aiohttp's default is 128; the kernel caps it at
+# net.core.somaxconn). Thousands of workers reconnect at once after a leader restart:
+# past the backlog the kernel drops their handshakes and they wait out a retransmit.
+LISTEN_BACKLOG = 4096
 
 
 def build_app(ctx: LeaderContext, scheduler: Scheduler) -> web.Application:
@@ -142,7 +146,9 @@ class Leader:
         await self._runner.setup()
         ssl_context = tls.server_context() if tls else None
         asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
-        site = web.TCPSite(self._runner, cfg.host, cfg.port, ssl_context=ssl_context)
+        site = web.TCPSite(
+            self._runner, cfg.host, cfg.port, ssl_context=ssl_context, backlog=LISTEN_BACKLOG
+        )
         await site.start()
         if cfg.plain_http:
             log.warning("leader.plain_http", listen=cfg.listen)
