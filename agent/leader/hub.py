@@ -2,8 +2,9 @@
 answers the distribution stage waits for.
 
 Each link has its own bounded send queue drained by its own task under a deadline, so a
-worker that stops reading is dropped and never delays the others. A broadcast is
-encoded once and queued to every link.
+worker that stops reading is dropped and never delays the others. A message to a link
+with nothing queued and room in its transport is written at once, skipping the queue.
+A broadcast is encoded once and sent to every link.
 """
 
 from __future__ import annotations
@@ -56,16 +57,49 @@ class Link:
     queue: asyncio.Queue[str] = field(default_factory=lambda: asyncio.Queue(SEND_QUEUE))
     closer: asyncio.Task[bool] | None = None
 
+    sending: bool = False  # the pump holds a message it has not finished sending
+
     def send(self, data: str) -> None:
+        if not self.sending and self.queue.empty() and self._writable():
+            self._write_now(data)
+            return
         try:
             self.queue.put_nowait(data)
         except asyncio.QueueFull:
             log.warning("link.queue_full", node=self.node.name)
             self.drop()
 
+    def _writable(self) -> bool:
+        """Whether the transport takes a frame without making its sender wait."""
+        transport = self.request.transport
+        if transport is None or transport.is_closing():
+            return False
+        low, _ = transport.get_write_buffer_limits()
+        return transport.get_write_buffer_size() <= low
+
+    def _write_now(self, data: str) -> None:
+        """Write a frame without a trip through the queue and the pump.
+
+        Below its low-water mark the transport is not paused, and send_str writes the
+        frame before it would wait for a drain, which only a paused transport needs:
+        the coroutine finishes in its first step. Should it stop to wait all the same,
+        the frame is written; the wait is left to the pump, with its deadline.
+        """
+        sending = self.ws.send_str(data)
+        try:
+            sending.send(None)
+        except StopIteration:
+            return
+        except ConnectionError as exc:
+            log.info("link.send_failed", node=self.node.name, error=repr(exc))
+            self.drop()
+            return
+        sending.close()
+
     async def pump(self) -> None:
         while True:
             data = await self.queue.get()
+            self.sending = True
             try:
                 async with asyncio.timeout(SEND_DEADLINE):
                     await self.ws.send_str(data)
@@ -73,6 +107,7 @@ class Link:
                 log.warning("link.send_deadline", node=self.node.name, deadline_s=SEND_DEADLINE)
                 self.drop()
                 return
+            self.sending = False
 
     def drop(self) -> None:
         """Cut a worker that stopped reading: no close handshake, it would not read it."""
