@@ -29,6 +29,10 @@ from agent.logs import get_logger
 log = get_logger(__name__)
 SEND_QUEUE = 256
 SEND_DEADLINE = 10.0
+# What a link's transport holds before its sender waits. asyncio's TLS transport holds
+# 512 KiB of its own before it pauses (a plain one, 64 KiB): kept at the plain figure, a
+# worker that stops reading costs the leader as little on TLS as on plain links.
+WRITE_BUFFER_HIGH = 64 * 1024
 CLOSE_DEADLINE = 5.0
 ProgressSink = Callable[[str, wire.PullProgress], Awaitable[None]]
 # Why a node has no answer to a pull order: offline when it was ordered, or its link
@@ -58,6 +62,10 @@ class Link:
     closer: asyncio.Task[bool] | None = None
 
     sending: bool = False  # the pump holds a message it has not finished sending
+
+    def __post_init__(self) -> None:
+        if self.request.transport is not None:
+            self.request.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
 
     def send(self, data: str) -> None:
         if not self.sending and self.queue.empty() and self._writable():
