@@ -3,8 +3,8 @@ answers the distribution stage waits for.
 
 Each link has its own bounded send queue drained by its own task under a deadline, so a
 worker that stops reading is dropped and never delays the others. A message to a link
-with nothing queued and room in its transport is written at once, skipping the queue.
-A broadcast is encoded once and sent to every link.
+with nothing queued and room in its transport is written at once as a ready-made frame,
+skipping the queue. A broadcast is encoded and framed once and sent to every link.
 """
 
 from __future__ import annotations
@@ -17,12 +17,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from aiohttp import WSMsgType, web
+from prometheus_client import Histogram
 
 from agent import wire
 from agent.credentials import RegistryCredentials
+from agent.leader.frames import Outgoing, outgoing
 from agent.leader.metrics import LeaderMetrics
 from agent.leader.models import LastPull, NodeRecord
 from agent.leader.node_writer import NodeInfoWriter
+from agent.leader.orders import OrdersInFlight, PullRound
 from agent.leader.store import Store
 from agent.logs import get_logger
 
@@ -58,61 +61,66 @@ class Link:
     node: NodeRecord
     ws: web.WebSocketResponse
     request: web.Request
-    queue: asyncio.Queue[str] = field(default_factory=lambda: asyncio.Queue(SEND_QUEUE))
+    queue: asyncio.Queue[Outgoing] = field(default_factory=lambda: asyncio.Queue(SEND_QUEUE))
     closer: asyncio.Task[bool] | None = None
+    pull_seconds: Histogram | None = None  # this node's child of the pull histogram, once used
 
     sending: bool = False  # the pump holds a message it has not finished sending
+    _low: int = 0  # the transport's low-water mark
 
     def __post_init__(self) -> None:
-        if self.request.transport is not None:
-            self.request.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        transport = self.request.transport
+        if transport is not None:
+            transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+            self._low = transport.get_write_buffer_limits()[0]
 
-    def send(self, data: str) -> None:
+    def send(self, message: Outgoing) -> None:
         if not self.sending and self.queue.empty() and self._writable():
-            self._write_now(data)
+            self._write_now(message)
             return
         try:
-            self.queue.put_nowait(data)
+            self.queue.put_nowait(message)
         except asyncio.QueueFull:
             log.warning("link.queue_full", node=self.node.name)
             self.drop()
 
     def _writable(self) -> bool:
-        """Whether the transport takes a frame without making its sender wait."""
+        """Whether the transport takes a frame now: open, not closing, below its low-water
+        mark (so not paused, and no sender of ours would have to wait)."""
         transport = self.request.transport
-        if transport is None or transport.is_closing():
-            return False
-        low, _ = transport.get_write_buffer_limits()
-        return transport.get_write_buffer_size() <= low
+        return (
+            transport is not None
+            and self.closer is None
+            and not self.ws.closed
+            and not transport.is_closing()
+            and transport.get_write_buffer_size() <= self._low
+        )
 
-    def _write_now(self, data: str) -> None:
-        """Write a frame without a trip through the queue and the pump.
+    def _write_now(self, message: Outgoing) -> None:
+        """Write the message's frame straight to the transport: no queue, no pump.
 
-        Below its low-water mark the transport is not paused, and send_str writes the
-        frame before it would wait for a drain, which only a paused transport needs:
-        the coroutine finishes in its first step. Should it stop to wait all the same,
-        the frame is written; the wait is left to the pump, with its deadline.
+        The frame is whole and written in one call, as aiohttp writes each of its own, so
+        frames never interleave; the leader never compresses, so a server frame is the
+        same bytes on every link.
         """
-        sending = self.ws.send_str(data)
-        try:
-            sending.send(None)
-        except StopIteration:
-            return
-        except ConnectionError as exc:
-            log.info("link.send_failed", node=self.node.name, error=repr(exc))
-            self.drop()
-            return
-        sending.close()
+        transport = self.request.transport
+        assert transport is not None  # _writable checked it
+        transport.write(message.frame)
 
     async def pump(self) -> None:
+        """Send what was queued, one message at a time, each within SEND_DEADLINE."""
         while True:
-            data = await self.queue.get()
+            message = await self.queue.get()
             self.sending = True
             try:
                 async with asyncio.timeout(SEND_DEADLINE):
-                    await self.ws.send_str(data)
+                    await self.ws.send_str(message.text)
             except TimeoutError:
                 log.warning("link.send_deadline", node=self.node.name, deadline_s=SEND_DEADLINE)
+                self.drop()
+                return
+            except ConnectionError as exc:
+                log.info("link.send_failed", node=self.node.name, error=repr(exc))
                 self.drop()
                 return
             self.sending = False
@@ -148,7 +156,7 @@ class Hub:
         self._metrics = metrics
         self._progress = progress
         self._links: dict[str, Link] = {}
-        self._waiters: dict[tuple[str, str], asyncio.Future[wire.PullResult | None]] = {}
+        self._orders = OrdersInFlight()
         self._credentials: RegistryCredentials | None = None
         self._credentials_version = 0
 
@@ -169,9 +177,9 @@ class Hub:
 
     def broadcast(self, message: wire.ToWorker) -> None:
         """Queue one message, encoded once, to every connected worker."""
-        data = wire.encode(message)
+        frame = outgoing(wire.encode(message))
         for link in list(self._links.values()):
-            link.send(data)
+            link.send(frame)
 
     def kick(self, node_id: str, code: int, reason: str) -> None:
         link = self._links.get(node_id)
@@ -199,7 +207,7 @@ class Hub:
             # Forget the link first: from here on nothing may wait for its answers.
             if self._links.get(node.id) is link:
                 del self._links[node.id]
-            self._release_waiters(node.id)
+            self._orders.drop(node.id)
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
@@ -207,9 +215,9 @@ class Hub:
             self._touch(node)
             log.info("link.disconnected", node=node.name, code=ws.close_code)
 
-    async def _sync(self, link: Link) -> str:
+    async def _sync(self, link: Link) -> Outgoing:
         images = await self._store.images_to_hold()
-        return wire.encode(wire.Sync(credentials=self._wire_credentials(), images=images))
+        return outgoing(wire.encode(wire.Sync(credentials=self._wire_credentials(), images=images)))
 
     async def _read(self, link: Link) -> None:
         async for msg in link.ws:
@@ -236,7 +244,7 @@ class Hub:
                 node.info.credentials_version = message.version
                 self._touch(node)
                 log.debug("link.credentials_ack", node=node.name, version=message.version)
-            case wire.PullProgress() if (node.id, message.order) in self._waiters:
+            case wire.PullProgress() if self._orders.owed(node.id, message.order):
                 await self._progress(node.name, message)
             case wire.PullResult():
                 node.info.last_pull = LastPull(
@@ -246,17 +254,17 @@ class Hub:
                     seconds=message.seconds,
                     at=time.time(),
                 )
-                waiter = self._waiters.get((node.id, message.order))
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(message)
+                self._orders.answer(node.id, message)
                 self._touch(node)
-                self._count_pull(node.name, message)
+                self._count_pull(link, message)
 
-    def _count_pull(self, node: str, result: wire.PullResult) -> None:
-        if result.ok:
-            self._metrics.pull_seconds.labels(node=node).observe(result.seconds)
-        else:
-            self._metrics.pull_failures.labels(node=node).inc()
+    def _count_pull(self, link: Link, result: wire.PullResult) -> None:
+        if not result.ok:
+            self._metrics.pull_failures.labels(node=link.node.name).inc()
+            return
+        if link.pull_seconds is None:
+            link.pull_seconds = self._metrics.pull_seconds.labels(node=link.node.name)
+        link.pull_seconds.observe(result.seconds)
 
     def observe(self) -> None:
         """Refresh the link gauges; called when Prometheus scrapes."""
@@ -279,11 +287,6 @@ class Hub:
         """Write what the links learnt about nodes; call before reading the node table."""
         await self._nodes.flush()
 
-    def _release_waiters(self, node_id: str) -> None:
-        for (waiting_node, _), waiter in self._waiters.items():
-            if waiting_node == node_id and not waiter.done():
-                waiter.set_result(None)
-
     async def pull_everywhere(
         self, order: str, image: str, nodes: list[NodeRecord]
     ) -> dict[str, wire.PullResult | Unanswered]:
@@ -292,23 +295,21 @@ class Hub:
         A node that is offline maps to "offline"; one whose link drops before it
         answers, to "disconnected".
         """
-        data = wire.encode(
-            wire.PullOrder(order=order, image=image, credentials=self._wire_credentials())
+        frame = outgoing(
+            wire.encode(
+                wire.PullOrder(order=order, image=image, credentials=self._wire_credentials())
+            )
         )
-        loop = asyncio.get_running_loop()
-        waiting: dict[str, asyncio.Future[wire.PullResult | None]] = {}
-        for node in nodes:
-            link = self._links.get(node.id)
-            if link is not None:
-                waiting[node.id] = self._waiters[(node.id, order)] = loop.create_future()
-                link.send(data)
+        linked = [link for node in nodes if (link := self._links.get(node.id)) is not None]
+        pull_round = PullRound(order, {link.node.id for link in linked})
+        self._orders.open(pull_round)
         try:
-            if waiting:
-                await asyncio.wait(waiting.values())
-            return {node.id: _answer(waiting.get(node.id)) for node in nodes}
+            for link in linked:
+                link.send(frame)
+            await pull_round.settled
+            return {node.id: _answer(pull_round, node.id) for node in nodes}
         finally:
-            for node_id in waiting:
-                self._waiters.pop((node_id, order), None)
+            self._orders.close(pull_round)
 
     async def close_all(self) -> None:
         for link in list(self._links.values()):
@@ -319,7 +320,7 @@ class Hub:
         await self._nodes.close()
 
 
-def _answer(waiter: asyncio.Future[wire.PullResult | None] | None) -> wire.PullResult | Unanswered:
-    if waiter is None:
+def _answer(pull_round: PullRound, node_id: str) -> wire.PullResult | Unanswered:
+    if node_id not in pull_round.ordered:
         return "offline"
-    return waiter.result() or "disconnected"
+    return pull_round.answers.get(node_id) or "disconnected"

@@ -1,0 +1,66 @@
+"""Pull orders in flight: which nodes owe an answer, and the answers they gave.
+
+One round per call to the hub's pull_everywhere. An answer, or a link dropping, settles
+a node; the round's future resolves when no node owes an answer, so a round of a thousand
+nodes wakes its waiter once, not once per node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from agent import wire
+
+
+class PullRound:
+    def __init__(self, order: str, owed: set[str]) -> None:
+        self.order = order
+        self.ordered = frozenset(owed)
+        self._owed = owed
+        self.answers: dict[str, wire.PullResult | None] = {}  # None: the link dropped
+        self.settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._check()
+
+    def owes(self, node_id: str) -> bool:
+        return node_id in self._owed
+
+    def settle(self, node_id: str, answer: wire.PullResult | None) -> None:
+        """Record a node's answer (None: its link dropped first); later ones are ignored."""
+        if node_id in self._owed:
+            self._owed.discard(node_id)
+            self.answers[node_id] = answer
+            self._check()
+
+    def _check(self) -> None:
+        if not self._owed and not self.settled.done():
+            self.settled.set_result(None)
+
+
+class OrdersInFlight:
+    """Every round not yet settled, by order id (rounds may share an order id)."""
+
+    def __init__(self) -> None:
+        self._rounds: dict[str, list[PullRound]] = {}
+
+    def open(self, pull_round: PullRound) -> None:
+        self._rounds.setdefault(pull_round.order, []).append(pull_round)
+
+    def close(self, pull_round: PullRound) -> None:
+        rounds = self._rounds.get(pull_round.order, [])
+        if pull_round in rounds:
+            rounds.remove(pull_round)
+        if not rounds:
+            self._rounds.pop(pull_round.order, None)
+
+    def owed(self, node_id: str, order: str) -> bool:
+        return any(r.owes(node_id) for r in self._rounds.get(order, ()))
+
+    def answer(self, node_id: str, result: wire.PullResult) -> None:
+        for pull_round in self._rounds.get(result.order, ()):
+            pull_round.settle(node_id, result)
+
+    def drop(self, node_id: str) -> None:
+        """A node's link is gone: it owes nothing more to any round."""
+        for rounds in self._rounds.values():
+            for pull_round in rounds:
+                pull_round.settle(node_id, None)

@@ -1,0 +1,135 @@
+"""The hub's send paths and order bookkeeping, over real websockets on loopback.
+
+A frame written straight to the socket must arrive as aiohttp's client reads any frame,
+at every length encoding; a link whose transport is full must queue instead; and a pull
+round settles exactly once, whatever order answers and dropped links come in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from agent import wire
+from agent.leader.frames import outgoing
+from agent.leader.hub import WRITE_BUFFER_HIGH, Link
+from agent.leader.models import NodeRecord
+from agent.leader.orders import OrdersInFlight, PullRound
+
+LinkBody = Callable[[Link], Awaitable[None]]
+
+
+async def _serve_one(body: LinkBody) -> AsyncIterator[str]:
+    """A server whose only route wraps its websocket in a Link and runs `body` on it."""
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(compress=False)
+        await ws.prepare(request)
+        link = Link(NodeRecord(id="n-1", name="w1", enrolled_at=0.0), ws, request)
+        pump = asyncio.create_task(link.pump())
+        try:
+            await body(link)
+            async for _ in ws:  # until the client closes
+                pass
+        finally:
+            pump.cancel()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        await runner.cleanup()
+
+
+SIZES = [0, 1, 125, 126, 127, 65535, 65536, 300_000]
+
+
+async def test_frames_written_straight_to_the_socket_arrive_whole_at_every_length() -> None:
+    """Every length class of RFC 6455 (7-bit, 16-bit and 64-bit), multi-byte text included,
+    written by the direct path, reaches an aiohttp client as the text that was sent."""
+    texts = [("é" * size)[:size] if size % 2 else "x" * size for size in SIZES]
+    written: list[bool] = []
+
+    async def body(link: Link) -> None:
+        for text in texts:
+            written.append(link._writable())
+            link.send(outgoing(text))
+
+    async for url in _serve_one(body):
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(url, max_msg_size=0) as ws:
+                got = [(await ws.receive(timeout=10)).data for _ in texts]
+    assert got == texts
+    assert written[0], "an idle link must take the direct path"
+
+
+async def test_a_link_whose_transport_is_full_queues_and_the_pump_delivers_in_order() -> None:
+    """Past the low-water mark the link queues, and the pump sends what was queued after
+    what was written directly: nothing lost, nothing reordered."""
+    count = 40  # 10 MiB in all: past what loopback's socket buffers hold
+    big = "y" * (4 * WRITE_BUFFER_HIGH)
+    queued: list[int] = []
+
+    async def body(link: Link) -> None:
+        for i in range(count):
+            link.send(outgoing(f"{i}:{big}"))
+            queued.append(link.queue.qsize())
+
+    async for url in _serve_one(body):
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(url, max_msg_size=0) as ws:
+                got = [(await ws.receive(timeout=10)).data for _ in range(count)]
+    assert [int(text.split(":", 1)[0]) for text in got] == list(range(count))
+    assert max(queued) > 0, "a full transport must make the link queue"
+
+
+def _result(order: str, ok: bool = True) -> wire.PullResult:
+    return wire.PullResult(order=order, image="img@sha256:" + "0" * 64, ok=ok)
+
+
+async def test_a_round_settles_once_every_node_answered_or_dropped() -> None:
+    orders = OrdersInFlight()
+    pull_round = PullRound("dep-1", {"a", "b", "c"})
+    orders.open(pull_round)
+    orders.answer("a", _result("dep-1"))
+    orders.answer("a", _result("dep-1", ok=False))  # a duplicate answer changes nothing
+    orders.answer("b", _result("other-order"))  # another order's answer is not this one's
+    assert orders.owed("b", "dep-1") and not orders.owed("a", "dep-1")
+    assert not pull_round.settled.done()
+    orders.drop("b")
+    orders.answer("c", _result("dep-1"))
+    assert pull_round.settled.done()
+    first = pull_round.answers["a"]
+    assert first is not None and first.ok
+    assert pull_round.answers["b"] is None  # its link dropped before it answered
+    orders.close(pull_round)
+    assert not orders.owed("c", "dep-1")
+
+
+async def test_rounds_sharing_an_order_id_settle_independently() -> None:
+    orders = OrdersInFlight()
+    first, second = PullRound("dep-1", {"a"}), PullRound("dep-1", {"a", "b"})
+    orders.open(first)
+    orders.open(second)
+    orders.answer("a", _result("dep-1"))
+    assert first.settled.done() and not second.settled.done()
+    orders.close(first)
+    orders.answer("b", _result("dep-1"))
+    assert second.settled.done()
+
+
+@pytest.mark.parametrize("owed", [set(), {"a"}])
+async def test_a_round_owed_nothing_is_settled_from_the_start(owed: set[str]) -> None:
+    pull_round = PullRound("dep-1", set(owed))
+    assert pull_round.settled.done() is (not owed)
