@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 import time
 import uuid
@@ -70,23 +71,32 @@ async def _records(hub: Hub) -> list[Any]:
     return await hub._store.nodes()
 
 
-async def measure(hub: Hub, node_ids: set[str], expected: int, rounds: int) -> dict[str, Any]:
+async def measure(
+    hub: Hub, fleet: Fleet, node_ids: set[str], expected: int, rounds: int
+) -> dict[str, Any]:
     probe = AckProbe(hub)
     await pull_round(hub, probe, node_ids, expected)  # warm-up, not counted
     pulls: list[float] = []
     creds: list[float] = []
-    cpu = time.process_time()
+    cpu, fleet_cpu = os.times(), fleet.cpu_seconds()
     with GcPauses() as gc_pauses:
         for r in range(rounds):
             pulls += await pull_round(hub, probe, node_ids, expected)
             await asyncio.sleep(0.3)
             creds += await credentials_round(hub, probe, 10_000 + r, expected)
             await asyncio.sleep(0.3)
-    cpu_us_per_ack = (time.process_time() - cpu) / (len(pulls) + len(creds)) * 1e6
+    spent = os.times()
+    acks = len(pulls) + len(creds)
+    user_us = (spent.user - cpu.user) / acks * 1e6
+    system_us = (spent.system - cpu.system) / acks * 1e6
+    fleet_us = (fleet.cpu_seconds() - fleet_cpu) / acks * 1e6
     return {
         "pull": summary(pulls),
         "credentials": summary(creds),
-        "cpu_us_per_ack": cpu_us_per_ack,
+        "cpu_us_per_ack": user_us + system_us,
+        "user_us_per_ack": user_us,
+        "system_us_per_ack": system_us,
+        "fleet_cpu_us_per_ack": fleet_us,
         "gc": gc_pauses.figures(),
     }
 
@@ -132,7 +142,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         ids = {node_id for node_id, _ in enrolled.nodes[:total]}
         filling = await fill(hub, fleet.stuck_node()) if stuck else []
         backlog = _backlog(hub, fleet.stuck_node()) if stuck else None
-        figures = await measure(hub, ids, args.workers, args.rounds)
+        figures = await measure(hub, fleet, ids, args.workers, args.rounds)
         figures["stuck_still_connected"] = hub.connected(fleet.stuck_node()) if stuck else None
         figures["stuck_backlog_after_fill"] = backlog
         for task in filling:
@@ -165,7 +175,11 @@ def render(result: dict[str, Any]) -> str:
             f"  stuck worker: {result['stuck_backlog_after_fill']} orders queued behind its"
             f" stalled send; still connected at the end: {result['stuck_still_connected']}"
         )
-    lines.append(f"  leader CPU per acknowledgement: {result['cpu_us_per_ack']:.0f} us")
+    lines.append(
+        f"  leader CPU per acknowledgement: {result['cpu_us_per_ack']:.0f} us"
+        f" ({result['user_us_per_ack']:.0f} user, {result['system_us_per_ack']:.0f} system);"
+        f" simulated workers' CPU: {result['fleet_cpu_us_per_ack']:.0f} us"
+    )
     gc = result["gc"]
     lines.append(
         f"  collector: {int(gc['collections'])} runs, {gc['total_ms']:.0f} ms in all;"

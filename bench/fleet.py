@@ -121,6 +121,10 @@ class Fleet:
                 )
         return self
 
+    def cpu_seconds(self) -> float:
+        """User and system CPU the simulated workers have used so far."""
+        return sum(process_cpu_seconds(child.pid) for child in self._children)
+
     def stuck_node(self) -> str:
         return self.enrolled.nodes[0][0]
 
@@ -135,6 +139,12 @@ class Fleet:
         for child in self._children:
             stop(child, 20)
         self._children.clear()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """A running process's user and system CPU time, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def wait_for(check: Any, within: float, what: str, every: float = 0.1) -> None:
