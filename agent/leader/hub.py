@@ -243,7 +243,6 @@ class Hub:
             case wire.CredentialsAck():
                 node.info.credentials_version = message.version
                 self._touch(node)
-                log.debug("link.credentials_ack", node=node.name, version=message.version)
             case wire.PullProgress() if self._orders.owed(node.id, message.order):
                 await self._progress(node.name, message)
             case wire.PullResult():
