@@ -1,13 +1,12 @@
 """Fan-out latency of the worker hub: a pull order and a credentials broadcast to N workers.
 
-    python -m bench.fanout --workers 1000 [--tls] [--stuck] [--rounds 5]
+    python -m bench.fanout --workers 1000 [--tls] [--rounds 5]
 
 A real leader runs in this process (no Docker Engine needed for the hub path); the
 workers are simulated by bench.simworkers in separate processes, speaking the real
 protocol over real websockets. Latency is from the leader issuing the order (or the
-broadcast) to the leader having handled each worker's acknowledgement. With --stuck,
-one more client stops reading once connected and is sent orders until its socket
-buffers are full; its figures are left out.
+broadcast) to the leader having handled each worker's acknowledgement. bench.stuck
+measures the same with one worker that stops reading.
 """
 
 from __future__ import annotations
@@ -15,34 +14,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import tempfile
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from agent import wire
 from agent.credentials import RegistryCredentials
 from agent.leader.hub import Hub
-from agent.leader.server import GC_YOUNG_THRESHOLD, tune_collector
+from agent.leader.server import GC_YOUNG_THRESHOLD
 from bench.fleet import (
     Fleet,
     bench_main,
     bench_parser,
-    ensure_enrolled,
-    log_to_file,
-    raw_config,
-    wait_for,
+    connected_fleet,
 )
 from bench.probe import AckProbe, GcPauses, summary
-from bench.simworkers import raise_fd_limit
-from tests.support.leader import InProcessLeader
 
 IMAGE = "registry.bench:5000/bench/app@sha256:" + "0" * 64
 ROUND_TIMEOUT = 120.0
-# Orders to the stuck worker, ~4 KiB each: ~4.5 MiB, past what the kernel buffers on
-# loopback (tcp_wmem up to 4 MiB), so its link's sender stalls with orders queued.
-FILL = 1100
 
 
 async def pull_round(hub: Hub, probe: AckProbe, node_ids: set[str], expected: int) -> list[float]:
@@ -101,67 +90,19 @@ async def measure(
     }
 
 
-async def fill(hub: Hub, stuck: str) -> list[asyncio.Task[Any]]:
-    """Send the stuck worker enough orders to fill its socket buffers and stall its link's
-    sender, leaving fewer queued than the send queue holds."""
-    node = next(node for node in await _records(hub) if node.id == stuck)
-    pad = "x" * 4000  # order ids may be 4096 characters long
-    tasks = []
-    for i in range(FILL):
-        tasks.append(asyncio.create_task(hub.pull_everywhere(f"fill-{i}-{pad}", IMAGE, [node])))
-        if i % 100 == 99:
-            await asyncio.sleep(0.05)
-    await asyncio.sleep(0.5)
-    return tasks
-
-
-def _backlog(hub: Hub, node_id: str) -> int | None:
-    """Messages queued on a link behind a send that cannot finish (None: link gone)."""
-    link = hub._links.get(node_id)
-    return None if link is None else link.queue.qsize()
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    raise_fd_limit()
-    state: Path = args.state
-    stuck = 1 if args.stuck else 0
-    total = args.workers + stuck
-    work = Path(tempfile.mkdtemp(prefix="bench-fanout-"))
-    log_to_file(work / "leader.log")
-    enrolled = await ensure_enrolled(state, total)
-    leader = await InProcessLeader(raw_config(state, tls=args.tls)).start()
-    if args.gc_young:
-        tune_collector(args.gc_young)  # as `deploy-agent run` does once the leader is up
-    fleet = Fleet(work, leader.url, enrolled, total, args.procs)
-    try:
-        assert leader.leader.ctx is not None
-        hub = leader.leader.ctx.hub
-        fleet.start(stuck=stuck, tls=args.tls)
-        await wait_for(lambda: hub.connected_count >= total, 300, f"{total} workers connected")
-        await asyncio.sleep(1.0)  # let every Sync be answered
-        ids = {node_id for node_id, _ in enrolled.nodes[:total]}
-        filling = await fill(hub, fleet.stuck_node()) if stuck else []
-        backlog = _backlog(hub, fleet.stuck_node()) if stuck else None
-        figures = await measure(hub, fleet, ids, args.workers, args.rounds)
-        figures["stuck_still_connected"] = hub.connected(fleet.stuck_node()) if stuck else None
-        figures["stuck_backlog_after_fill"] = backlog
-        for task in filling:
-            task.cancel()
-        await asyncio.gather(*filling, return_exceptions=True)
-    finally:
-        fleet.stop()
-        await leader.stop()
+    async with connected_fleet(args, args.workers, gc_young=args.gc_young) as (hub, fleet, ids):
+        figures = await measure(hub, fleet, set(ids), args.workers, args.rounds)
     return {
         "workers": args.workers,
         "tls": args.tls,
-        "stuck": args.stuck,
         "leader_uvloop": args.leader_uvloop,
         **figures,
     }
 
 
 def render(result: dict[str, Any]) -> str:
-    mode = ("TLS" if result["tls"] else "plain") + (" +stuck" if result["stuck"] else "")
+    mode = "TLS" if result["tls"] else "plain"
     mode += ", leader on uvloop" if result["leader_uvloop"] else ""
     lines = [f"{result['workers']} workers, {mode}"]
     for kind in ("pull", "credentials"):
@@ -169,11 +110,6 @@ def render(result: dict[str, Any]) -> str:
         lines.append(
             f"  {kind:<12} n={int(s['n']):>6}  p50 {s['p50_ms']:8.1f} ms  p95 {s['p95_ms']:8.1f} ms"
             f"  p99 {s['p99_ms']:8.1f} ms  max {s['max_ms']:8.1f} ms"
-        )
-    if result["stuck"]:
-        lines.append(
-            f"  stuck worker: {result['stuck_backlog_after_fill']} orders queued behind its"
-            f" stalled send; still connected at the end: {result['stuck_still_connected']}"
         )
     lines.append(
         f"  leader CPU per acknowledgement: {result['cpu_us_per_ack']:.0f} us"
@@ -191,7 +127,6 @@ def render(result: dict[str, Any]) -> str:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = bench_parser(__doc__, workers=100)
-    parser.add_argument("--stuck", action="store_true")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
         "--gc-young",

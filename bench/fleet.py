@@ -10,22 +10,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import uvloop
 
+from agent.leader.hub import Hub
+from agent.leader.server import tune_collector
 from agent.logs import configure
 from agent.worker.identity import enrol
-from bench.simworkers import FleetSpec
+from bench.simworkers import FleetSpec, raise_fd_limit
 from tests.support.leader import InProcessLeader, leader_config
 from tests.support.procs import stop
 
@@ -97,7 +100,15 @@ class Fleet:
         self.procs = max(1, min(procs, count))
         self._children: list[subprocess.Popen[bytes]] = []
 
-    def start(self, *, tls: bool, stuck: int = 0, cycles: int = 0, deflate: bool = False) -> Fleet:
+    def start(
+        self,
+        *,
+        tls: bool,
+        stuck: int = 0,
+        stuck_for: float = 0.0,
+        cycles: int = 0,
+        deflate: bool = False,
+    ) -> Fleet:
         nodes = self.enrolled.nodes[: self.count]
         for p in range(self.procs):
             spec = FleetSpec(
@@ -105,6 +116,7 @@ class Fleet:
                 identities=nodes[p :: self.procs],
                 ca_pem=self.enrolled.ca_pem if tls else None,
                 stuck=stuck if p == 0 else 0,
+                stuck_for=stuck_for,
                 cycles=cycles,
                 deflate=deflate,
             )
@@ -155,6 +167,32 @@ async def wait_for(check: Any, within: float, what: str, every: float = 0.1) -> 
         if loop.time() > deadline:
             raise TimeoutError(f"{what} not reached within {within} s")
         await asyncio.sleep(every)
+
+
+@contextlib.asynccontextmanager
+async def connected_fleet(
+    args: argparse.Namespace, total: int, *, gc_young: int, stuck: int = 0, stuck_for: float = 0.0
+) -> AsyncIterator[tuple[Hub, Fleet, list[str]]]:
+    """A leader in this process (its log in a temporary dir) with `total` simulated
+    workers connected and synced: its hub, the fleet and the node ids, in fleet order."""
+    raise_fd_limit()
+    work = Path(tempfile.mkdtemp(prefix="bench-hub-"))
+    log_to_file(work / "leader.log")
+    enrolled = await ensure_enrolled(args.state, total)
+    leader = await InProcessLeader(raw_config(args.state, tls=args.tls)).start()
+    if gc_young:
+        tune_collector(gc_young)  # as `deploy-agent run` does once the leader is up
+    fleet = Fleet(work, leader.url, enrolled, total, args.procs)
+    try:
+        assert leader.leader.ctx is not None
+        hub = leader.leader.ctx.hub
+        fleet.start(tls=args.tls, stuck=stuck, stuck_for=stuck_for)
+        await wait_for(lambda: hub.connected_count >= total, 300, f"{total} workers connected")
+        await asyncio.sleep(1.0)  # let every Sync be answered
+        yield hub, fleet, [node_id for node_id, _ in enrolled.nodes[:total]]
+    finally:
+        fleet.stop()
+        await leader.stop()
 
 
 def bench_parser(doc: str | None, workers: int) -> argparse.ArgumentParser:

@@ -35,6 +35,8 @@ class FleetSpec(msgspec.Struct, frozen=True, kw_only=True):
     identities: list[tuple[str, str]]  # (node_id, secret)
     ca_pem: str | None = None
     stuck: int = 0  # this many clients stop reading once their first Sync is answered
+    stuck_for: float = 0.0  # then read again after this long (0: never), as a process
+    # frozen for a while would: one whose link the leader cut meanwhile reconnects
     cycles: int = 0  # 0: stay connected; else connect, sync, close this many times
     heartbeat: bool = True
     deflate: bool = False  # offer permessage-deflate, as aiohttp clients do by default
@@ -112,10 +114,10 @@ class SimWorker:
                 if isinstance(reply, wire.CredentialsAck) and self.spec.cycles:
                     return
                 if self.stuck:
-                    _stop_reading(ws)
+                    _stop_reading(ws, self.spec.stuck_for)
 
 
-def _stop_reading(ws: aiohttp.ClientWebSocketResponse) -> None:
+def _stop_reading(ws: aiohttp.ClientWebSocketResponse, resume_after: float) -> None:
     """Behave like a frozen process: the kernel buffers fill and nothing is read."""
     conn = ws._conn  # the raw transport, to pause it
     if conn is None or conn.transport is None:
@@ -124,6 +126,8 @@ def _stop_reading(ws: aiohttp.ClientWebSocketResponse) -> None:
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STUCK_RCVBUF)
     conn.transport.pause_reading()
+    if resume_after:
+        asyncio.get_running_loop().call_later(resume_after, conn.transport.resume_reading)
 
 
 def client_tls(ca_pem: str | None) -> ssl.SSLContext | bool:

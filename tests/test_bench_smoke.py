@@ -1,4 +1,4 @@
-"""The fan-out bench still runs: 20 simulated workers against a real leader hub."""
+"""The hub benches still run: 20 simulated workers against a real leader hub."""
 
 from __future__ import annotations
 
@@ -6,22 +6,40 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+
+def _bench(module: str, tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
+    """Run `python -m module` on 20 workers in one process; its JSON figures and output."""
+    out = tmp_path / "figures.json"
+    common = ["--workers", "20", "--procs", "1", "--state", str(tmp_path), "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *common, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out.read_text()), proc.stdout
 
 
 def test_fanout_bench_reports_figures_for_every_acknowledgement(tmp_path: Path) -> None:
     """Two rounds over 20 workers yield 40 pull and 40 credentials latencies, all positive."""
-    out = tmp_path / "figures.json"
-    args = ["--workers", "20", "--rounds", "2", "--procs", "1", "--state", str(tmp_path)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.fanout", *args, "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    figures = json.loads(out.read_text())
+    figures, stdout = _bench("bench.fanout", tmp_path, "--rounds", "2")
     for kind in ("pull", "credentials"):
         assert figures[kind]["n"] == 40
         assert 0 < figures[kind]["p50_ms"] <= figures[kind]["p99_ms"] <= figures[kind]["max_ms"]
-    assert "p99" in proc.stdout
+    assert "p99" in stdout
+
+
+def test_stuck_worker_bench_pairs_rounds_with_a_stalled_link(tmp_path: Path) -> None:
+    """Two pairs of rounds over 20 workers: a p99 for each round, and the stuck worker's
+    link stalled with orders queued behind its send."""
+    figures, stdout = _bench("bench.stuck", tmp_path, "--pairs", "2")
+    assert len(figures["pairs"]) == 2
+    assert all(without > 0 and with_ > 0 for without, with_ in figures["pairs"])
+    assert figures["fills"] >= 1
+    assert min(figures["backlogs"]) > 0
+    assert figures["low_ms"] <= figures["median_growth_ms"] <= figures["high_ms"]
+    assert "growth" in stdout

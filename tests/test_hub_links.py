@@ -67,9 +67,11 @@ async def test_frames_written_straight_to_the_socket_arrive_whole_at_every_lengt
             link.send(outgoing(text))
 
     async for url in _serve_one(body):
-        async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(url, max_msg_size=0) as ws:
-                got = [(await ws.receive(timeout=10)).data for _ in texts]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(url, max_msg_size=0) as ws,
+        ):
+            got = [(await ws.receive(timeout=10)).data for _ in texts]
     assert got == texts
     assert written[0], "an idle link must take the direct path"
 
@@ -87,9 +89,11 @@ async def test_a_link_whose_transport_is_full_queues_and_the_pump_delivers_in_or
             queued.append(link.queue.qsize())
 
     async for url in _serve_one(body):
-        async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(url, max_msg_size=0) as ws:
-                got = [(await ws.receive(timeout=10)).data for _ in range(count)]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(url, max_msg_size=0) as ws,
+        ):
+            got = [(await ws.receive(timeout=10)).data for _ in range(count)]
     assert [int(text.split(":", 1)[0]) for text in got] == list(range(count))
     assert max(queued) > 0, "a full transport must make the link queue"
 
