@@ -98,6 +98,36 @@ async def test_a_link_whose_transport_is_full_queues_and_the_pump_delivers_in_or
     assert max(queued) > 0, "a full transport must make the link queue"
 
 
+async def test_a_link_being_closed_takes_no_more_frames() -> None:
+    """After the close frame nothing may follow: a message sent to a kicked link is
+    dropped, and the worker sees the close with its code."""
+
+    written: list[bytes] = []
+
+    async def body(link: Link) -> None:
+        transport = link.request.transport
+        assert transport is not None
+        write = transport.write
+
+        def spy(data: bytes | bytearray | memoryview) -> None:
+            written.append(bytes(data))
+            write(data)
+
+        transport.write = spy  # type: ignore[method-assign]
+        link.kick(wire.CLOSE_REPLACED, "replaced by a newer connection")
+        link.send(outgoing("too late"))
+        assert link.queue.empty()
+        await link.finish()
+
+    async for url in _serve_one(body):
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+            msg = await ws.receive(timeout=10)
+    assert msg.type == aiohttp.WSMsgType.CLOSE
+    assert msg.data == wire.CLOSE_REPLACED
+    assert written, "the close frame goes through the transport"
+    assert not any(b"too late" in chunk for chunk in written)
+
+
 def _result(order: str, ok: bool = True) -> wire.PullResult:
     return wire.PullResult(order=order, image="img@sha256:" + "0" * 64, ok=ok)
 

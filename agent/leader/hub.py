@@ -75,6 +75,8 @@ class Link:
             self._low = transport.get_write_buffer_limits()[0]
 
     def send(self, message: Outgoing) -> None:
+        if self.closer is not None or self.ws.closed:
+            return  # closing: a data frame may not follow the close frame
         if not self.sending and self.queue.empty() and self._writable():
             self._write_now(message)
             return
@@ -85,13 +87,11 @@ class Link:
             self.drop()
 
     def _writable(self) -> bool:
-        """Whether the transport takes a frame now: open, not closing, below its low-water
-        mark (so not paused, and no sender of ours would have to wait)."""
+        """Whether the transport takes a frame now: open, and below its low-water mark (so
+        not paused, and no sender of ours would have to wait)."""
         transport = self.request.transport
         return (
             transport is not None
-            and self.closer is None
-            and not self.ws.closed
             and not transport.is_closing()
             and transport.get_write_buffer_size() <= self._low
         )
@@ -120,8 +120,8 @@ class Link:
                 self.drop()
                 return
             except ConnectionError as exc:
+                # The link is closing or gone; cutting it could lose a close frame on its way.
                 log.info("link.send_failed", node=self.node.name, error=repr(exc))
-                self.drop()
                 return
             self.sending = False
 
