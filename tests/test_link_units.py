@@ -11,7 +11,14 @@ from cryptography import x509
 
 from agent import wire
 from agent.backoff import Backoff
-from agent.leader.models import NodeRecord
+from agent.leader.models import (
+    CatchUp,
+    Deployment,
+    DeploymentRequest,
+    Mode,
+    NodeRecord,
+    State,
+)
 from agent.leader.node_writer import NodeInfoWriter
 from agent.leader.store import Store
 from agent.tls import JoinTokenError, ensure_leader_tls, make_join_token, parse_join_token
@@ -104,5 +111,59 @@ async def test_node_info_reaches_the_store_at_the_flush_not_at_each_answer(
         await writer.close()
         assert (await store.nodes())[0].info.credentials_version == 7
         assert writer.pending("n-1") is None
+    finally:
+        await store.close()
+
+
+def _finished(dep_id: str, state: State, digest: str, nodes: dict[str, str]) -> Deployment:
+    return Deployment(
+        id=dep_id,
+        app="app",
+        state=state,
+        mode=Mode.REGISTRY,
+        request=DeploymentRequest(app="app"),
+        source="upload",
+        created_at=0.0,
+        updated_at=0.0,
+        repository="registry.test:5000/app",
+        tag=dep_id,
+        digest=digest,
+        nodes={name: {"node_id": f"id-{name}", "status": s} for name, s in nodes.items()},
+    )
+
+
+async def test_a_catch_up_pull_marks_the_node_present_where_the_deployment_left_it_pending(
+    tmp_path: Path,
+) -> None:
+    """Only a finished deployment of that very image, and only where the node was pending:
+    a running deployment is its runner's to write, and a failure stays a failure."""
+    store = Store(tmp_path / "leader.db")
+    await store.open()
+    new, old = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    deployments = [
+        _finished("done", State.SUCCEEDED, new, {"w1": "present", "w2": "pending", "w3": "failed"}),
+        _finished("older", State.SUCCEEDED, old, {"w2": "pending"}),
+        _finished("running", State.RELEASING, new, {"w2": "pending"}),
+    ]
+    try:
+        for dep in deployments:
+            await store.create(dep, None)
+        writer = NodeInfoWriter(store)
+        image = f"registry.test:5000/app@{new}"
+        for node in ("w2", "w3"):
+            writer.caught_up(CatchUp(node, image, seconds=1.25, at=1000.0))
+        await writer.close()
+        done, older, running = [await store.get(dep.id) for dep in deployments]
+        assert done is not None and older is not None and running is not None
+        assert done.nodes["w2"] == {
+            "node_id": "id-w2",
+            "status": "present",
+            "seconds": 1.25,
+            "caught_up_at": 1000.0,
+        }
+        assert done.nodes["w1"]["status"] == "present"
+        assert done.nodes["w3"]["status"] == "failed"
+        assert older.nodes["w2"]["status"] == "pending"
+        assert running.nodes["w2"]["status"] == "pending"
     finally:
         await store.close()

@@ -99,7 +99,8 @@ async def test_offline_worker_is_pending_and_catches_up_on_reconnect(
     worker_process: WorkerFactory,
     tmp_path: Path,
 ) -> None:
-    """A worker stopped during a deployment is pending; restarted, it pulls the image itself."""
+    """A worker stopped during a deployment is pending; restarted, it pulls the image itself
+    and the deployment then records it present."""
     leader = await leader_factory(leader=TLS)
     _, w2 = await _cluster(leader, registry, worker_engines, worker_process)
     w2.terminate()
@@ -117,6 +118,14 @@ async def test_offline_worker_is_pending_and_catches_up_on_reconnect(
             await asyncio.sleep(0.2)
     nodes = await leader.api.wait_nodes(w2=True)
     assert nodes["w2"]["connected"]
+    async with asyncio.timeout(10):  # the deployment's record follows the catch-up
+        while (await _node_status(leader, dep["id"], "w2")) != "present":
+            await asyncio.sleep(0.2)
+
+
+async def _node_status(leader: Any, dep_id: str, node: str) -> str:
+    _, doc = await leader.api.request("GET", f"/v1/deployments/{dep_id}")
+    return str(doc["nodes"][node]["status"])
 
 
 async def test_revoked_node_is_disconnected_and_refused(

@@ -23,7 +23,7 @@ from agent import wire
 from agent.credentials import RegistryCredentials
 from agent.leader.frames import Outgoing, outgoing
 from agent.leader.metrics import LeaderMetrics
-from agent.leader.models import LastPull, NodeRecord
+from agent.leader.models import CatchUp, LastPull, NodeRecord
 from agent.leader.node_writer import NodeInfoWriter
 from agent.leader.orders import OrdersInFlight, PullRound
 from agent.leader.store import Store
@@ -254,6 +254,10 @@ class Hub:
                     at=time.time(),
                 )
                 self._orders.answer(node.id, message)
+                if message.order == wire.SYNC_ORDER and message.ok:
+                    self._nodes.caught_up(
+                        CatchUp(node.name, message.image, message.seconds, time.time())
+                    )
                 self._touch(node)
                 self._count_pull(link, message)
 

@@ -162,6 +162,28 @@ class Deployment(msgspec.Struct, kw_only=True):
         return timing is not None and timing.finished_at is not None
 
 
+class CatchUp(msgspec.Struct, frozen=True):
+    """A node pulled an image from the Sync it was sent on connect."""
+
+    node: str  # its name, as a deployment's nodes are keyed
+    image: str
+    seconds: float
+    at: float
+
+    def apply(self, dep: Deployment) -> bool:
+        """Mark the node present in `dep` if it was pending there for this image."""
+        entry = dep.nodes.get(self.node)
+        if dep.image_ref != self.image or entry is None or entry.get("status") != "pending":
+            return False
+        dep.nodes[self.node] = {
+            "node_id": entry.get("node_id"),
+            "status": "present",
+            "seconds": round(self.seconds, 3),
+            "caught_up_at": round(self.at, 3),
+        }
+        return True
+
+
 def new_deployment_id() -> str:
     """A short id that is also a valid image tag."""
     return time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]

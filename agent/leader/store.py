@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from agent.credentials import RegistryCredentials
-from agent.leader.models import Deployment, NodeInfo, NodeRecord, State
+from agent.leader.models import CatchUp, Deployment, NodeInfo, NodeRecord, State
 
 T = TypeVar("T")
 IDEMPOTENCY_TTL_S = 24 * 3600.0  # a retried submission arrives well within a day
@@ -419,6 +419,30 @@ class Store:
     def _save_node_infos(self, rows: list[tuple[bytes, str]]) -> None:
         with self._tx() as db:
             db.executemany("UPDATE nodes SET info = ? WHERE id = ?", rows)
+
+    async def record_catch_ups(self, pulls: list[CatchUp]) -> int:
+        """Mark nodes present in the finished deployments that left them pending, now that
+        they pulled the deployment's image from a Sync; return how many were updated."""
+        return await self._call(self._record_catch_ups, pulls) if pulls else 0
+
+    def _record_catch_ups(self, pulls: list[CatchUp]) -> int:
+        images = _encoder.encode(sorted({pull.image for pull in pulls}))
+        updated = 0
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT doc FROM deployments WHERE state IN ('succeeded', 'failed', 'cancelled')"
+                " AND json_extract(doc, '$.repository') || '@' || json_extract(doc, '$.digest')"
+                " IN (SELECT value FROM json_each(?))",
+                (images,),
+            ).fetchall()
+            for (stored,) in rows:
+                dep = _decode_deployment(stored)
+                applied = [pull.apply(dep) for pull in pulls]  # every one, no short cut
+                if any(applied):
+                    doc = _encoder.encode(dep)
+                    db.execute("UPDATE deployments SET doc = ? WHERE id = ?", (doc, dep.id))
+                    updated += 1
+        return updated
 
     async def revoke_node(self, node_id: str) -> bool:
         return await self._call(self._revoke_node, node_id)
