@@ -64,7 +64,9 @@ class Scheduler:
     def _finished(self, dep_id: str) -> None:
         self._running.pop(dep_id, None)
         if not self._running:
-            release_free_memory()  # the queue ran dry: give a burst's memory back
+            # The queue ran dry: give a burst's memory back. On a thread, since trimming a
+            # large heap takes a while and ctypes lets go of the GIL while glibc works.
+            asyncio.get_running_loop().run_in_executor(None, release_free_memory)
         self.wake()
 
     async def cancel(self, dep_id: str) -> Deployment:
