@@ -55,7 +55,7 @@ class NodeInfoWriter:
         await self.flush()
 
     async def flush(self) -> None:
-        """Write every marked node now, in one transaction."""
+        """Write every marked node now, in one transaction, then the catch-ups noted."""
         async with self._lock:
             dirty, self._dirty = self._dirty, {}
             caught_up, self._caught_up = self._caught_up, []
