@@ -10,10 +10,16 @@ BUSYBOX = Path("/bin/busybox")
 
 
 def busybox_context(directory: Path, *steps: str, cmd: str = "echo hello") -> Path:
-    """A context whose image runs `cmd` under busybox sh; `steps` go between COPY and CMD."""
+    """A context whose image runs `cmd` under busybox sh; `steps` go between COPY and CMD.
+
+    Each context is its own: an ENV line unique to it follows the busybox layer, so the
+    engine's build cache never serves one test's steps from another's build (the busybox
+    layer itself is shared), and every RUN step really runs.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copy(BUSYBOX, directory / "busybox")
-    lines = ["FROM scratch", "COPY busybox /bin/busybox", *steps]
+    marker = f"ENV TEST_CONTEXT={os.urandom(8).hex()}"
+    lines = ["FROM scratch", "COPY busybox /bin/busybox", marker, *steps]
     lines.append(f'CMD ["/bin/busybox", "sh", "-c", "{cmd}"]')
     (directory / "Dockerfile").write_text("\n".join(lines) + "\n")
     return directory
