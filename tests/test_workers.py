@@ -7,6 +7,7 @@ and a registry with a login.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,8 @@ async def test_credential_rotation_reaches_every_worker(
     metrics = await _metrics(leader)
     for node in ("w1", "w2"):
         assert f'deploy_agent_node_credentials_version{{node="{node}"}} {version}.0' in metrics
-        assert f'deploy_agent_pull_duration_seconds_count{{node="{node}"}} 1.0' in metrics
+        assert re.search(rf'deploy_agent_node_last_pull_seconds{{node="{node}"}} \d', metrics)
+    assert "deploy_agent_pull_duration_seconds_count 2.0" in metrics
     assert "deploy_agent_workers_connected 2.0" in metrics
 
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from aiohttp import WSMsgType, web
-from prometheus_client import Histogram
 
 from agent import wire
 from agent.credentials import RegistryCredentials
@@ -63,7 +62,6 @@ class Link:
     request: web.Request
     queue: asyncio.Queue[Outgoing] = field(default_factory=lambda: asyncio.Queue(SEND_QUEUE))
     closer: asyncio.Task[bool] | None = None
-    pull_seconds: Histogram | None = None  # this node's child of the pull histogram, once used
 
     sending: bool = False  # the pump holds a message it has not finished sending
     _low: int = 0  # the transport's low-water mark
@@ -262,12 +260,10 @@ class Hub:
                 self._count_pull(link, message)
 
     def _count_pull(self, link: Link, result: wire.PullResult) -> None:
-        if not result.ok:
+        if result.ok:
+            self._metrics.pull_seconds.observe(result.seconds)
+        else:
             self._metrics.pull_failures.labels(node=link.node.name).inc()
-            return
-        if link.pull_seconds is None:
-            link.pull_seconds = self._metrics.pull_seconds.labels(node=link.node.name)
-        link.pull_seconds.observe(result.seconds)
 
     def observe(self) -> None:
         """Refresh the link gauges; called when Prometheus scrapes."""
@@ -276,11 +272,15 @@ class Hub:
         metrics.credentials_current.set(self._credentials_version)
         metrics.send_queue.clear()
         metrics.credentials_version.clear()
+        metrics.last_pull_seconds.clear()
         for link in self._links.values():
-            metrics.send_queue.labels(node=link.node.name).set(link.queue.qsize())
-            version = link.node.info.credentials_version
-            if version is not None:
-                metrics.credentials_version.labels(node=link.node.name).set(version)
+            name, info = link.node.name, link.node.info
+            metrics.send_queue.labels(node=name).set(link.queue.qsize())
+            if info.credentials_version is not None:
+                metrics.credentials_version.labels(node=name).set(info.credentials_version)
+            pull = info.last_pull
+            if pull is not None and pull.ok and pull.seconds is not None:
+                metrics.last_pull_seconds.labels(node=name).set(pull.seconds)
 
     def _touch(self, node: NodeRecord) -> None:
         node.info.last_seen = time.time()
