@@ -18,6 +18,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.common import docker, fresh_context
 from tests.support.dockerd import Dockerd
@@ -82,7 +83,7 @@ async def _measure(
     return agent, plain
 
 
-async def _release(leader: InProcessLeader, work: Path) -> dict[str, object]:
+async def _release(leader: InProcessLeader, work: Path) -> dict[str, Any]:
     dep = await leader.api.deploy_dir(fresh_context(work), "bench", services=json.dumps(SERVICES))
     final = await leader.api.wait_final(dep["id"], timeout=120)
     assert final["state"] == "succeeded", final

@@ -18,6 +18,7 @@ import socket
 import ssl
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -153,7 +154,8 @@ async def run_fleet(spec: FleetSpec) -> None:
         tasks = [asyncio.create_task(w.run(session, tls, first)) for w in workers]
         everyone = asyncio.gather(*tasks)
         stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait([everyone, stopped], return_when=asyncio.FIRST_COMPLETED)
+        either: list[asyncio.Future[Any]] = [everyone, stopped]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         everyone.cancel()
         stopped.cancel()
         await asyncio.gather(everyone, stopped, return_exceptions=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from tests.cluster.harness import (
@@ -58,11 +59,7 @@ async def test_a_leader_killed_mid_push_loses_nothing_and_workers_reconnect_calm
     assert all(1 <= count <= MAX_ATTEMPTS for count in attempts.values()), attempts
     assert connects == dict.fromkeys(WORKERS, 1)
     for name in WORKERS:  # present now, or pending and caught up from the Sync
-        await sleep_until(
-            lambda name=name: asyncio.to_thread(cluster.holds, name, final["image"]),
-            30,
-            f"{name} holds the image",
-        )
+        await sleep_until(_holds(cluster, name, final["image"]), 30, f"{name} holds the image")
     measured(
         {
             "scenario": "leader_killed_mid_push",
@@ -73,3 +70,10 @@ async def test_a_leader_killed_mid_push_loses_nothing_and_workers_reconnect_calm
             "nodes": {name: node["status"] for name, node in final["nodes"].items()},
         }
     )
+
+
+def _holds(cluster: Cluster, host: str, image: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await asyncio.to_thread(cluster.holds, host, image)
+
+    return check

@@ -113,7 +113,7 @@ async def test_credentials_rotated_while_a_worker_is_cut_off_reach_it_on_heal(
 
 
 async def _holds_version(api: Api, node: str, version: int) -> bool:
-    return (await api.nodes())[node]["credentials_version"] == version
+    return bool((await api.nodes())[node]["credentials_version"] == version)
 
 
 async def test_a_worker_engine_restarting_mid_pull_is_retried_and_succeeds(

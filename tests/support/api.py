@@ -8,6 +8,7 @@ import io
 import json
 import ssl
 import tarfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ class Api:
             return response.status, doc
 
     async def deploy_dir_raw(
-        self, directory: Path, app: str, headers: dict[str, str] | None = None, **params: str
+        self, directory: Path, app: str, headers: Mapping[str, str] | None = None, **params: str
     ) -> tuple[int, Any]:
         return await self.request(
             "POST",
@@ -80,7 +81,7 @@ class Api:
         )
 
     async def deploy_dir(self, directory: Path, app: str, **params: str) -> dict[str, Any]:
-        status, doc = await self.deploy_dir_raw(directory, app, **params)
+        status, doc = await self.deploy_dir_raw(directory, app, None, **params)
         assert status == 202, doc
         return dict(doc)
 
