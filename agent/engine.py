@@ -57,15 +57,17 @@ _UNREACHABLE_MARKERS = (
     "dial tcp",
 )
 _SERVER_MARKERS = (
-    "500 internal",
-    "502 bad gateway",
-    "503 service unavailable",
-    "504 gateway",
-    "429",
     "toomanyrequests",
     "too many requests",
-    "received unexpected http status: 5",
+    "bad gateway",
+    "service unavailable",
+    "gateway timeout",
+    "internal server error",
 )
+# An HTTP status the registry may recover from: 429 or 5xx, written as a status line
+# ("503 Service Unavailable") or after "status:". A bare number is not enough: the
+# registry's address is in most messages, and a port such as 44297 holds "429".
+_SERVER_STATUS = re.compile(r"(?<![\d.:])(?:429|5\d\d)\s+[a-z]|status:\s*(?:429|5\d\d)\b")
 BUILD_LOG_TAIL = 30
 # A push that reports nothing for this long is stuck (a registry that stopped answering):
 # the attempt ends as transient and is retried. Builds have no such limit: a RUN step may
@@ -78,7 +80,7 @@ def classify_registry_error(message: str) -> RegistryError:
     text = message.lower()
     if any(marker in text for marker in _AUTH_MARKERS):
         return RegistryAuthError(message)
-    if any(marker in text for marker in _SERVER_MARKERS):
+    if any(marker in text for marker in _SERVER_MARKERS) or _SERVER_STATUS.search(text):
         return RegistryTransientError(message, unreachable=False)
     if any(marker in text for marker in _UNREACHABLE_MARKERS):
         return RegistryTransientError(message, unreachable=True)

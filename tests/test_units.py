@@ -79,6 +79,19 @@ def test_image_outside_the_registry_is_refused() -> None:
         ),
         ("received unexpected HTTP status: 503 Service Unavailable", RegistryTransientError, False),
         ("toomanyrequests: rate limit", RegistryTransientError, False),
+        ("received unexpected HTTP status: 502", RegistryTransientError, False),
+        ("unknown: 500 Internal Server Error", RegistryTransientError, False),
+        (
+            'Get "https://10.213.188.10:44297/v2/": dial tcp 10.213.188.10:44297: '
+            "connect: connection refused",
+            RegistryTransientError,
+            True,
+        ),
+        (
+            'Get "https://10.5.0.7:5003/v2/": dial tcp 10.5.0.7:5003: connect: no route to host',
+            RegistryTransientError,
+            True,
+        ),
         (
             "read tcp 1.2.3.4:5->6.7.8.9:443: read: connection reset by peer",
             RegistryTransientError,
