@@ -52,10 +52,11 @@ _UNREACHABLE_MARKERS = (
     "network is unreachable",
     "tls handshake timeout",
     "broken pipe",
-    "eof",
     "timeout",
     "dial tcp",
 )
+# Go's io.EOF, as a word: a repository such as "geofence" is not a dropped connection.
+_EOF = re.compile(r"\beof\b")
 _SERVER_MARKERS = (
     "toomanyrequests",
     "too many requests",
@@ -82,7 +83,7 @@ def classify_registry_error(message: str) -> RegistryError:
         return RegistryAuthError(message)
     if any(marker in text for marker in _SERVER_MARKERS) or _SERVER_STATUS.search(text):
         return RegistryTransientError(message, unreachable=False)
-    if any(marker in text for marker in _UNREACHABLE_MARKERS):
+    if any(marker in text for marker in _UNREACHABLE_MARKERS) or _EOF.search(text):
         return RegistryTransientError(message, unreachable=True)
     return RegistryError(message)
 

@@ -80,6 +80,8 @@ def test_image_outside_the_registry_is_refused() -> None:
         ("received unexpected HTTP status: 503 Service Unavailable", RegistryTransientError, False),
         ("toomanyrequests: rate limit", RegistryTransientError, False),
         ("received unexpected HTTP status: 502", RegistryTransientError, False),
+        ('Put "https://r/v2/web/blobs/uploads/x": EOF', RegistryTransientError, True),
+        ("unexpected EOF", RegistryTransientError, True),
         ("unknown: 500 Internal Server Error", RegistryTransientError, False),
         (
             'Get "https://10.213.188.10:44297/v2/": dial tcp 10.213.188.10:44297: '
@@ -106,8 +108,12 @@ def test_registry_errors_are_classified(message: str, kind: type, unreachable: b
         assert isinstance(error, RegistryTransientError) and error.unreachable is unreachable
 
 
-def test_unknown_registry_error_is_final() -> None:
-    error = classify_registry_error("manifest invalid: something odd")
+@pytest.mark.parametrize(
+    "message",
+    ["manifest invalid: something odd", "name unknown: repository name not known: geofence"],
+)
+def test_unknown_registry_error_is_final(message: str) -> None:
+    error = classify_registry_error(message)
     assert not isinstance(error, RegistryAuthError | RegistryTransientError)
 
 
