@@ -76,6 +76,7 @@ class LeaderConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True
     git_timeout: Seconds = 120.0
     git_allowed_schemes: tuple[str, ...] = ("https", "ssh", "git")
     drain_timeout: Seconds = 60.0
+    memory_trim_interval: Seconds = 60.0
     max_attempts: PositiveInt = 3
     keep_images: PositiveInt = 5
     swarm_init: bool = False

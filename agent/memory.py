@@ -1,11 +1,14 @@
 """Hand freed heap memory back to the system once a burst of work is over.
 
 A burst of uploads leaves glibc holding hundreds of MiB it has freed but not returned;
-`malloc_trim` returns it. A no-op where the C library has no such call.
+`malloc_trim` returns it. So does traffic between bursts: large API responses and the
+TLS buffers of connections that have since closed. A no-op where the C library has no
+such call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import functools
@@ -26,3 +29,12 @@ def release_free_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+async def release_free_memory_every(interval: float) -> None:
+    """Trim the heap every `interval` seconds, on a thread: glibc holds the heap's lock
+    while it walks its free lists (about 1 ms for a quiet leader's heap)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(interval)
+        await loop.run_in_executor(None, release_free_memory)

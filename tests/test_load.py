@@ -1,12 +1,17 @@
 """Load: 200 deployments of 8 apps submitted at once to a leader process with two real
 workers in registry mode. Each reaches exactly one final state, and the leader's memory
-afterwards is within 10 % of what it was before.
+afterwards is within 5 % of what it was before.
 
 The contexts are a Dockerfile on top of a busybox base image the engine already holds, so
 the run measures the leader's scheduling and bookkeeping rather than 2 MiB uploads. Before
 the "before" figure, the leader takes a burst of as many uploads as the run (refused once
 received) and one deployment per app: the figure then includes what any burst of
 connections costs, and a leak shows as growth beyond it.
+
+Both figures are taken with the test's keep-alive connections closed and after the
+leader's periodic heap trim: an idle TLS connection keeps buffers as large as the largest
+response it carried (the run's list polls are about 45 KiB each), and glibc keeps freed
+memory until trimmed. Neither is a leak, and either would hide one.
 
 DEPLOY_AGENT_LOAD sets the number of deployments (default 200).
 """
@@ -35,6 +40,7 @@ from tests.support.worker import WorkerProcess
 LOAD = int(os.environ.get("DEPLOY_AGENT_LOAD", "200"))
 APPS = [f"load{i}" for i in range(8)]
 FINAL = {"succeeded", "failed", "cancelled"}
+TRIM_INTERVAL_S = 2.0
 
 
 def rss_kib(pid: int) -> int:
@@ -112,8 +118,10 @@ async def _burst_of_refused_uploads(api: Api, body: bytes) -> None:
     await asyncio.gather(*(refused() for _ in range(LOAD)))
 
 
-async def _settled_rss(pid: int) -> int:
-    await asyncio.sleep(5)  # let in-flight work and the allocator settle
+async def _settled_rss(pid: int, api: Api) -> int:
+    """RSS once the client's connections are closed and the leader has trimmed its heap."""
+    await api.drop_connections()
+    await asyncio.sleep(TRIM_INTERVAL_S * 2 + 1)
     return rss_kib(pid)
 
 
@@ -126,8 +134,14 @@ async def test_many_deployments_at_once_all_finish_and_memory_returns(
     worker_process: Callable[..., WorkerProcess],
     tmp_path: Path,
 ) -> None:
-    """LOAD deployments at once: each ends exactly once, succeeded; RSS within 10 %."""
-    leader = leader_process(leader={"plain_http": None, "max_parallel_builds": len(APPS)})
+    """LOAD deployments at once: each ends exactly once, succeeded; RSS within 5 %."""
+    leader = leader_process(
+        leader={
+            "plain_http": None,
+            "max_parallel_builds": len(APPS),
+            "memory_trim_interval": TRIM_INTERVAL_S,
+        }
+    )
     leader.start()
     assert leader.proc is not None
     await start_cluster(leader, registry, worker_engines, worker_process)
@@ -137,7 +151,7 @@ async def test_many_deployments_at_once_all_finish_and_memory_returns(
     await _burst_of_refused_uploads(api, bodies[APPS[0]])
     warm = {await _submit(api, app, body) for app, body in bodies.items()}
     await _wait_all_final(api, warm, 120)
-    before = await _settled_rss(leader.proc.pid)
+    before = await _settled_rss(leader.proc.pid, api)
 
     started = time.monotonic()
     ids = await asyncio.gather(
@@ -145,9 +159,9 @@ async def test_many_deployments_at_once_all_finish_and_memory_returns(
     )
     done = await _wait_all_final(api, set(ids), 120 + LOAD)
     elapsed = time.monotonic() - started
-    after = await _settled_rss(leader.proc.pid)
     limit = asyncio.Semaphore(16)
     finals = await asyncio.gather(*(_final_events(api, dep_id, limit) for dep_id in ids))
+    after = await _settled_rss(leader.proc.pid, api)
 
     print(f"load: {LOAD} deployments in {elapsed:.1f} s, leader rss {baseline} KiB at start,")
     print(f"load: {before} KiB before the run, {after} KiB after")
@@ -155,4 +169,4 @@ async def test_many_deployments_at_once_all_finish_and_memory_returns(
     assert len(set(ids)) == LOAD
     assert {d["state"] for d in done.values()} == {"succeeded"}, done
     assert [f for f in finals if f != ["succeeded"]] == []
-    assert after <= before * 1.10, (before, after)
+    assert after <= before * 1.05, (before, after)

@@ -39,6 +39,7 @@ from agent.leader.scheduler import Scheduler
 from agent.leader.store import Store
 from agent.leader.webhooks import WebhookSender
 from agent.logs import get_logger
+from agent.memory import release_free_memory_every
 from agent.tls import LeaderTLS, default_names, ensure_leader_tls
 
 log = get_logger(__name__)
@@ -83,6 +84,7 @@ class Leader:
         self._scheduler_task: asyncio.Task[None] | None = None
         self._lag_task: asyncio.Task[None] | None = None
         self._webhook_task: asyncio.Task[None] | None = None
+        self._trim_task: asyncio.Task[None] | None = None
         self.ctx: LeaderContext | None = None
         self.scheduler: Scheduler | None = None
 
@@ -115,6 +117,9 @@ class Leader:
         self.scheduler = Scheduler(ctx)
         self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
         self._lag_task = asyncio.create_task(metrics.watch_loop_lag(), name="loop-lag")
+        self._trim_task = asyncio.create_task(
+            release_free_memory_every(self.leader_config.memory_trim_interval), name="trim"
+        )
         if hooks:
             self._webhook_task = asyncio.create_task(sender.run(), name="webhooks")
         await self._serve(build_app(ctx, self.scheduler), tls)
@@ -179,7 +184,7 @@ class Leader:
             await self._runner.cleanup()
         if self.scheduler is not None:
             await self.scheduler.shutdown(self.leader_config.drain_timeout)
-        for task in (self._scheduler_task, self._lag_task, self._webhook_task):
+        for task in (self._scheduler_task, self._lag_task, self._webhook_task, self._trim_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -55,6 +55,11 @@ class Api:
     async def close(self) -> None:
         await self.session.close()
 
+    async def drop_connections(self) -> None:
+        """Close the pooled keep-alive connections; later requests open new ones."""
+        await self.session.close()
+        self.session = aiohttp.ClientSession(timeout=TIMEOUT)
+
     async def request(
         self, method: str, path: str, *, token: str | None = None, **kwargs: Any
     ) -> tuple[int, Any]:
