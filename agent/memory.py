@@ -33,7 +33,7 @@ def release_free_memory() -> None:
 
 async def release_free_memory_every(interval: float) -> None:
     """Trim the heap every `interval` seconds, on a thread: glibc holds the heap's lock
-    while it walks its free lists (about 1 ms for a quiet leader's heap)."""
+    while it walks its free lists (under a millisecond on a quiet heap)."""
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(interval)
