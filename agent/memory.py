@@ -1,9 +1,8 @@
-"""Hand freed heap memory back to the system once a burst of work is over.
+"""Hand freed heap memory back to the system, every so often.
 
-A burst of uploads leaves glibc holding hundreds of MiB it has freed but not returned;
-`malloc_trim` returns it. So does traffic between bursts: large API responses and the
-TLS buffers of connections that have since closed. A no-op where the C library has no
-such call.
+A burst of uploads leaves glibc holding hundreds of MiB it has freed but not returned,
+and so do large API responses and the TLS buffers of connections that have since
+closed; `malloc_trim` returns it. A no-op where the C library has no such call.
 """
 
 from __future__ import annotations

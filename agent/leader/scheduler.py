@@ -15,7 +15,6 @@ from agent.leader.models import Deployment, ErrorInfo, State
 from agent.leader.runner import Runner
 from agent.leader.sources import remove_quietly
 from agent.logs import get_logger
-from agent.memory import release_free_memory
 
 log = get_logger(__name__)
 
@@ -63,10 +62,6 @@ class Scheduler:
 
     def _finished(self, dep_id: str) -> None:
         self._running.pop(dep_id, None)
-        if not self._running:
-            # The queue ran dry: give a burst's memory back. On a thread, since trimming a
-            # large heap takes a while and ctypes lets go of the GIL while glibc works.
-            asyncio.get_running_loop().run_in_executor(None, release_free_memory)
         self.wake()
 
     async def cancel(self, dep_id: str) -> Deployment:
