@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -194,21 +195,29 @@ class ServiceFailed(DeploymentError):
 
 @dataclass
 class _Progress:
-    running: int
+    running_ids: list[str]
     desired: int
     update_state: str | None
     message: str | None
     failed: int
     error: str | None
 
+    @property
+    def running(self) -> int:
+        return len(self.running_ids)
+
 
 async def _converge(ctx: LeaderContext, dep: Deployment) -> None:
     """Poll each service until it runs the new image everywhere, or Swarm gives up."""
-    pending = {f"{dep.app}_{svc.name}": svc.replicas for svc in dep.request.services}
+    specs = {f"{dep.app}_{svc.name}": svc for svc in dep.request.services}
+    pending = set(specs)
     seen: dict[str, tuple[int, int, str | None]] = {}
+    steady = _Steadiness()
     while pending:
-        for name, desired in list(pending.items()):
-            progress = await _progress(ctx.engine, name, dep.image_ref, desired)
+        for name, svc in specs.items():
+            if name not in pending:
+                continue
+            progress = await _progress(ctx.engine, name, dep.image_ref, svc.replicas)
             key = (progress.running, progress.desired, progress.update_state)
             if seen.get(name) != key:
                 seen[name] = key
@@ -221,10 +230,32 @@ async def _converge(ctx: LeaderContext, dep: Deployment) -> None:
                     update_state=progress.update_state,
                 )
             _check_failure(name, progress)
-            if progress.running == desired and progress.update_state in (None, "completed"):
-                del pending[name]
+            if _converged(progress, steady.proven(progress.running_ids, svc.update.monitor_s)):
+                pending.discard(name)
         if pending:
             await asyncio.sleep(POLL_SECONDS)
+
+
+def _converged(progress: _Progress, proven: int) -> bool:
+    """An update Swarm calls completed has passed Swarm's own monitor window. A new
+    service has no update for Swarm to monitor, so its tasks must each stay running for
+    that window here: a command that exits at once is briefly seen running."""
+    if progress.update_state == "completed":
+        return progress.running == progress.desired
+    return progress.update_state is None and proven >= progress.desired
+
+
+class _Steadiness:
+    """When each task was first seen running, on the leader's monotonic clock."""
+
+    def __init__(self) -> None:
+        self._since: dict[str, float] = {}
+
+    def proven(self, running_ids: list[str], window: float) -> int:
+        """How many of `running_ids` have been running for at least `window` seconds."""
+        now = time.monotonic()
+        since = [self._since.setdefault(task_id, now) for task_id in running_ids]
+        return sum(1 for first in since if now - first >= window)
 
 
 def _check_failure(name: str, progress: _Progress) -> None:
@@ -254,13 +285,15 @@ async def _progress(engine: Engine, name: str, image: str, desired: int) -> _Pro
     filters = json.dumps({"service": [name]})
     tasks = await _call(engine, "GET", "tasks", params={"filters": filters})
     ours = [t for t in tasks if _same_image(t["Spec"]["ContainerSpec"]["Image"], image)]
-    running = sum(
-        1 for t in ours if t["DesiredState"] == "running" and t["Status"]["State"] == "running"
-    )
+    running_ids = [
+        t["ID"]
+        for t in ours
+        if t["DesiredState"] == "running" and t["Status"]["State"] == "running"
+    ]
     failed = [t for t in ours if t["Status"]["State"] in ("failed", "complete", "rejected")]
     error = next((t["Status"].get("Err") or t["Status"].get("Message") for t in failed), None)
     return _Progress(
-        running, desired, status.get("State"), status.get("Message"), len(failed), error
+        running_ids, desired, status.get("State"), status.get("Message"), len(failed), error
     )
 
 

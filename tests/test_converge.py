@@ -1,0 +1,126 @@
+"""The release's convergence watch against a scripted Swarm, so that the order in which
+task states are seen is fixed: the real-Swarm tests in test_release.py cannot choose it."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from agent.leader import release
+from agent.leader.context import LeaderContext
+from agent.leader.models import Deployment, DeploymentRequest, Mode, ServiceSpec, UpdateSettings
+
+IMAGE = "fresh:d1"
+
+
+class ScriptedSwarm:
+    """Answers the two calls the watch makes; `tasks` gives the task list at each poll."""
+
+    def __init__(self, tasks: list[list[tuple[str, str]]], update: str | None = None) -> None:
+        self._tasks = tasks
+        self._update = {"UpdateStatus": {"State": update}} if update else {}
+        self.polls = 0
+
+    async def request(self, method: str, path: str, **_: Any) -> Any:
+        if path == "tasks":
+            states = self._tasks[min(self.polls, len(self._tasks) - 1)]
+            self.polls += 1
+            return [_task(task_id, state) for task_id, state in states]
+        return {"ID": "s1", "Spec": {}, **self._update}
+
+
+def _task(task_id: str, state: str) -> dict[str, Any]:
+    return {
+        "ID": task_id,
+        "DesiredState": "running",
+        "Spec": {"ContainerSpec": {"Image": IMAGE}},
+        "Status": {"State": state, "Err": "task: non-zero exit (1)" if state == "failed" else ""},
+    }
+
+
+class Events:
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    async def record(self, dep_id: str, event_type: str, **fields: Any) -> None:
+        self.records.append(fields)
+
+
+def _deployment(monitor_s: float) -> Deployment:
+    svc = ServiceSpec(name="web", replicas=2, update=UpdateSettings(monitor_s=monitor_s))
+    return Deployment(
+        id="d1",
+        app="fresh",
+        mode=Mode.LOCAL,
+        request=DeploymentRequest(app="fresh", services=[svc]),
+        source="upload",
+        created_at=time.time(),
+        updated_at=time.time(),
+        repository="fresh",
+        tag="d1",
+    )
+
+
+def _context(swarm: ScriptedSwarm) -> LeaderContext:
+    return cast(LeaderContext, SimpleNamespace(engine=swarm, journal=Events()))
+
+
+@pytest.fixture(autouse=True)
+def _fast_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(release, "POLL_SECONDS", 0.02)
+
+
+async def test_tasks_seen_running_once_then_failing_fail_the_release() -> None:
+    """A command that exits at once is briefly running: seen so at the first poll, the
+    new service is not yet converged, and its failing tasks then fail the release."""
+    running = [("t1", "running"), ("t2", "running")]
+    failing = [("t1", "failed"), ("t2", "failed"), ("t3", "failed"), ("t4", "starting")]
+    swarm = ScriptedSwarm([running, failing])
+
+    with pytest.raises(release.ServiceFailed) as caught:
+        await release._converge(_context(swarm), _deployment(monitor_s=1.0))
+
+    assert caught.value.service == "fresh_web"
+    assert caught.value.code == "release_failed"
+    assert "non-zero exit" in caught.value.message
+
+
+async def test_tasks_that_stay_running_for_the_monitor_window_converge() -> None:
+    """The same tasks running at every poll converge once the window has passed, not
+    before it."""
+    swarm = ScriptedSwarm([[("t1", "running"), ("t2", "running")]])
+    started = time.monotonic()
+
+    await release._converge(_context(swarm), _deployment(monitor_s=0.3))
+
+    assert 0.3 <= time.monotonic() - started < 1.0
+    assert swarm.polls > 1
+
+
+async def test_a_replaced_task_starts_its_window_again() -> None:
+    """A task that failed and was replaced does not inherit the window of the one before:
+    convergence waits for the new task's own."""
+    first = [("t1", "running"), ("t2", "running")]
+    replaced = [("t1", "running"), ("t2", "failed"), ("t3", "running")]
+    swarm = ScriptedSwarm([first] * 5 + [replaced])
+    started = time.monotonic()
+
+    await release._converge(_context(swarm), _deployment(monitor_s=0.3))
+
+    # t3 was first seen at the sixth poll (about 0.1 s in) and needs its own 0.3 s
+    assert time.monotonic() - started >= 0.35
+
+
+async def test_an_update_swarm_completed_needs_no_second_window() -> None:
+    """Swarm has already watched an update it calls completed for the monitor window:
+    the leader does not wait a second one."""
+    swarm = ScriptedSwarm([[("t1", "running"), ("t2", "running")]], update="completed")
+    started = time.monotonic()
+
+    await release._converge(_context(swarm), _deployment(monitor_s=5.0))
+
+    assert time.monotonic() - started < 1.0
+    assert swarm.polls == 1
