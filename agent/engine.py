@@ -76,9 +76,12 @@ BUILD_LOG_TAIL = 30
 PUSH_IDLE_SECONDS = 60.0
 
 
-def classify_registry_error(message: str) -> RegistryError:
-    """Sort a registry failure reported by the engine into auth, transient or final."""
-    text = message.lower()
+def classify_registry_error(message: str, repository: str | None = None) -> RegistryError:
+    """Sort a registry failure reported by the engine into auth, transient or final.
+
+    The repository's name is blanked out first: a repository called "timeout-svc" or
+    "acme/denied" says nothing about why the registry failed."""
+    text = _without_names(message.lower(), repository)
     if any(marker in text for marker in _AUTH_MARKERS):
         return RegistryAuthError(message)
     if any(marker in text for marker in _SERVER_MARKERS) or _SERVER_STATUS.search(text):
@@ -86,6 +89,19 @@ def classify_registry_error(message: str) -> RegistryError:
     if any(marker in text for marker in _UNREACHABLE_MARKERS) or _EOF.search(text):
         return RegistryTransientError(message, unreachable=True)
     return RegistryError(message)
+
+
+def _without_names(text: str, repository: str | None) -> str:
+    """`text` with the repository, with and without its registry host, as whole words
+    replaced by a placeholder."""
+    if not repository:
+        return text
+    full = repository.lower()
+    host, _, path = full.partition("/")
+    names = [full, path] if path and ("." in host or ":" in host or host == "localhost") else [full]
+    for name in names:
+        text = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w.-])", "<repository>", text)
+    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +261,8 @@ class Engine:
                 await on_progress(_progress_of(item))
 
         params = {"tag": tag}
-        await self._registry_stream("push", f"images/{repository}/push", params, creds, watch)
+        path = f"images/{repository}/push"
+        await self._registry_stream("push", path, params, creds, watch, repository=repository)
         if digest is None:
             raise RegistryTransientError(
                 "the push stream ended before the registry confirmed a digest", unreachable=False
@@ -263,7 +280,8 @@ class Engine:
                 await on_progress(_progress_of(item))
 
         params = {"fromImage": repository, "tag": digest}
-        await self._registry_stream("pull", "images/create", params, creds, watch)
+        path = "images/create"
+        await self._registry_stream("pull", path, params, creds, watch, repository=repository)
         if await self.image_id(ref) is None:
             raise RegistryTransientError(
                 "the pull stream ended but the engine does not hold the image", unreachable=False
@@ -276,6 +294,8 @@ class Engine:
         params: Mapping[str, str],
         creds: RegistryCredentials | None,
         watch: Callable[[Mapping[str, Any]], Awaitable[None]],
+        *,
+        repository: str,
     ) -> None:
         """Run a push or pull stream to its end; raise its failure, classified."""
         headers = {"X-Registry-Auth": compose_auth_header(creds.engine_auth())} if creds else {}
@@ -286,9 +306,9 @@ class Engine:
                 async for item in stream:
                     await watch(item)
         except _StreamError as exc:
-            raise classify_registry_error(exc.message) from None
+            raise classify_registry_error(exc.message, repository) from None
         except aiodocker.DockerError as exc:
-            raise _engine_or_registry(exc) from None
+            raise _engine_or_registry(exc, repository) from None
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise RegistryTransientError(f"{what} stream broke: {exc}", unreachable=False) from None
         except TimeoutError:
@@ -425,7 +445,7 @@ def _progress_of(item: Mapping[str, Any]) -> PushProgress:
     )
 
 
-def _engine_or_registry(exc: aiodocker.DockerError) -> EngineError:
+def _engine_or_registry(exc: aiodocker.DockerError, repository: str | None = None) -> EngineError:
     if exc.status == 900:  # aiodocker: the engine's socket did not answer
         return EngineError(str(exc.message))
-    return classify_registry_error(str(exc.message).strip())
+    return classify_registry_error(str(exc.message).strip(), repository)

@@ -11,7 +11,7 @@ import structlog
 from agent import logs
 from agent.credentials import RegistryCredentials
 from agent.engine import classify_registry_error
-from agent.errors import RegistryAuthError, RegistryTransientError, RequestError
+from agent.errors import RegistryAuthError, RegistryError, RegistryTransientError, RequestError
 from agent.leader.models import Deployment, DeploymentRequest, Mode, ServiceSpec
 from agent.leader.references import image_host, registry_host, repository_for
 from agent.leader.release import service_spec
@@ -115,6 +115,41 @@ def test_registry_errors_are_classified(message: str, kind: type, unreachable: b
 def test_unknown_registry_error_is_final(message: str) -> None:
     error = classify_registry_error(message)
     assert not isinstance(error, RegistryAuthError | RegistryTransientError)
+
+
+@pytest.mark.parametrize(
+    ("message", "repository", "kind"),
+    [
+        (
+            "name unknown: repository name not known to registry: acme/timeout-svc",
+            "10.0.0.1:5000/acme/timeout-svc",
+            RegistryError,
+        ),
+        (
+            'Put "https://10.0.0.1:5000/v2/acme/timeout-svc/manifests/7": manifest invalid',
+            "10.0.0.1:5000/acme/timeout-svc",
+            RegistryError,
+        ),
+        ("manifest unknown: acme/denied", "r.io/acme/denied", RegistryError),
+        ("unknown: repository eof-app not found", "localhost:5000/eof-app", RegistryError),
+        (
+            "denied: requested access to the resource is denied",
+            "r.io/acme/denied",
+            RegistryAuthError,
+        ),
+        (
+            'Get "https://10.0.0.1:5000/v2/": dial tcp 10.0.0.1:5000: connect: connection refused',
+            "10.0.0.1:5000/acme/eof",
+            RegistryTransientError,
+        ),
+    ],
+)
+def test_a_marker_inside_the_repository_name_says_nothing(
+    message: str, repository: str, kind: type
+) -> None:
+    """A repository named after a marker ("timeout-svc", "acme/denied") is blanked out
+    before the markers are looked for; the registry's own words still count."""
+    assert type(classify_registry_error(message, repository)) is kind
 
 
 def test_redactor_scrubs_secrets_from_rendered_events_and_tracebacks(
