@@ -10,7 +10,7 @@ import zipfile
 from importlib.metadata import version
 from pathlib import Path
 
-from tests.support.wheels import ROOT, Wheelhouse
+from tests.support.wheels import Wheelhouse, source_copy
 
 UNITS = ("deploy-agent-leader.service", "deploy-agent-worker.service")
 
@@ -29,7 +29,7 @@ def test_wheel_and_sdist_build_and_the_wheel_installs(
     """Both artefacts carry the version and the systemd units; the installed script prints
     `deploy-agent VERSION` and validates a config."""
     expected = version("deploy-agent")
-    _run(sys.executable, "-m", "build", "--outdir", tmp_path / "dist", ROOT)
+    _run(sys.executable, "-m", "build", "--outdir", tmp_path / "dist", source_copy(tmp_path))
 
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
