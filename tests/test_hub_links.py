@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from agent import wire
+from agent.leader import hub
 from agent.leader.frames import outgoing
 from agent.leader.hub import WRITE_BUFFER_HIGH, Link
 from agent.leader.models import NodeRecord
@@ -126,6 +127,47 @@ async def test_a_link_being_closed_takes_no_more_frames() -> None:
     assert msg.data == wire.CLOSE_REPLACED
     assert written, "the close frame goes through the transport"
     assert not any(b"too late" in chunk for chunk in written)
+
+
+async def test_a_kicked_link_that_stops_reading_is_cut_within_the_close_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker that stopped reading never answers the close frame, and the leader cannot
+    even write it: the link is cut once the close deadline passes, not left open until
+    TCP gives up."""
+    monkeypatch.setattr(hub, "CLOSE_DEADLINE", 0.5)
+    client_paused = asyncio.Event()
+    took: list[float] = []
+
+    async def body(link: Link) -> None:
+        await client_paused.wait()
+        transport = link.request.transport
+        assert transport is not None
+        while transport.get_write_buffer_size() <= WRITE_BUFFER_HIGH:
+            transport.write(outgoing("x" * 65536).frame)
+            await asyncio.sleep(0.01)
+        started = asyncio.get_running_loop().time()
+        link.kick(wire.CLOSE_REVOKED, "revoked")
+        async with asyncio.timeout(10):
+            async for _ in link.ws:
+                pass
+        took.append(asyncio.get_running_loop().time() - started)
+        assert transport.is_closing()
+
+    quick_close = aiohttp.ClientWSTimeout(ws_close=1)
+    async for url in _serve_one(body):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(url, timeout=quick_close) as ws,
+        ):
+            conn = ws._conn
+            assert conn is not None and conn.transport is not None
+            conn.transport.pause_reading()
+            client_paused.set()
+            async with asyncio.timeout(15):
+                while not took:
+                    await asyncio.sleep(0.05)
+    assert 0.4 <= took[0] < 3.0, took
 
 
 def _result(order: str, ok: bool = True) -> wire.PullResult:

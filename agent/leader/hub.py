@@ -109,6 +109,8 @@ class Link:
         """Send what was queued, one message at a time, each within SEND_DEADLINE."""
         while True:
             message = await self.queue.get()
+            if self.closer is not None:
+                return  # closing: a data frame may not follow the close frame
             self.sending = True
             try:
                 async with asyncio.timeout(SEND_DEADLINE):
@@ -130,8 +132,16 @@ class Link:
             transport.abort()
 
     def kick(self, code: int, reason: str) -> None:
+        """Close with `code`; a worker that has not finished the close handshake within
+        CLOSE_DEADLINE (it stopped reading, say) is cut off."""
         if self.closer is None:
             self.closer = asyncio.create_task(self.ws.close(code=code, message=reason.encode()))
+            deadline = asyncio.get_running_loop().call_later(CLOSE_DEADLINE, self._close_stalled)
+            self.closer.add_done_callback(lambda _: deadline.cancel())
+
+    def _close_stalled(self) -> None:
+        log.info("link.close_stalled", node=self.node.name, deadline_s=CLOSE_DEADLINE)
+        self.drop()
 
     async def finish(self) -> None:
         """Wait briefly for a close handshake under way; cut the connection if it stalls."""
@@ -193,6 +203,7 @@ class Hub:
         previous = self._links.get(node.id)
         if previous is not None:
             previous.kick(wire.CLOSE_REPLACED, "replaced by a newer connection")
+            self._orders.drop(node.id)  # sent on the old link: no answer will come back
         self._links[node.id] = link
         pump = asyncio.create_task(link.pump(), name=f"link-pump-{node.name}")
         log.info("link.connected", node=node.name)
@@ -202,16 +213,19 @@ class Hub:
         except ConnectionError as exc:
             log.info("link.broken", node=node.name, error=repr(exc))
         finally:
-            # Forget the link first: from here on nothing may wait for its answers.
-            if self._links.get(node.id) is link:
+            # Forget the link first: from here on nothing may wait for its answers. A
+            # link replaced by a newer one leaves the node, its orders and its info to it.
+            current = self._links.get(node.id) is link
+            if current:
                 del self._links[node.id]
-            self._orders.drop(node.id)
+                self._orders.drop(node.id)
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
             await link.finish()
-            self._touch(node)
-            log.info("link.disconnected", node=node.name, code=ws.close_code)
+            if current:
+                self._touch(node)
+            log.info("link.disconnected", node=node.name, code=ws.close_code, replaced=not current)
 
     async def _sync(self, link: Link) -> Outgoing:
         images = await self._store.images_to_hold()
