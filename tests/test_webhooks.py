@@ -118,3 +118,29 @@ async def test_undelivered_webhooks_survive_a_leader_restart(
     assert [d["state"] for d in receiver.seen] == ["queued", "building", "succeeded"]
     _, doc = await second.api.request("GET", f"/v1/deployments/{dep['id']}/webhooks")
     assert {d["state"] for d in doc["webhooks"]} == {"delivered"}
+
+
+async def test_deliveries_to_a_url_removed_from_the_config_are_dropped_unsent(
+    leader_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A receiver the operator removed gets nothing after the restart: its pending
+    deliveries are marked failed, not sent (they could only be signed with no secret)."""
+    retired = Receiver()
+    first = await leader_factory(leader={"webhooks": [{"url": retired.url, "secret": SECRET}]})
+    dep = await first.api.deploy_dir(busybox_context(tmp_path / "c"), "retired")
+    await first.api.wait_final(dep["id"])
+    await first.stop()
+
+    await retired.start()
+    try:
+        second = await leader_factory(state_dir=first.config.state_dir, leader={"webhooks": []})
+        async with asyncio.timeout(30):
+            while True:
+                _, doc = await second.api.request("GET", f"/v1/deployments/{dep['id']}/webhooks")
+                if {d["state"] for d in doc["webhooks"]} == {"failed"}:
+                    break
+                await asyncio.sleep(0.2)
+    finally:
+        await retired.stop()
+    assert retired.seen == [] and retired.bad_signatures == 0
+    assert all("no longer" in d["last_error"] for d in doc["webhooks"])

@@ -96,6 +96,7 @@ class Leader:
         store = Store(state / "leader.db", tuple(hook.url for hook in hooks))
         await store.open()
         sender = WebhookSender(store, hooks)
+        await sender.abandon_removed()
         engine = Engine(self.config.engine.url, timeout=self.config.engine.timeout)
         builders = Builders(
             engine, self.leader_config.build_server, state, self.config.engine.timeout

@@ -262,6 +262,19 @@ class Store:
         ).fetchall()
         return [WebhookRow(*row) for row in rows if row[5] <= now]
 
+    async def abandon_webhooks(self, keep_urls: list[str], error: str) -> int:
+        """Mark pending deliveries to any URL outside `keep_urls` failed; return how many."""
+        return await self._call(self._abandon_webhooks, keep_urls, error)
+
+    def _abandon_webhooks(self, keep_urls: list[str], error: str) -> int:
+        with self._tx() as db:
+            done = db.execute(
+                "UPDATE webhooks SET state = 'failed', last_error = ? WHERE state = 'pending'"
+                " AND url NOT IN (SELECT value FROM json_each(?))",
+                (error, _encoder.encode(keep_urls)),
+            )
+            return done.rowcount
+
     async def webhook_result(
         self, row_id: int, *, state: str, next_at: float, status: int | None, error: str | None
     ) -> None:

@@ -41,6 +41,9 @@ def retry_delay(attempts: int) -> float:
     return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 (jitter, not crypto)
 
 
+NOT_CONFIGURED = "not sent: the URL is no longer in the leader's webhooks"
+
+
 class WebhookSender:
     def __init__(self, store: Store, hooks: tuple[WebhookConfig, ...]) -> None:
         self._store = store
@@ -61,11 +64,14 @@ class WebhookSender:
                         await self._wake.wait()
 
     async def _deliver(self, session: aiohttp.ClientSession, row: WebhookRow) -> None:
+        secret = self._secrets.get(row.url)
+        if secret is None:  # abandoned at start; never signed without a key
+            return
         timestamp = int(time.time())
         headers = {
             "Content-Type": "application/json",
             "X-Deploy-Agent-Timestamp": str(timestamp),
-            "X-Deploy-Agent-Signature": sign(self._secrets.get(row.url, ""), timestamp, row.body),
+            "X-Deploy-Agent-Signature": sign(secret, timestamp, row.body),
             "X-Deploy-Agent-Delivery": str(row.id),
         }
         status, error = None, None
@@ -95,3 +101,10 @@ class WebhookSender:
         await self._store.webhook_result(
             row.id, state=state, next_at=time.time() + delay, status=status, error=error
         )
+
+    async def abandon_removed(self) -> None:
+        """Deliveries queued for a URL the config no longer lists are not sent: the operator
+        removed that receiver, and there is no secret left to sign them with."""
+        dropped = await self._store.abandon_webhooks(list(self._secrets), NOT_CONFIGURED)
+        if dropped:
+            log.warning("webhook.dropped", deliveries=dropped, reason="url_not_configured")
