@@ -53,7 +53,8 @@ async def test_sigkill_mid_build_then_restart_finishes_everything_once(
 async def test_sigterm_drains_the_build_in_flight(
     leader_process: Callable[..., LeaderProcess], tmp_path: Path
 ) -> None:
-    """SIGTERM lets a running build finish within the drain deadline, then exits 0."""
+    """SIGTERM lets a running build finish within the drain deadline, then exits 0; the
+    API (and with it the worker links) stays up while it drains."""
     leader = leader_process()
     leader.start()
     dep = await leader.api.deploy_dir(
@@ -61,8 +62,12 @@ async def test_sigterm_drains_the_build_in_flight(
     )
     await leader.api.wait_state(dep["id"], "building")
 
-    code = await asyncio.to_thread(leader.terminate)
+    stopping = asyncio.create_task(asyncio.to_thread(leader.terminate))
+    await asyncio.sleep(0.5)  # SIGTERM delivered, the build still running
+    status, during = await leader.api.request("GET", f"/v1/deployments/{dep['id']}")
+    code = await stopping
 
+    assert status == 200 and during["state"] == "building"
     assert code == 0
     assert '"scheduler.draining"' in leader.log_text()
     leader.start()

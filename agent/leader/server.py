@@ -179,12 +179,14 @@ class Leader:
         )
 
     async def stop(self) -> None:
+        # Drain first, with the API and the worker links still up: a deployment that is
+        # distributing needs its workers' answers, and its followers see it finish.
+        if self.scheduler is not None:
+            await self.scheduler.shutdown(self.leader_config.drain_timeout)
         if self.ctx is not None:
             await self.ctx.hub.close_all()
         if self._runner is not None:
             await self._runner.cleanup()
-        if self.scheduler is not None:
-            await self.scheduler.shutdown(self.leader_config.drain_timeout)
         for task in (self._scheduler_task, self._lag_task, self._webhook_task, self._trim_task):
             if task is not None:
                 task.cancel()
