@@ -9,6 +9,7 @@ from typing import Any, cast
 
 import pytest
 
+from agent.errors import DeploymentError, EngineApiError
 from agent.leader import release
 from agent.leader.context import LeaderContext
 from agent.leader.models import Deployment, DeploymentRequest, Mode, ServiceSpec, UpdateSettings
@@ -19,12 +20,18 @@ IMAGE = "fresh:d1"
 class ScriptedSwarm:
     """Answers the two calls the watch makes; `tasks` gives the task list at each poll."""
 
-    def __init__(self, tasks: list[list[tuple[str, str]]], update: str | None = None) -> None:
+    def __init__(
+        self, tasks: list[list[tuple[str, str]]], update: str | None = None, refuse: int = 0
+    ) -> None:
         self._tasks = tasks
         self._update = {"UpdateStatus": {"State": update}} if update else {}
+        self.refuse = refuse  # answer this many polls with a 503 first
         self.polls = 0
 
     async def request(self, method: str, path: str, **_: Any) -> Any:
+        if self.refuse:
+            self.refuse -= 1
+            raise EngineApiError(503, "rpc error: code = Unavailable desc = no leader")
         if path == "tasks":
             states = self._tasks[min(self.polls, len(self._tasks) - 1)]
             self.polls += 1
@@ -124,3 +131,23 @@ async def test_an_update_swarm_completed_needs_no_second_window() -> None:
 
     assert time.monotonic() - started < 1.0
     assert swarm.polls == 1
+
+
+async def test_a_few_refused_polls_do_not_fail_the_release() -> None:
+    """A manager electing its leader refuses a few calls; the watch goes on through them."""
+    swarm = ScriptedSwarm([[("t1", "running"), ("t2", "running")]], refuse=3)
+
+    await release._converge(_context(swarm), _deployment(monitor_s=0.1))
+
+    assert swarm.polls >= 1
+
+
+async def test_an_engine_that_keeps_refusing_fails_the_release() -> None:
+    """A run of refused polls is the release failing, with the engine's reason."""
+    swarm = ScriptedSwarm([[("t1", "running")]], refuse=release.POLL_FAILURES_LIMIT)
+
+    with pytest.raises(DeploymentError) as caught:
+        await release._converge(_context(swarm), _deployment(monitor_s=0.1))
+
+    assert caught.value.code == "release_failed"
+    assert "no leader" in str(caught.value)

@@ -117,6 +117,35 @@ async def test_a_failed_first_release_removes_the_services_it_created(
     assert sorted(removed) == ["fresh_broken", "fresh_web"]
 
 
+async def test_a_release_past_its_deadline_removes_the_services_it_created(
+    leader_factory: Callable[..., Any], swarm_engine: Dockerd, tmp_path: Path
+) -> None:
+    """A new service whose health check never passes is still starting when the stage's
+    deadline ends the deployment: it fails as a timeout and leaves no service behind."""
+    leader = await leader_factory(
+        engine={"url": swarm_engine.url}, leader={"stage_timeouts": {"releasing": 6}}
+    )
+    never_healthy = {
+        **_service("sick", replicas=1),
+        "health": {
+            "test": ["CMD", "/bin/busybox", "false"],
+            "interval_s": 60,
+            "start_period_s": 60,
+        },
+    }
+
+    final = await _release(leader, busybox_context(tmp_path / "c"), "late", [never_healthy])
+
+    assert final["state"] == "failed", final
+    assert final["error"]["code"] == "timeout"
+    left = swarm_engine.cli("service", "ls", "--filter", "label=deploy-agent.app=late", "-q")
+    assert left.stdout.split() == []
+    removed = [
+        e["service"] for e in await leader.api.events(final["id"]) if e.get("action") == "removed"
+    ]
+    assert removed == ["late_sick"]
+
+
 async def test_local_mode_release_sends_no_registry_request(
     leader_factory: Callable[..., Any], swarm_engine: Dockerd, registry: Registry, tmp_path: Path
 ) -> None:

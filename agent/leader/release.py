@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent import wire
@@ -28,6 +28,7 @@ DEPLOYMENT_LABEL = "deploy-agent.deployment"
 SERVICE_LABEL = "deploy-agent.service"
 NS = 1_000_000_000
 FAILED_TASKS_LIMIT = 3
+POLL_FAILURES_LIMIT = 10  # polls in a row the engine refused
 _ROLLED_BACK = frozenset({"rollback_completed", "rollback_paused"})
 
 
@@ -36,29 +37,73 @@ async def release(ctx: LeaderContext, dep: Deployment) -> None:
     await _require_manager(engine)
     constrain = not dep.request.allow_manager_placement and await ctx.store.enrolled_count() > 0
     existing = await app_services(engine, dep.app)
-    headers = _auth_headers(ctx, dep)
-    updated: list[str] = []
-    created: list[str] = []
-    for svc in dep.request.services:
-        name = f"{dep.app}_{svc.name}"
-        spec = service_spec(dep, svc, name, constrain=constrain)
-        if name in existing:
-            await _update(engine, existing[name], spec, headers)
-            updated.append(name)
-        else:
-            await _call(engine, "POST", "services/create", body=spec, headers=headers)
-            created.append(name)
-        action = "update" if name in existing else "create"
-        await ctx.journal.record(dep.id, "release", service=name, action=action)
+    changed = _Changed()
     try:
+        await _apply(ctx, dep, existing, changed, constrain=constrain)
         await _converge(ctx, dep)
     except ServiceFailed as exc:
-        await _roll_back(engine, [name for name in updated if name != exc.service])
-        await _remove_created(ctx, dep, created)
+        # Swarm rolls the failing service back itself; the others go back here.
+        await _undo(ctx, dep, changed, keep=exc.service)
+        raise
+    except (DeploymentError, EngineError, asyncio.CancelledError):
+        # A deadline, a cancel or an engine that stopped answering: the deployment fails,
+        # so the app must not go on rolling out its new version.
+        await _undo(ctx, dep, changed, keep=None)
         raise
     if dep.request.prune:
         await _prune(ctx, dep, existing)
     await _retain(ctx, dep)
+
+
+@dataclass
+class _Changed:
+    """The services this release has updated and created so far, in order."""
+
+    updated: list[str] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)
+
+
+async def _apply(
+    ctx: LeaderContext,
+    dep: Deployment,
+    existing: dict[str, dict[str, Any]],
+    changed: _Changed,
+    *,
+    constrain: bool,
+) -> None:
+    """Create or update each service on the new image, noting each as it changes."""
+    headers = _auth_headers(ctx, dep)
+    for svc in dep.request.services:
+        name = f"{dep.app}_{svc.name}"
+        spec = service_spec(dep, svc, name, constrain=constrain)
+        if name in existing:
+            await _update(ctx.engine, existing[name], spec, headers)
+            changed.updated.append(name)
+        else:
+            await _call(ctx.engine, "POST", "services/create", body=spec, headers=headers)
+            changed.created.append(name)
+        action = "update" if name in existing else "create"
+        await ctx.journal.record(dep.id, "release", service=name, action=action)
+
+
+async def _undo(ctx: LeaderContext, dep: Deployment, changed: _Changed, keep: str | None) -> None:
+    """Return the updated services (but `keep`) to their previous version and remove the
+    created ones. Runs to its end even when the stage is being cancelled: each engine
+    call has its own deadline."""
+    updated = [name for name in changed.updated if name != keep]
+    undo = asyncio.ensure_future(_roll_back_and_remove(ctx, dep, updated, changed.created))
+    try:
+        await asyncio.shield(undo)
+    except asyncio.CancelledError:
+        await undo  # cancelled again while undoing: finish the undo first
+        raise
+
+
+async def _roll_back_and_remove(
+    ctx: LeaderContext, dep: Deployment, updated: list[str], created: list[str]
+) -> None:
+    await _roll_back(ctx.engine, updated)
+    await _remove_created(ctx, dep, created)
 
 
 async def _retain(ctx: LeaderContext, dep: Deployment) -> None:
@@ -213,11 +258,22 @@ async def _converge(ctx: LeaderContext, dep: Deployment) -> None:
     pending = set(specs)
     seen: dict[str, tuple[int, int, str | None]] = {}
     steady = _Steadiness()
+    failures = 0
     while pending:
         for name, svc in specs.items():
             if name not in pending:
                 continue
-            progress = await _progress(ctx.engine, name, dep.image_ref, svc.replicas)
+            try:
+                progress = await _progress(ctx.engine, name, dep.image_ref, svc.replicas)
+            except DeploymentError as exc:
+                # One refused poll (a manager electing its leader answers 503) is not the
+                # release failing; a run of them is.
+                failures += 1
+                if failures >= POLL_FAILURES_LIMIT:
+                    raise
+                log.warning("release.poll_failed", service=name, error=str(exc), failures=failures)
+                continue
+            failures = 0
             key = (progress.running, progress.desired, progress.update_state)
             if seen.get(name) != key:
                 seen[name] = key
