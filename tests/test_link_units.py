@@ -15,9 +15,11 @@ from agent.leader.models import (
     CatchUp,
     Deployment,
     DeploymentRequest,
+    LastPull,
     Mode,
     NodeRecord,
     State,
+    caught_up_meanwhile,
 )
 from agent.leader.node_writer import NodeInfoWriter
 from agent.leader.store import Store
@@ -167,3 +169,35 @@ async def test_a_catch_up_pull_marks_the_node_present_where_the_deployment_left_
         assert running.nodes["w2"]["status"] == "pending"
     finally:
         await store.close()
+
+
+def test_nodes_that_caught_up_while_the_deployment_ran_are_marked_present_at_its_end() -> None:
+    """A node pending in a running deployment that has since pulled its very image, and
+    succeeded, is present when the deployment finishes; any other stays as it was."""
+    digest = "sha256:" + "1" * 64
+    image = f"registry.test:5000/app@{digest}"
+    dep = _finished(
+        "running", State.RELEASING, digest, {"w1": "pending", "w2": "pending", "w3": "pending"}
+    )
+    dep.nodes["w4"] = {"node_id": "id-w4", "status": "failed"}
+
+    def node(name: str, pulled: str, ok: bool = True) -> NodeRecord:
+        record = NodeRecord(id=f"id-{name}", name=name, enrolled_at=0.0)
+        record.info.last_pull = LastPull(image=pulled, ok=ok, at=2000.0, seconds=0.5)
+        return record
+
+    nodes = [
+        node("w1", image),
+        node("w2", "registry.test:5000/app@sha256:" + "2" * 64),
+        node("w3", image, ok=False),
+        node("w4", image),
+    ]
+
+    assert caught_up_meanwhile(dep, nodes) == 1
+    assert dep.nodes["w1"] == {
+        "node_id": "id-w1",
+        "status": "present",
+        "seconds": 0.5,
+        "caught_up_at": 2000.0,
+    }
+    assert [dep.nodes[n]["status"] for n in ("w2", "w3", "w4")] == ["pending", "pending", "failed"]

@@ -184,6 +184,18 @@ class CatchUp(msgspec.Struct, frozen=True):
         return True
 
 
+def caught_up_meanwhile(dep: Deployment, nodes: list[NodeRecord]) -> int:
+    """Mark present the nodes `dep` left pending that have since pulled its image (from
+    the Sync sent when they came back while it was still running); return how many."""
+    marked = 0
+    for node in nodes:
+        pull = node.info.last_pull
+        if pull is None or not pull.ok:
+            continue
+        marked += CatchUp(node.name, pull.image, pull.seconds or 0.0, pull.at).apply(dep)
+    return marked
+
+
 def new_deployment_id() -> str:
     """A short id that is also a valid image tag."""
     return time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]

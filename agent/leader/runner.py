@@ -7,6 +7,7 @@ the user ends it as `cancelled`; a leader shutdown leaves it unfinished, to be r
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 
@@ -15,7 +16,14 @@ import structlog
 from agent.errors import DeploymentError, EngineError, SshError
 from agent.leader import release, stages
 from agent.leader.context import LeaderContext
-from agent.leader.models import Deployment, ErrorInfo, StageTiming, State, plan
+from agent.leader.models import (
+    Deployment,
+    ErrorInfo,
+    StageTiming,
+    State,
+    caught_up_meanwhile,
+    plan,
+)
 from agent.leader.sources import remove_quietly
 from agent.logs import get_logger
 
@@ -121,6 +129,7 @@ class Runner:
         await self._finish(state, error)
 
     async def _finish(self, state: State, error: ErrorInfo | None) -> None:
+        await self._settle_caught_up()
         now = time.time()
         for timing in self.dep.stages.values():
             timing.finished_at = timing.finished_at or now
@@ -134,6 +143,20 @@ class Runner:
         ).inc()
         log.info("deployment.finished", state=state.value, code=error.code if error else None)
         await asyncio.to_thread(remove_quietly, self.ctx.context_path(self.dep.id))
+
+    async def _settle_caught_up(self) -> None:
+        """A node that came back while this deployment ran pulled its image from its Sync;
+        with no finished record to mark then, it is marked here."""
+        if not any(entry.get("status") == "pending" for entry in self.dep.nodes.values()):
+            return
+        try:
+            await self.ctx.hub.flush()
+            marked = caught_up_meanwhile(self.dep, await self.ctx.store.nodes())
+        except sqlite3.Error as exc:  # the record still finishes; the nodes stay pending
+            log.error("deployment.catch_up_failed", error=repr(exc))
+            return
+        if marked:
+            log.info("deployment.nodes_caught_up", nodes=marked)
 
     async def _interrupted(self) -> None:
         """Shutdown: leave the record unfinished so the next start resumes it."""
