@@ -1,8 +1,10 @@
 """The release's convergence watch against a scripted Swarm, so that the order in which
-task states are seen is fixed: the real-Swarm tests in test_release.py cannot choose it."""
+task states are seen is fixed: the real-Swarm tests in test_release.py cannot choose it.
+And the runner's final write, against a cancel timed to land in its middle."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from types import SimpleNamespace
 from typing import Any, cast
@@ -13,6 +15,7 @@ from agent.errors import DeploymentError, EngineApiError
 from agent.leader import release
 from agent.leader.context import LeaderContext
 from agent.leader.models import Deployment, DeploymentRequest, Mode, ServiceSpec, UpdateSettings
+from agent.leader.runner import Runner
 
 IMAGE = "fresh:d1"
 
@@ -151,3 +154,21 @@ async def test_an_engine_that_keeps_refusing_fails_the_release() -> None:
 
     assert caught.value.code == "release_failed"
     assert "no leader" in str(caught.value)
+
+
+async def test_a_cancel_during_the_final_write_does_not_cut_it_short() -> None:
+    """The final state is written to its end even when a cancel arrives during the write:
+    a record left unfinished would be run again."""
+    written: list[str] = []
+
+    async def slow_write() -> None:
+        await asyncio.sleep(0.2)
+        written.append("succeeded")
+
+    task = asyncio.create_task(Runner.settle(slow_write()))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await task
+
+    assert written == ["succeeded"]
+    assert not task.cancelled()

@@ -48,18 +48,34 @@ class Runner:
         try:
             await self._attempt()
         except DeploymentError as exc:
-            await self._fail(exc)
+            await self.settle(self._fail(exc))
         except asyncio.CancelledError:
             if not self.cancel_requested:
                 await self._interrupted()
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            await self._fail(DeploymentError("cancelled", "the deployment was cancelled"))
+            await self.settle(
+                self._fail(DeploymentError("cancelled", "the deployment was cancelled"))
+            )
         except Exception as exc:
             log.exception("deployment.crashed")
-            await self._fail(DeploymentError(self._failure_code(), f"internal error: {exc!r}"))
+            failed = DeploymentError(self._failure_code(), f"internal error: {exc!r}")
+            await self.settle(self._fail(failed))
         else:
-            await self._finish(State.SUCCEEDED, None)
+            await self.settle(self._finish(State.SUCCEEDED, None))
+
+    @staticmethod
+    async def settle(final: Awaitable[None]) -> None:
+        """Write the final state to its end. A cancel that arrives meanwhile comes too late
+        to stop any work, and cutting the write short would leave the record unfinished,
+        so that the scheduler would run the deployment again."""
+        task = asyncio.ensure_future(final)
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        task.result()
 
     async def _attempt(self) -> None:
         self.dep.attempts += 1
