@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -17,9 +18,11 @@ from aiohttp import web
 from agent import wire
 from agent.leader import hub
 from agent.leader.frames import outgoing
-from agent.leader.hub import WRITE_BUFFER_HIGH, Link
+from agent.leader.hub import WRITE_BUFFER_HIGH, Hub, Link
+from agent.leader.metrics import LeaderMetrics
 from agent.leader.models import NodeRecord
 from agent.leader.orders import OrdersInFlight, PullRound
+from agent.leader.store import Store
 
 LinkBody = Callable[[Link], Awaitable[None]]
 
@@ -209,3 +212,40 @@ async def test_rounds_sharing_an_order_id_settle_independently() -> None:
 async def test_a_round_owed_nothing_is_settled_from_the_start(owed: set[str]) -> None:
     pull_round = PullRound("dep-1", set(owed))
     assert pull_round.settled.done() is (not owed)
+
+
+async def test_a_link_set_up_after_its_node_was_revoked_is_refused(tmp_path: Path) -> None:
+    """A revocation that lands between a worker's authentication and its link being
+    served finds no link to close; the link is refused when it reaches the hub."""
+    store = Store(tmp_path / "leader.db")
+    await store.open()
+
+    async def no_progress(node: str, message: wire.PullProgress) -> None:
+        return None
+
+    links = Hub(store, no_progress, LeaderMetrics())
+    links.revoke("n-1")  # the node's link was authenticated, not yet served
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(compress=False)
+        await ws.prepare(request)
+        await links.serve(NodeRecord(id="n-1", name="w1", enrolled_at=0.0), ws, request)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/"
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+            msg = await ws.receive(timeout=10)
+    finally:
+        await runner.cleanup()
+        await links.close()
+        await store.close()
+    assert msg.type == aiohttp.WSMsgType.CLOSE
+    assert msg.data == wire.CLOSE_REVOKED
+    assert not links.connected("n-1")

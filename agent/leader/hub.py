@@ -167,6 +167,7 @@ class Hub:
         self._orders = OrdersInFlight()
         self._credentials: RegistryCredentials | None = None
         self._credentials_version = 0
+        self._revoked: set[str] = set()  # revoked while this leader runs
 
     def connected(self, node_id: str) -> bool:
         return node_id in self._links
@@ -189,6 +190,12 @@ class Hub:
         for link in list(self._links.values()):
             link.send(frame)
 
+    def revoke(self, node_id: str) -> None:
+        """Close the node's link, and refuse any link of it still being set up: its
+        revocation may land between that link's authentication and its first message."""
+        self._revoked.add(node_id)
+        self.kick(node_id, wire.CLOSE_REVOKED, "this node was revoked")
+
     def kick(self, node_id: str, code: int, reason: str) -> None:
         link = self._links.get(node_id)
         if link is not None:
@@ -198,6 +205,9 @@ class Hub:
         self, node: NodeRecord, ws: web.WebSocketResponse, request: web.Request
     ) -> None:
         """Own one worker's link from its first message to its close."""
+        if node.id in self._revoked:
+            await ws.close(code=wire.CLOSE_REVOKED, message=b"this node was revoked")
+            return
         node.info = self._nodes.pending(node.id) or node.info
         link = Link(node, ws, request)
         previous = self._links.get(node.id)

@@ -121,7 +121,7 @@ async def revoke_node(request: web.Request) -> web.Response:
     node_id = request.match_info["id"]
     if not await ctx.store.revoke_node(node_id):
         raise RequestError(404, "not_found", f"no enrolled node {node_id}")
-    ctx.hub.kick(node_id, wire.CLOSE_REVOKED, "this node was revoked")
+    ctx.hub.revoke(node_id)
     log.info("node.revoked", node_id=node_id)
     return web.json_response({"id": node_id, "revoked": True})
 
