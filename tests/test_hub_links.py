@@ -43,6 +43,14 @@ async def _serve_one(body: LinkBody) -> AsyncIterator[str]:
             pump.cancel()
         return ws
 
+    async for url in _serving(handler):
+        yield url
+
+
+async def _serving(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[str]:
+    """A server on loopback whose only route is `handler`; yields its URL."""
     app = web.Application()
     app.router.add_get("/", handler)
     runner = web.AppRunner(app)
@@ -232,18 +240,11 @@ async def test_a_link_set_up_after_its_node_was_revoked_is_refused(tmp_path: Pat
         await links.serve(NodeRecord(id="n-1", name="w1", enrolled_at=0.0), ws, request)
         return ws
 
-    app = web.Application()
-    app.router.add_get("/", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
     try:
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}/"
-        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
-            msg = await ws.receive(timeout=10)
+        async for url in _serving(handler):
+            async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+                msg = await ws.receive(timeout=10)
     finally:
-        await runner.cleanup()
         await links.close()
         await store.close()
     assert msg.type == aiohttp.WSMsgType.CLOSE
