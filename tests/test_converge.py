@@ -172,3 +172,18 @@ async def test_a_cancel_during_the_final_write_does_not_cut_it_short() -> None:
 
     assert written == ["succeeded"]
     assert not task.cancelled()
+
+
+@pytest.mark.parametrize(
+    ("update", "code"),
+    [("rollback_completed", "rolled_back"), ("rollback_paused", "release_failed")],
+)
+async def test_a_paused_rollback_is_not_reported_as_rolled_back(update: str, code: str) -> None:
+    """Only a rollback Swarm completed is `rolled_back`; a paused one left the service on
+    neither version and fails the release as such."""
+    swarm = ScriptedSwarm([[("t1", "running")]], update=update)
+
+    with pytest.raises(release.ServiceFailed) as caught:
+        await release._converge(_context(swarm), _deployment(monitor_s=0.1))
+
+    assert caught.value.code == code

@@ -29,7 +29,7 @@ SERVICE_LABEL = "deploy-agent.service"
 NS = 1_000_000_000
 FAILED_TASKS_LIMIT = 3
 POLL_FAILURES_LIMIT = 10  # polls in a row the engine refused
-_ROLLED_BACK = frozenset({"rollback_completed", "rollback_paused"})
+_ROLLED_BACK = "rollback_completed"
 
 
 async def release(ctx: LeaderContext, dep: Deployment) -> None:
@@ -42,8 +42,8 @@ async def release(ctx: LeaderContext, dep: Deployment) -> None:
         await _apply(ctx, dep, existing, changed, constrain=constrain)
         await _converge(ctx, dep)
     except ServiceFailed as exc:
-        # Swarm rolls the failing service back itself; the others go back here.
-        await _undo(ctx, dep, changed, keep=exc.service)
+        # A service Swarm rolled back is back already; every other one goes back here.
+        await _undo(ctx, dep, changed, keep=exc.service if exc.code == "rolled_back" else None)
         raise
     except (DeploymentError, EngineError, asyncio.CancelledError):
         # A deadline, a cancel or an engine that stopped answering: the deployment fails,
@@ -315,7 +315,15 @@ class _Steadiness:
 
 
 def _check_failure(name: str, progress: _Progress) -> None:
-    if progress.update_state in _ROLLED_BACK:
+    if progress.update_state == "rollback_paused":
+        raise ServiceFailed(
+            name,
+            "release_failed",
+            f"Swarm's rollback of {name} paused: {progress.message}",
+            hint="the new image failed and so did the return to the previous version; "
+            f"`docker service ps {name}` shows which tasks run what",
+        )
+    if progress.update_state == _ROLLED_BACK:
         raise ServiceFailed(
             name,
             "rolled_back",
