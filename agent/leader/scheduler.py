@@ -7,6 +7,7 @@ on shutdown waits for them under a deadline before cancelling the rest.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 
 from agent.errors import RequestError
@@ -17,6 +18,7 @@ from agent.leader.sources import remove_quietly
 from agent.logs import get_logger
 
 log = get_logger(__name__)
+RETRY_SECONDS = 5.0  # after the store failed under the scheduler or a runner
 
 
 class Scheduler:
@@ -38,7 +40,11 @@ class Scheduler:
         """Start what may start, then sleep until something changes; until shutdown."""
         while self._accepting:
             self._wake.clear()
-            await self._start_eligible()
+            try:
+                await self._start_eligible()
+            except sqlite3.Error as exc:  # a full disk, say: try again, do not give up
+                log.error("scheduler.store_failed", error=repr(exc), retry_s=RETRY_SECONDS)
+                asyncio.get_running_loop().call_later(RETRY_SECONDS, self.wake)
             await self._wake.wait()
 
     async def _start_eligible(self) -> None:
@@ -58,11 +64,18 @@ class Scheduler:
         runner = Runner(self._ctx, dep)
         task = asyncio.create_task(runner.run(), name=f"deployment-{dep.id}")
         self._running[dep.id] = (runner, task)
-        task.add_done_callback(lambda _: self._finished(dep.id))
+        task.add_done_callback(lambda done: self._finished(dep.id, done))
 
-    def _finished(self, dep_id: str) -> None:
+    def _finished(self, dep_id: str, task: asyncio.Task[None]) -> None:
         self._running.pop(dep_id, None)
-        self.wake()
+        crashed = None if task.cancelled() else task.exception()
+        if crashed is None:
+            self.wake()
+            return
+        # The runner could not even record how the deployment ended (the store failing):
+        # it is still unfinished, and starting it again at once would spin.
+        log.error("deployment.runner_crashed", deployment=dep_id, error=repr(crashed))
+        asyncio.get_running_loop().call_later(RETRY_SECONDS, self.wake)
 
     async def cancel(self, dep_id: str) -> Deployment:
         """Cancel a deployment: a queued one at once, a running one by stopping its work."""
