@@ -23,6 +23,7 @@ from agent.leader.metrics import LeaderMetrics
 from agent.leader.models import NodeRecord
 from agent.leader.orders import OrdersInFlight, PullRound
 from agent.leader.store import Store
+from tests.support.loopback import serving
 
 LinkBody = Callable[[Link], Awaitable[None]]
 
@@ -43,25 +44,8 @@ async def _serve_one(body: LinkBody) -> AsyncIterator[str]:
             pump.cancel()
         return ws
 
-    async for url in _serving(handler):
+    async for url in serving(handler):
         yield url
-
-
-async def _serving(
-    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-) -> AsyncIterator[str]:
-    """A server on loopback whose only route is `handler`; yields its URL."""
-    app = web.Application()
-    app.router.add_get("/", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        await runner.cleanup()
 
 
 SIZES = [0, 1, 125, 126, 127, 65535, 65536, 300_000]
@@ -241,7 +225,7 @@ async def test_a_link_set_up_after_its_node_was_revoked_is_refused(tmp_path: Pat
         return ws
 
     try:
-        async for url in _serving(handler):
+        async for url in serving(handler):
             async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
                 msg = await ws.receive(timeout=10)
     finally:

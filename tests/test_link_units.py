@@ -81,6 +81,17 @@ def test_backoff_is_capped_and_never_spins() -> None:
     assert backoff.next() <= 0.5
 
 
+def test_backoff_keeps_drawing_at_its_cap_however_long_the_outage() -> None:
+    """Thousands of failed tries later (hours at the cap) the delay is still the cap's."""
+    backoff = Backoff(initial=0.25, cap=30)
+    for _ in range(5000):
+        delay = backoff.next()
+    assert 15 <= delay <= 30
+    backoff.reset()
+    backoff.to_cap()
+    assert backoff.next() >= 15
+
+
 def test_a_connect_that_never_left_the_host_keeps_a_pace_of_seconds() -> None:
     """No route to the leader holds the worker's next try within 4 s however long the
     outage; a refused connect (the leader's host answered) backs off to the 30 s cap."""

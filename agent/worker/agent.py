@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import errno
 import platform
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -34,6 +35,16 @@ CONNECT_TIMEOUT = 15.0
 # the link is back within that once the network is.
 OFFLINE_RETRY_CAP = 4.0
 _NO_ROUTE = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH})
+# The backoff starts over only after a link stayed up this long: a leader that accepts the
+# link and closes it at once would otherwise be knocked on twice a second, forever.
+STABLE_LINK_SECONDS = 30.0
+# Closes that say the next try will fail the same way: it waits at the backoff's cap.
+_FUTILE_CLOSES = {
+    wire.CLOSE_REPLACED: "another agent holds a link with this node's identity "
+    "(was the state directory copied to another host?)",
+    wire.CLOSE_BAD_MESSAGE: "the leader and this agent could not read each other's messages "
+    "(are the leader's and this agent's versions far apart?)",
+}
 
 
 class NodeRevoked(AgentError):
@@ -134,8 +145,8 @@ class Worker:
                     f"clear {self.config.state_path} and enrol with a new join token"
                 ) from None
             raise
+        connected_at = time.monotonic()
         async with ws:
-            backoff.reset()
             self._ws = ws
             log.info("link.connected", leader=identity.leader_url)
             try:
@@ -143,9 +154,11 @@ class Worker:
                 await _until_closed_or(stop, self._read(ws))
             finally:
                 self._ws = None
-        log.info("link.closed", code=ws.close_code)
+        up_s = time.monotonic() - connected_at
+        log.info("link.closed", code=ws.close_code, up_s=round(up_s, 1))
         if ws.close_code == wire.CLOSE_REVOKED:
             raise NodeRevoked("the leader revoked this node")
+        _pace_after_close(backoff, ws.close_code, up_s)
 
     async def _hello(self) -> wire.Hello:
         try:
@@ -213,6 +226,16 @@ class Worker:
                     await ws.send_str(wire.encode(message))
             except (TimeoutError, ConnectionError, aiohttp.ClientError) as exc:
                 log.warning("link.send_failed", error=repr(exc))
+
+
+def _pace_after_close(backoff: Backoff, code: int | None, up_s: float) -> None:
+    """Start the backoff over after a link that held; wait at its cap after a futile one."""
+    futile = _FUTILE_CLOSES.get(code) if code is not None else None
+    if futile is not None:
+        log.error("link.refused", code=code, reason=futile)
+        backoff.to_cap()
+    elif up_s >= STABLE_LINK_SECONDS:
+        backoff.reset()
 
 
 def _no_route(exc: BaseException) -> bool:
