@@ -21,7 +21,8 @@ CLOSE_REPLACED = 4409
 CLOSE_TOO_SLOW = 4408
 CLOSE_SHUTDOWN = 1001
 
-_Text = Annotated[str, msgspec.Meta(max_length=4096)]
+TEXT_LIMIT = 4096
+_Text = Annotated[str, msgspec.Meta(max_length=TEXT_LIMIT)]
 _Ref = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
 
 
@@ -114,6 +115,14 @@ class BadMessage(Exception):
 
 def encode(message: ToWorker | ToLeader) -> str:
     return _encoder.encode(message).decode()
+
+
+def clip(text: str) -> str:
+    """`text` cut to fit a text field: an engine's error can carry a proxy's whole page."""
+    if len(text) <= TEXT_LIMIT:
+        return text
+    keep = TEXT_LIMIT - 64  # room for the marker
+    return f"{text[:keep]}… ({len(text) - keep} characters cut)"
 
 
 def decode_for_worker(data: str | bytes) -> ToWorker:

@@ -77,7 +77,12 @@ class Puller:
     async def _answer(
         self, order: str, image: str, pull: asyncio.Task[str | None], started: float
     ) -> None:
-        error = await asyncio.shield(pull)
+        try:
+            error = await asyncio.shield(pull)
+        except Exception as exc:  # every order gets an answer, even after a bug
+            log.exception("pull.crashed", image=image)
+            error = f"the worker's pull failed unexpectedly: {exc!r}"
+        error = wire.clip(error) if error is not None else None
         seconds = time.monotonic() - started
         log.info("pull.done", image=image, ok=error is None, error=error, seconds=round(seconds, 3))
         await self._send(
@@ -143,8 +148,8 @@ class _Progress:
             wire.PullProgress(
                 order=self._order,
                 image=self._image,
-                layer=progress.layer,
-                status=progress.status,
+                layer=wire.clip(progress.layer),
+                status=wire.clip(progress.status),
                 current=progress.current,
                 total=progress.total,
             )
