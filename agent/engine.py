@@ -331,9 +331,18 @@ class Engine:
         cancelled caller really stops the work (aiodocker's helpers leave it open).
         """
         timeout = aiohttp.ClientTimeout(total=None, connect=self._timeout, sock_read=None)
-        async with self._docker._query(  # the helpers never close the stream
-            path, "POST", params=dict(params), headers=headers, data=data, timeout=timeout
-        ) as response:
+        async with contextlib.AsyncExitStack() as stack:
+            async with asyncio.timeout(idle_timeout):  # waiting for the answer counts as idle
+                response = await stack.enter_async_context(
+                    self._docker._query(  # the helpers never close the stream
+                        path,
+                        "POST",
+                        params=dict(params),
+                        headers=headers,
+                        data=data,
+                        timeout=timeout,
+                    )
+                )
             try:
                 while True:
                     async with asyncio.timeout(idle_timeout):
