@@ -27,6 +27,7 @@ import uvloop
 from agent.leader.hub import Hub
 from agent.leader.server import tune_collector
 from agent.logs import configure
+from agent.tls import new_secret
 from agent.worker.identity import enrol
 from bench.simworkers import FleetSpec, raise_fd_limit
 from tests.support.leader import InProcessLeader, leader_config
@@ -77,7 +78,7 @@ async def ensure_enrolled(state: Path, count: int) -> Enrolled:
 
         async def one(i: int) -> tuple[str, str]:
             async with gate:
-                identity = await enrol(leader.url, token, f"sim-{i:05d}")
+                identity = await enrol(leader.url, token, f"sim-{i:05d}", new_secret())
             return identity.node_id, identity.secret
 
         nodes += await asyncio.gather(*(one(i) for i in range(len(nodes), count)))

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from agent.tls import new_secret
+from agent.worker.identity import PROPOSAL_FILE, proposed_secret
 from tests.support.canary import CANARY as CANARY_VALUES
 from tests.support.cluster import start_cluster as _cluster
 from tests.support.contexts import busybox_context
@@ -163,6 +165,34 @@ async def test_wrong_join_token_is_refused(
     assert await asyncio.to_thread(worker.wait_exit, 30) == 1
     assert "join token is not valid" in worker.log_text()
     assert await leader.api.nodes() == {}
+
+
+async def test_a_join_whose_answer_was_lost_is_repeated_and_gets_the_same_node(
+    leader_factory: Callable[..., Any], worker_engines: list[Dockerd], worker_process: WorkerFactory
+) -> None:
+    """The leader enrolled the node but the worker never saw the answer: at its next start
+    the worker joins again with the secret it proposed and kept, and gets the same node
+    instead of "already enrolled". Another secret for that name is still refused, and so
+    is a proposed secret short enough to guess."""
+    leader = await leader_factory(leader=TLS)
+    token = await leader.api.join_token()
+    worker = worker_process("unlucky", worker_engines[0], leader.url, token)
+    secret = proposed_secret(worker.state_dir)
+    first = {"token": token, "name": "unlucky", "secret": secret}
+    status, lost_answer = await leader.api.request("POST", "/v1/join", json=first)
+    assert status == 201
+
+    worker.start()
+    nodes = await leader.api.wait_nodes(unlucky=True)
+
+    assert [node["id"] for node in nodes.values()] == [lost_answer["node_id"]]
+    assert not (worker.state_dir / PROPOSAL_FILE).exists()
+    other = {**first, "secret": new_secret()}
+    status, doc = await leader.api.request("POST", "/v1/join", json=other)
+    assert status == 409, doc
+    guessable = {**first, "name": "other", "secret": "short"}
+    status, doc = await leader.api.request("POST", "/v1/join", json=guessable)
+    assert status == 400, doc
 
 
 async def test_leader_with_another_ca_is_refused(

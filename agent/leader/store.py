@@ -7,6 +7,7 @@ readable by the agent's user only; this is the one place registry passwords are 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import os
 import sqlite3
 import time
@@ -379,14 +380,20 @@ class Store:
         row = self._db.execute("SELECT COUNT(*) FROM nodes WHERE revoked_at IS NULL").fetchone()
         return int(row[0])
 
-    async def add_node(self, node: NodeRecord, secret_hash: str) -> None:
-        await self._call(self._add_node, node, secret_hash)
+    async def add_node(self, node: NodeRecord, secret_hash: str) -> NodeRecord:
+        """Enrol `node`, or return the live node of that name if it holds the same secret
+        (its enrolment is being retried); raise NameTaken for any other holder."""
+        return await self._call(self._add_node, node, secret_hash)
 
-    def _add_node(self, node: NodeRecord, secret_hash: str) -> None:
+    def _add_node(self, node: NodeRecord, secret_hash: str) -> NodeRecord:
         with self._tx() as db:
             taken = db.execute(
-                "SELECT 1 FROM nodes WHERE name = ? AND revoked_at IS NULL", (node.name,)
+                "SELECT id, name, enrolled_at, revoked_at, info, secret_hash FROM nodes "
+                "WHERE name = ? AND revoked_at IS NULL",
+                (node.name,),
             ).fetchone()
+            if taken and hmac.compare_digest(taken[5], secret_hash):
+                return _node(taken)
             if taken:
                 raise NameTaken(node.name)
             db.execute(
@@ -394,6 +401,7 @@ class Store:
                 "VALUES (?, ?, ?, ?, ?)",
                 (node.id, node.name, secret_hash, node.enrolled_at, _encoder.encode(node.info)),
             )
+        return node
 
     async def node_auth(self, node_id: str) -> tuple[NodeRecord, str] | None:
         """The node and its secret's hash, or None if no such node was ever enrolled."""

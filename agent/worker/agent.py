@@ -24,7 +24,13 @@ from agent.engine import Engine
 from agent.errors import AgentError, ConfigError
 from agent.logs import get_logger, redactor
 from agent.systemd import Notifier
-from agent.worker.identity import Identity, enrol, load_identity, save_identity
+from agent.worker.identity import (
+    Identity,
+    enrol,
+    load_identity,
+    proposed_secret,
+    save_identity,
+)
 from agent.worker.puller import Puller
 
 log = get_logger(__name__)
@@ -97,7 +103,11 @@ class Worker:
         token = self.worker_config.join_token
         if not token:
             raise ConfigError(f"worker.join_token: needed to enrol ({state} has no identity)")
-        identity = await enrol(self.worker_config.leader_url, token, self.worker_config.name)
+        secret = await asyncio.to_thread(proposed_secret, state)
+        redactor.add(secret)
+        identity = await enrol(
+            self.worker_config.leader_url, token, self.worker_config.name, secret
+        )
         await asyncio.to_thread(save_identity, state, identity)
         return identity
 

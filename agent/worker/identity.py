@@ -17,11 +17,12 @@ import msgspec
 
 from agent.errors import AgentError
 from agent.logs import get_logger
-from agent.tls import ca_fingerprint, parse_join_token
+from agent.tls import ca_fingerprint, new_secret, parse_join_token
 
 log = get_logger(__name__)
 CALL_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=10)
 IDENTITY_FILE = "node.json"
+PROPOSAL_FILE = "join-secret.json"  # until the leader has answered the join
 
 
 class EnrolmentError(AgentError):
@@ -52,25 +53,48 @@ def load_identity(state_dir: Path) -> Identity | None:
     return msgspec.json.decode(path.read_bytes(), type=Identity)
 
 
+class _Proposal(msgspec.Struct, frozen=True):
+    secret: str
+
+
 def save_identity(state_dir: Path, identity: Identity) -> None:
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = state_dir / IDENTITY_FILE
+    _write_private(state_dir / IDENTITY_FILE, msgspec.json.encode(identity))
+    (state_dir / PROPOSAL_FILE).unlink(missing_ok=True)
+
+
+def proposed_secret(state_dir: Path) -> str:
+    """The secret this node proposes when it joins: made once and kept until the node is
+    enrolled, so a join whose answer was lost can be repeated and gets the same node."""
+    path = state_dir / PROPOSAL_FILE
+    if path.exists():
+        return msgspec.json.decode(path.read_bytes(), type=_Proposal).secret
+    secret = new_secret()
+    _write_private(path, msgspec.json.encode(_Proposal(secret)))
+    return secret
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all, readable by its owner only."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(msgspec.json.encode(identity))
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
 
 
-async def enrol(leader_url: str, token: str, name: str | None) -> Identity:
-    """Join the leader at `leader_url` with `token`; return the identity to keep."""
+async def enrol(leader_url: str, token: str, name: str | None, secret: str) -> Identity:
+    """Join the leader at `leader_url` with `token`, proposing `secret` as the node's;
+    return the identity to keep."""
     url = leader_url.rstrip("/")
     pinned, _ = parse_join_token(token)
     ca_pem = await _fetch_pinned_ca(url, pinned) if url.startswith("https://") else None
     if ca_pem is None:
         log.warning("enrol.plain_http", leader=url)
     identity = Identity(node_id="", secret="", leader_url=url, ca_pem=ca_pem)
-    body = {"token": token, "name": name or socket.gethostname()}
+    body = {"token": token, "name": name or socket.gethostname(), "secret": secret}
     async with (
         aiohttp.ClientSession(timeout=CALL_TIMEOUT) as session,
         session.post(f"{url}/v1/join", json=body, ssl=identity.ssl_context()) as response,

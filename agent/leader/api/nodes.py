@@ -30,8 +30,12 @@ NODE_AUTH_SCHEME = "Node "
 
 
 class JoinRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`secret`, when given, becomes the node's secret: a worker that proposes its own and
+    keeps it can repeat a join whose answer it lost and get the same node back."""
+
     token: Annotated[str, msgspec.Meta(max_length=512)]
     name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
+    secret: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{43,128}$")] | None = None
 
 
 def _tls(ctx: LeaderContext) -> Any:
@@ -86,9 +90,9 @@ async def join(request: web.Request) -> web.Response:
             hint="get the current token with `deploy-agent join-token` on the leader",
         )
     node = NodeRecord(id="n-" + secrets.token_hex(6), name=body.name, enrolled_at=time.time())
-    node_secret = new_secret()
+    node_secret = body.secret or new_secret()
     try:
-        await ctx.store.add_node(node, secret_hash(node_secret))
+        enrolled = await ctx.store.add_node(node, secret_hash(node_secret))
     except NameTaken:
         raise RequestError(
             409,
@@ -96,8 +100,8 @@ async def join(request: web.Request) -> web.Response:
             f"a node named {body.name} is already enrolled",
             hint="revoke it first (DELETE /v1/nodes/{id}), or give this node another name",
         ) from None
-    log.info("node.enrolled", node=node.name, node_id=node.id)
-    return web.json_response({"node_id": node.id, "secret": node_secret}, status=201)
+    log.info("node.enrolled", node=enrolled.name, node_id=enrolled.id, again=enrolled.id != node.id)
+    return web.json_response({"node_id": enrolled.id, "secret": node_secret}, status=201)
 
 
 @routes.get("/v1/nodes")
