@@ -18,20 +18,25 @@ PROXY_PAGE = "<html>" + "502 Bad Gateway " * 5000 + "</html>"
 class ScriptedEngine:
     """An engine without the image, whose pull reports progress and then raises `error`."""
 
-    def __init__(self, error: BaseException, status: str = "Downloading") -> None:
+    def __init__(self, error: BaseException | None, status: str = "Downloading") -> None:
         self.error = error
         self.status = status
+        self.pulled = asyncio.Event()  # set by a test to let a pull under way go on
+        self.pulled.set()
 
     async def image_id(self, image: str) -> str | None:
         return None
 
     async def pull(self, image: str, credentials: Any, progress: Any) -> None:
+        await self.pulled.wait()
         await progress(PushProgress(layer="l" * 9000, status=self.status, current=1, total=2))
-        raise self.error
+        if self.error is not None:
+            raise self.error
 
 
-async def _answers(engine: ScriptedEngine) -> list[wire.ToLeader]:
-    """What the leader receives for one order, decoded as the leader decodes it."""
+async def _answers(engine: ScriptedEngine, *orders: str) -> list[wire.ToLeader]:
+    """What the leader receives for `orders` of one image, given one after the other while
+    the first pull waits; decoded as the leader decodes it."""
     sent: list[wire.ToLeader] = []
 
     async def send(message: wire.ToLeader) -> None:
@@ -40,9 +45,12 @@ async def _answers(engine: ScriptedEngine) -> list[wire.ToLeader]:
     puller = Puller(
         cast(Engine, engine), parallel=1, retry_budget=0, credentials=lambda: None, send=send
     )
-    puller.order("d-1", IMAGE)
+    for order in orders or ("d-1",):
+        puller.order(order, IMAGE)
+        await asyncio.sleep(0.01)
+    engine.pulled.set()
     for _ in range(100):
-        if any(isinstance(m, wire.PullResult) for m in sent):
+        if sum(isinstance(m, wire.PullResult) for m in sent) == len(orders or ("d-1",)):
             break
         await asyncio.sleep(0.01)
     await puller.close()
@@ -72,3 +80,15 @@ async def test_an_unexpected_failure_still_answers_the_order() -> None:
 def test_short_texts_pass_unchanged() -> None:
     assert wire.clip("manifest unknown") == "manifest unknown"
     assert wire.clip("x" * wire.TEXT_LIMIT) == "x" * wire.TEXT_LIMIT
+
+
+async def test_an_order_that_joins_a_pull_under_way_gets_its_progress_and_its_answer() -> None:
+    """A deployment's order for an image the worker is already pulling from a Sync shows
+    the pull's progress under the deployment's own order, not only under the Sync's."""
+    engine = ScriptedEngine(None)
+    engine.pulled.clear()
+    sent = await _answers(engine, wire.SYNC_ORDER, "d-7", "d-7")
+    progress = sorted(m.order for m in sent if isinstance(m, wire.PullProgress))
+    results = sorted((m.order, m.ok) for m in sent if isinstance(m, wire.PullResult))
+    assert progress == ["d-7", wire.SYNC_ORDER]
+    assert results == [("d-7", True), ("d-7", True), (wire.SYNC_ORDER, True)]

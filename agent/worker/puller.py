@@ -43,6 +43,7 @@ class Puller:
         self._credentials = credentials
         self._send = send
         self._inflight: dict[str, asyncio.Task[str | None]] = {}
+        self._progress: dict[str, _Progress] = {}  # per image pulled: the orders it answers
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -54,12 +55,20 @@ class Puller:
         """Make sure `image` is present, then answer `order`; a duplicate joins the pull."""
         pull = self._inflight.get(image)
         if pull is None:
-            pull = asyncio.create_task(self._pull(order, image), name=f"pull-{image}")
+            progress = self._progress[image] = _Progress(image, self._send)
+            pull = asyncio.create_task(self._pull(image, progress), name=f"pull-{image}")
             self._inflight[image] = pull
-            pull.add_done_callback(lambda _: self._inflight.pop(image, None))
+            pull.add_done_callback(lambda _: self._forget(image))
+        orders = self._progress[image].orders
+        if order not in orders:
+            orders.append(order)
         answer = asyncio.create_task(self._answer(order, image, pull, time.monotonic()))
         self._tasks.add(answer)
         answer.add_done_callback(self._tasks.discard)
+
+    def _forget(self, image: str) -> None:
+        self._inflight.pop(image, None)
+        self._progress.pop(image, None)
 
     def retain(self, app: str, keep: int) -> None:
         """Remove the app's old images once no pull is under way."""
@@ -91,19 +100,18 @@ class Puller:
             )
         )
 
-    async def _pull(self, order: str, image: str) -> str | None:
+    async def _pull(self, image: str, progress: _Progress) -> str | None:
         """None when the image is present; otherwise the reason it is not."""
         async with self._slots:
             try:
                 if await self._engine.image_id(image) is not None:
                     return None
-                await self._pull_with_retries(order, image)
+                await self._pull_with_retries(image, progress)
             except (RegistryError, EngineError) as exc:
                 return exc.message
         return None
 
-    async def _pull_with_retries(self, order: str, image: str) -> None:
-        progress = _Progress(order, image, self._send)
+    async def _pull_with_retries(self, image: str, progress: _Progress) -> None:
         retrying = AsyncRetrying(
             stop=stop_before_delay(self._retry_budget),
             wait=wait_exponential_jitter(initial=1, max=15, jitter=1),
@@ -135,22 +143,25 @@ def _transient(exc: BaseException) -> bool:
 
 
 class _Progress:
-    """Sends the engine's pull progress to the leader, thinned out per layer."""
+    """Sends the engine's pull progress to the leader, thinned out per layer, once for
+    each order the pull answers (an order that joined a pull under way sees it too)."""
 
-    def __init__(self, order: str, image: str, send: Send) -> None:
-        self._order, self._image, self._send = order, image, send
+    def __init__(self, image: str, send: Send) -> None:
+        self._image, self._send = image, send
+        self.orders: list[str] = []
         self._throttle = LayerThrottle()
 
     async def __call__(self, progress: PushProgress) -> None:
         if not self._throttle.due(progress.layer, progress.status):
             return
-        await self._send(
-            wire.PullProgress(
-                order=self._order,
-                image=self._image,
-                layer=wire.clip(progress.layer),
-                status=wire.clip(progress.status),
-                current=progress.current,
-                total=progress.total,
+        for order in list(self.orders):
+            await self._send(
+                wire.PullProgress(
+                    order=order,
+                    image=self._image,
+                    layer=wire.clip(progress.layer),
+                    status=wire.clip(progress.status),
+                    current=progress.current,
+                    total=progress.total,
+                )
             )
-        )
