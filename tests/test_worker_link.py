@@ -44,12 +44,15 @@ def _worker(tmp_path: Path, url: str) -> Worker:
     return Worker(config)
 
 
-async def _links_within(code: int, tmp_path: Path, seconds: float) -> int:
-    """How many links the worker opens in `seconds` to a leader that closes each with `code`."""
+async def _links_within(
+    code: int, tmp_path: Path, seconds: float, enrolled_with: str | None = None
+) -> int:
+    """How many links the worker opens in `seconds` to a leader that closes each with
+    `code`; the worker enrolled with the leader at `enrolled_with` (default: the same)."""
     leader = ClosingLeader(code)
     async for url in serving(leader.handler, wire.AGENT_PATH):
         worker = _worker(tmp_path, url)
-        identity = Identity(node_id="n-1", secret="s", leader_url=url, ca_pem=None)
+        identity = Identity(node_id="n-1", secret="s", leader_url=enrolled_with or url, ca_pem=None)
         stop = asyncio.Event()
         loop = asyncio.create_task(worker._link_loop(identity, stop))
         await asyncio.sleep(seconds)
@@ -70,3 +73,9 @@ async def test_a_link_closed_at_once_does_not_start_the_backoff_over(tmp_path: P
     """A leader that accepts each link and closes it at once gets tries at a doubling
     delay (0.25-0.5 s, 0.5-1 s, 1-2 s...), not one every half second."""
     assert 2 <= await _links_within(wire.CLOSE_SHUTDOWN, tmp_path, 2.5) <= 4
+
+
+async def test_the_worker_follows_the_leader_url_of_its_config(tmp_path: Path) -> None:
+    """Enrolled with a leader that has since moved: the config's URL is the one used."""
+    gone = "http://127.0.0.1:9"  # discard port: nothing listens
+    assert await _links_within(wire.CLOSE_SHUTDOWN, tmp_path, 1.0, enrolled_with=gone) >= 1

@@ -66,6 +66,7 @@ class Worker:
         self._credentials: RegistryCredentials | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._send_lock = asyncio.Lock()
+        self._told_moved = False
         self.puller = Puller(
             self.engine,
             parallel=self.worker_config.max_parallel_pulls,
@@ -136,7 +137,8 @@ class Worker:
         stop: asyncio.Event,
         backoff: Backoff,
     ) -> None:
-        url = identity.leader_url.replace("http", "ws", 1) + wire.AGENT_PATH
+        leader = self.leader_url(identity)
+        url = leader.replace("http", "ws", 1) + wire.AGENT_PATH
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):  # TCP, TLS and the upgrade together
                 ws = await session.ws_connect(
@@ -158,7 +160,7 @@ class Worker:
         connected_at = time.monotonic()
         async with ws:
             self._ws = ws
-            log.info("link.connected", leader=identity.leader_url)
+            log.info("link.connected", leader=leader)
             try:
                 await self._send(await self._hello())
                 await _until_closed_or(stop, self._read(ws))
@@ -169,6 +171,15 @@ class Worker:
         if ws.close_code == wire.CLOSE_REVOKED:
             raise NodeRevoked("the leader revoked this node")
         _pace_after_close(backoff, ws.close_code, up_s)
+
+    def leader_url(self, identity: Identity) -> str:
+        """The config's leader URL: the operator's word wins over the one enrolled with,
+        so a leader that moved (with its state, so its CA) is followed by a config edit."""
+        url = self.worker_config.leader_url.rstrip("/")
+        if url != identity.leader_url.rstrip("/") and not self._told_moved:
+            log.warning("link.leader_moved", enrolled_with=identity.leader_url, config=url)
+            self._told_moved = True
+        return url
 
     async def _hello(self) -> wire.Hello:
         try:
