@@ -118,14 +118,17 @@ async def test_broken_dockerfile_fails_as_build_failed_with_the_log(
 async def test_idempotency_key_returns_the_same_deployment(
     leader: InProcessLeader, tmp_path: Path
 ) -> None:
-    """The same Idempotency-Key and body give the same deployment; another body is a 422."""
+    """The same Idempotency-Key and body give the same deployment (202 again, marked as a
+    replay); another body is a 422."""
     context = busybox_context(tmp_path / "c")
     key = {"Idempotency-Key": "order-77"}
     s1, d1 = await leader.api.deploy_dir_raw(context, "idem", headers=key)
     s2, d2 = await leader.api.deploy_dir_raw(context, "idem", headers=key)
+    replayed = leader.api.last_headers.get("Idempotent-Replayed")
     s3, _ = await leader.api.deploy_dir_raw(context, "other", headers=key)
 
-    assert (s1, s2, s3) == (202, 200, 422)
+    assert (s1, s2, s3) == (202, 202, 422)
+    assert replayed == "true"
     assert d1["id"] == d2["id"]
     _, listing = await leader.api.request("GET", "/v1/deployments?app=idem")
     assert len(listing["deployments"]) == 1

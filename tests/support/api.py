@@ -45,6 +45,7 @@ class Api:
         self.token = token
         self.session = aiohttp.ClientSession(timeout=TIMEOUT)
         self.responses: list[str] = []  # every body seen, for secret scans
+        self.last_headers: Mapping[str, str] = {}  # of the last response
         CANARY.responses.append(self.responses)
         self.ssl: ssl.SSLContext | bool = True
 
@@ -71,6 +72,7 @@ class Api:
         ) as response:
             text = await response.text()
             doc = json.loads(text) if text else None
+            self.last_headers = response.headers
             self.responses.append(_issued_secrets(text, doc))
             return response.status, doc
 

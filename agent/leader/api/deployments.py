@@ -86,7 +86,8 @@ async def submit(request: web.Request) -> web.Response:
             await asyncio.to_thread(remove_quietly, upload)
     if created:
         request.app[SCHEDULER].wake()
-    return web.json_response(render(dep), status=202 if created else 200)
+    replay = {} if created else {"Idempotent-Replayed": "true"}
+    return web.json_response(render(dep), status=202, headers=replay)
 
 
 def _decode_json(body: bytes) -> DeploymentRequest:

@@ -96,7 +96,13 @@ def _paths() -> dict[str, Any]:
         success=_json(_ref("Deployment")),
     )
     submit["requestBody"] = _TAR_UPLOAD
-    submit["responses"]["200"] = {"description": "the one this Idempotency-Key made", **_DEP}
+    submit["responses"]["202"]["headers"] = {
+        "Idempotent-Replayed": {
+            "description": "`true` when the Idempotency-Key matched an earlier request: "
+            "the deployment is the one that request made",
+            "schema": {"type": "string"},
+        }
+    }
     return {
         "/v1/deployments": {
             "post": submit,
