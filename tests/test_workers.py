@@ -236,6 +236,37 @@ async def test_malformed_messages_close_that_link_only(
     assert final["nodes"]["w1"]["status"] == final["nodes"]["w2"]["status"] == "present"
 
 
+async def test_a_worker_that_never_answers_fails_the_distribution_by_name(
+    leader_factory: Callable[..., Any],
+    registry: Registry,
+    worker_engines: list[Dockerd],
+    worker_process: WorkerFactory,
+    tmp_path: Path,
+) -> None:
+    """A linked node that takes the pull order and never answers holds the round only
+    until shortly before the stage deadline: the deployment then fails naming that node,
+    with the other node's answer kept, instead of a bare stage timeout."""
+    leader = await leader_factory(leader={**TLS, "stage_timeouts": {"distributing": 6}})
+    await _cluster(leader, registry, worker_engines[:1], worker_process)
+    async with await _link(leader, await _enrol_raw(leader, "silent")) as ws:
+        reading = asyncio.create_task(_read_forever(ws))  # answers pings, never a pull
+        dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "unanswered")
+        final = await leader.api.wait_final(dep["id"])
+        reading.cancel()
+
+    assert final["state"] == "failed"
+    assert final["error"]["code"] == "distribution_failed", final["error"]
+    assert final["nodes"]["w1"]["status"] == "present"
+    assert final["nodes"]["silent"]["status"] == "failed"
+    assert final["nodes"]["silent"]["error"].startswith("no answer within 5 s")
+    assert "silent: no answer" in final["error"]["message"]
+
+
+async def _read_forever(ws: Any) -> None:
+    while not ws.closed:
+        await ws.receive()
+
+
 async def test_the_leader_declines_permessage_deflate(
     leader_factory: Callable[..., Any],
 ) -> None:

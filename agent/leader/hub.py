@@ -39,7 +39,7 @@ CLOSE_DEADLINE = 5.0
 ProgressSink = Callable[[str, wire.PullProgress], Awaitable[None]]
 # Why a node has no answer to a pull order: offline when it was ordered, or its link
 # dropped before it answered (it was killed, or cut off, mid-pull).
-Unanswered = Literal["offline", "disconnected"]
+Unanswered = Literal["offline", "disconnected", "late"]
 
 
 def wire_credentials(creds: RegistryCredentials | None, version: int) -> wire.WireCredentials:
@@ -315,12 +315,13 @@ class Hub:
         await self._nodes.flush()
 
     async def pull_everywhere(
-        self, order: str, image: str, nodes: list[NodeRecord]
+        self, order: str, image: str, nodes: list[NodeRecord], *, within: float | None = None
     ) -> dict[str, wire.PullResult | Unanswered]:
-        """Order every connected node to pull `image`; wait for each answer.
+        """Order every connected node to pull `image`; wait for each answer, for up to
+        `within` seconds.
 
         A node that is offline maps to "offline"; one whose link drops before it
-        answers, to "disconnected".
+        answers, to "disconnected"; one still owing its answer after `within`, to "late".
         """
         frame = outgoing(
             wire.encode(
@@ -333,7 +334,7 @@ class Hub:
         try:
             for link in linked:
                 link.send(frame)
-            await pull_round.settled
+            await asyncio.wait([pull_round.settled], timeout=within)
             return {node.id: _answer(pull_round, node.id) for node in nodes}
         finally:
             self._orders.close(pull_round)
@@ -350,4 +351,6 @@ class Hub:
 def _answer(pull_round: PullRound, node_id: str) -> wire.PullResult | Unanswered:
     if node_id not in pull_round.ordered:
         return "offline"
+    if pull_round.owes(node_id):
+        return "late"
     return pull_round.answers.get(node_id) or "disconnected"

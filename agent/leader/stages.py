@@ -197,8 +197,9 @@ async def distribute(ctx: LeaderContext, dep: Deployment) -> None:
     await ctx.journal.record(dep.id, "distribution", workers=len(nodes), image=dep.image_ref)
     if not nodes:
         return
-    results = await ctx.hub.pull_everywhere(dep.id, dep.image_ref, nodes)
-    dep.nodes = {node.name: _node_result(node.id, results[node.id]) for node in nodes}
+    within = answer_window(ctx.config.stage_timeouts.distributing)
+    results = await ctx.hub.pull_everywhere(dep.id, dep.image_ref, nodes, within=within)
+    dep.nodes = {node.name: _node_result(node.id, results[node.id], within) for node in nodes}
     await ctx.journal.save(dep, "distribution", nodes=dep.nodes)
     failed = {name: r["error"] for name, r in dep.nodes.items() if r["status"] == "failed"}
     if failed:
@@ -210,6 +211,7 @@ async def distribute(ctx: LeaderContext, dep: Deployment) -> None:
         )
 
 
+ANSWER_MARGIN_S = 5.0
 _PENDING_REASONS = {
     "offline": "offline when the pull was ordered; it pulls the image when it reconnects",
     "disconnected": (
@@ -219,7 +221,19 @@ _PENDING_REASONS = {
 }
 
 
-def _node_result(node_id: str, result: PullResult | Unanswered) -> dict[str, object]:
+def answer_window(stage_limit: float) -> float:
+    """How long the distribution waits for the workers' answers: long enough to leave the
+    stage time to record them, so a slow node fails by name and not the stage by its clock."""
+    return max(stage_limit - ANSWER_MARGIN_S, stage_limit * 0.9)
+
+
+def _node_result(node_id: str, result: PullResult | Unanswered, within: float) -> dict[str, object]:
+    if result == "late":
+        return {
+            "node_id": node_id,
+            "status": "failed",
+            "error": f"no answer within {within:.0f} s (its pull may still be under way)",
+        }
     if isinstance(result, str):
         return {"node_id": node_id, "status": "pending", "reason": _PENDING_REASONS[result]}
     if result.ok:
