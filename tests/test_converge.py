@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -24,7 +25,7 @@ class ScriptedSwarm:
     """Answers the two calls the watch makes; `tasks` gives the task list at each poll."""
 
     def __init__(
-        self, tasks: list[list[tuple[str, str]]], update: str | None = None, refuse: int = 0
+        self, tasks: Sequence[Sequence[tuple[str, ...]]], update: str | None = None, refuse: int = 0
     ) -> None:
         self._tasks = tasks
         self._update = {"UpdateStatus": {"State": update}} if update else {}
@@ -38,15 +39,18 @@ class ScriptedSwarm:
         if path == "tasks":
             states = self._tasks[min(self.polls, len(self._tasks) - 1)]
             self.polls += 1
-            return [_task(task_id, state) for task_id, state in states]
+            return [_task(*task) for task in states]
         return {"ID": "s1", "Spec": {}, **self._update}
 
 
-def _task(task_id: str, state: str) -> dict[str, Any]:
+def _task(task_id: str, state: str, deployment: str = "d1") -> dict[str, Any]:
+    """A task of the image IMAGE, made by `deployment` (the one watched is d1)."""
     return {
         "ID": task_id,
         "DesiredState": "running",
-        "Spec": {"ContainerSpec": {"Image": IMAGE}},
+        "Spec": {
+            "ContainerSpec": {"Image": IMAGE, "Labels": {release.DEPLOYMENT_LABEL: deployment}}
+        },
         "Status": {"State": state, "Err": "task: non-zero exit (1)" if state == "failed" else ""},
     }
 
@@ -134,6 +138,20 @@ async def test_an_update_swarm_completed_needs_no_second_window() -> None:
 
     assert time.monotonic() - started < 1.0
     assert swarm.polls == 1
+
+
+async def test_an_earlier_deployment_of_the_same_image_counts_for_nothing() -> None:
+    """Redeploying the digest that runs: the earlier deployment's running tasks, and its
+    failed ones, are not this one's. The update Swarm completed last time does not make
+    this one converge; the new tasks do, and the old failures fail nothing."""
+    earlier: list[tuple[str, ...]] = [("t1", "running", "d0"), ("t2", "running", "d0")]
+    earlier += [(f"f{i}", "failed", "d0") for i in range(release.FAILED_TASKS_LIMIT)]
+    rolled_out = [("t3", "running"), ("t4", "running")]
+    swarm = ScriptedSwarm([earlier] * 3 + [rolled_out], update="completed")
+
+    await release._converge(_context(swarm), _deployment(monitor_s=5.0))
+
+    assert swarm.polls == 4
 
 
 async def test_a_few_refused_polls_do_not_fail_the_release() -> None:

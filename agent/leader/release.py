@@ -264,7 +264,7 @@ async def _converge(ctx: LeaderContext, dep: Deployment) -> None:
             if name not in pending:
                 continue
             try:
-                progress = await _progress(ctx.engine, name, dep.image_ref, svc.replicas)
+                progress = await _progress(ctx.engine, name, dep.id, svc.replicas)
             except DeploymentError as exc:
                 # One refused poll (a manager electing its leader answers 503) is not the
                 # release failing; a run of them is.
@@ -343,12 +343,12 @@ def _check_failure(name: str, progress: _Progress) -> None:
         )
 
 
-async def _progress(engine: Engine, name: str, image: str, desired: int) -> _Progress:
+async def _progress(engine: Engine, name: str, dep_id: str, desired: int) -> _Progress:
     service = await _call(engine, "GET", f"services/{name}")
     status = service.get("UpdateStatus") or {}
     filters = json.dumps({"service": [name]})
     tasks = await _call(engine, "GET", "tasks", params={"filters": filters})
-    ours = [t for t in tasks if _same_image(t["Spec"]["ContainerSpec"]["Image"], image)]
+    ours = [t for t in tasks if _made_by(t, dep_id)]
     running_ids = [
         t["ID"]
         for t in ours
@@ -361,8 +361,11 @@ async def _progress(engine: Engine, name: str, image: str, desired: int) -> _Pro
     )
 
 
-def _same_image(task_image: str, image: str) -> bool:
-    return task_image == image or task_image.startswith(image + "@")
+def _made_by(task: Mapping[str, Any], dep_id: str) -> bool:
+    """Is `task` one of this deployment's? Its container carries the deployment's label;
+    matching on the image would also count an earlier deployment of the same digest."""
+    labels = task["Spec"]["ContainerSpec"].get("Labels") or {}
+    return bool(labels.get(DEPLOYMENT_LABEL) == dep_id)
 
 
 async def _roll_back(engine: Engine, names: list[str]) -> None:
