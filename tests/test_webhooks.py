@@ -27,10 +27,11 @@ def verify(secret: str, timestamp: str, body: bytes, signature: str) -> bool:
 
 
 class Receiver:
-    def __init__(self, fail_first: int = 0) -> None:
+    def __init__(self, fail_first: int = 0, answer_after: float = 0.0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/hook"
         self.fail_first = fail_first
+        self.answer_after = answer_after
         self.seen: list[dict[str, Any]] = []
         self.bad_signatures = 0
         self._runner: web.AppRunner | None = None
@@ -44,6 +45,7 @@ class Receiver:
             request.headers["X-Deploy-Agent-Signature"],
         )
         self.bad_signatures += not ok
+        await asyncio.sleep(self.answer_after)
         if self.fail_first > 0:
             self.fail_first -= 1
             return web.Response(status=500)
@@ -94,6 +96,28 @@ async def test_state_changes_are_delivered_signed_and_in_order_through_failures(
     assert [d["state"] for d in deliveries] == ["delivered"] * 3
     assert deliveries[0]["attempts"] == 3
     assert deliveries[0]["last_status"] == 204
+
+
+async def test_a_slow_receiver_does_not_hold_up_another(
+    leader_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """One receiver takes 8 s per delivery (within the 10 s limit); the other still gets
+    every state change as it happens, not one per slow answer."""
+    slow, fast = Receiver(answer_after=8.0), Receiver()
+    await slow.start()
+    await fast.start()
+    try:
+        hooks = [{"url": r.url, "secret": SECRET} for r in (slow, fast)]
+        leader = await leader_factory(leader={"webhooks": hooks})
+        dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "hooked")
+        await leader.api.wait_final(dep["id"])
+        await fast.wait_for(3, timeout=4)
+    finally:
+        await slow.stop()
+        await fast.stop()
+
+    assert [d["state"] for d in fast.seen] == ["queued", "building", "succeeded"]
+    assert len(slow.seen) < 3  # still working through its queue, one per 8 s
 
 
 async def test_undelivered_webhooks_survive_a_leader_restart(

@@ -54,14 +54,43 @@ class WebhookSender:
         self._wake.set()
 
     async def run(self) -> None:
+        """Send what is due, one delivery in flight per URL, each URL at its own pace: a
+        slow receiver holds up its own deliveries only."""
+        sending: dict[str, asyncio.Task[None]] = {}
         async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
-            while True:
-                self._wake.clear()
-                due = await self._store.due_webhooks(time.time())
-                await asyncio.gather(*(self._deliver(session, row) for row in due))
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(IDLE_POLL):
-                        await self._wake.wait()
+            try:
+                while True:
+                    self._wake.clear()
+                    for row in await self._store.due_webhooks(time.time()):
+                        if row.url not in sending:
+                            sending[row.url] = self._start(session, row, sending)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(IDLE_POLL):
+                            await self._wake.wait()
+            finally:
+                for task in sending.values():
+                    task.cancel()
+                await asyncio.gather(*sending.values(), return_exceptions=True)
+
+    def _start(
+        self,
+        session: aiohttp.ClientSession,
+        row: WebhookRow,
+        sending: dict[str, asyncio.Task[None]],
+    ) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._deliver(session, row), name=f"webhook-{row.id}")
+
+        def done(task: asyncio.Task[None]) -> None:
+            sending.pop(row.url, None)
+            if task.cancelled():
+                return
+            if task.exception() is not None:  # the next poll tries again
+                log.error("webhook.send_crashed", delivery=row.id, error=repr(task.exception()))
+            else:
+                self._wake.set()  # the URL's next delivery may be due now
+
+        task.add_done_callback(done)
+        return task
 
     async def _deliver(self, session: aiohttp.ClientSession, row: WebhookRow) -> None:
         secret = self._secrets.get(row.url)
