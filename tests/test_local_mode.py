@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tests.support.contexts import busybox_context, run_step
 from tests.support.dockerd import Dockerd
@@ -54,3 +56,22 @@ async def test_build_log_lines_are_events_that_replay_from_the_start(
     states = [e["state"] for e in events if e["type"] == "state"]
     assert states == ["queued", "building", "succeeded"]
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+
+
+async def test_deployments_without_services_keep_only_the_newest_images(
+    leader_factory: Callable[..., Any], dockerd: Dockerd, tmp_path: Path
+) -> None:
+    """Retention follows every successful deployment, not only releases: with
+    keep_images = 2, three builds of an app leave its two newest images."""
+    leader = await leader_factory(leader={"keep_images": 2})
+    finals = []
+    for i in range(3):
+        context = busybox_context(tmp_path / f"c{i}", run_step(f"echo {i} > /built"))
+        dep = await leader.api.deploy_dir(context, "unreleased")
+        finals.append(await leader.api.wait_final(dep["id"]))
+    assert [f["state"] for f in finals] == ["succeeded"] * 3
+
+    held = dockerd.cli(
+        "image", "ls", "--filter", "label=deploy-agent.app=unreleased", "--format", "{{.Tag}}"
+    ).stdout.split()
+    assert sorted(held) == sorted(f["id"] for f in finals[1:])

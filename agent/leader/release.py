@@ -14,13 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import wire
 from agent.engine import Engine
 from agent.errors import DeploymentError, EngineApiError, EngineError
 from agent.leader.context import LeaderContext
 from agent.leader.models import Deployment, Mode, ServiceSpec
 from agent.logs import get_logger
-from agent.retention import APP_LABEL, prune_app_images
+from agent.retention import APP_LABEL
 
 log = get_logger(__name__)
 POLL_SECONDS = 0.5
@@ -52,7 +51,6 @@ async def release(ctx: LeaderContext, dep: Deployment) -> None:
         raise
     if dep.request.prune:
         await _prune(ctx, dep, existing)
-    await _retain(ctx, dep)
 
 
 @dataclass
@@ -104,18 +102,6 @@ async def _roll_back_and_remove(
 ) -> None:
     await _roll_back(ctx.engine, updated)
     await _remove_created(ctx, dep, created)
-
-
-async def _retain(ctx: LeaderContext, dep: Deployment) -> None:
-    """Old images go once the new release runs: here, and on every connected worker."""
-    keep = ctx.config.keep_images
-    ctx.hub.broadcast(wire.Retain(app=dep.app, keep=keep))
-    try:
-        removed = await prune_app_images(ctx.engine, dep.app, keep)
-    except EngineError as exc:
-        log.warning("retention.failed", app=dep.app, error=exc.message)
-        return
-    await ctx.journal.record(dep.id, "retention", removed=len(removed), kept=keep)
 
 
 def service_spec(

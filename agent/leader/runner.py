@@ -91,6 +91,7 @@ class Runner:
         for stage in plan(self.dep.mode, release=bool(self.dep.request.services)):
             if not self.dep.stage_done(stage):
                 await self._run_stage(stage)
+        await stages.retain(self.ctx, self.dep)
 
     async def _forget_lost_image(self) -> None:
         """A build recorded before a crash counts only while the engine still holds it."""

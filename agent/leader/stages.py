@@ -17,6 +17,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from agent import wire
 from agent.engine import PushProgress
 from agent.errors import (
     BuildError,
@@ -34,7 +35,7 @@ from agent.leader.models import Deployment
 from agent.leader.sources import check_context, clone_to_context, redact_url
 from agent.logs import get_logger
 from agent.progress import LayerThrottle
-from agent.retention import APP_LABEL
+from agent.retention import APP_LABEL, prune_app_images
 from agent.wire import PullResult
 
 log = get_logger(__name__)
@@ -239,3 +240,16 @@ def _node_result(node_id: str, result: PullResult | Unanswered, within: float) -
     if result.ok:
         return {"node_id": node_id, "status": "present", "seconds": round(result.seconds, 3)}
     return {"node_id": node_id, "status": "failed", "error": result.error or "unknown error"}
+
+
+async def retain(ctx: LeaderContext, dep: Deployment) -> None:
+    """Once a deployment has succeeded, the app's images beyond the newest
+    `keep_images` go, here and on every connected worker (unless a container runs one)."""
+    keep = ctx.config.keep_images
+    ctx.hub.broadcast(wire.Retain(app=dep.app, keep=keep))
+    try:
+        removed = await prune_app_images(ctx.engine, dep.app, keep)
+    except EngineError as exc:
+        log.warning("retention.failed", app=dep.app, error=exc.message)
+        return
+    await ctx.journal.record(dep.id, "retention", removed=len(removed), kept=keep)
