@@ -3,6 +3,7 @@ image is rolled back and counted as a failure, dropped services can be pruned.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 from tests.support.contexts import busybox_context
 from tests.support.dockerd import Dockerd
-from tests.support.leader import InProcessLeader
+from tests.support.leader import InProcessLeader, LeaderProcess
 from tests.support.registry import Registry
 
 # a service that stops at once on SIGTERM, as a real app does (a bare `sleep` as PID 1
@@ -25,7 +26,11 @@ def _service(name: str, command: list[str] = SLEEP, replicas: int = 2) -> dict[s
 
 
 async def _release(
-    leader: InProcessLeader, ctx: Path, app: str, services: list[dict[str, Any]], **extra: Any
+    leader: InProcessLeader | LeaderProcess,
+    ctx: Path,
+    app: str,
+    services: list[dict[str, Any]],
+    **extra: Any,
 ) -> dict[str, Any]:
     params = {"services": json.dumps(services), **{k: str(v).lower() for k, v in extra.items()}}
     dep = await leader.api.deploy_dir(ctx, app, **params)
@@ -144,6 +149,45 @@ async def test_a_release_past_its_deadline_removes_the_services_it_created(
         e["service"] for e in await leader.api.events(final["id"]) if e.get("action") == "removed"
     ]
     assert removed == ["late_sick"]
+
+
+async def test_a_release_resumed_after_a_crash_rolls_back_to_the_version_before_it(
+    leader_process: Callable[..., LeaderProcess], swarm_engine: Dockerd, tmp_path: Path
+) -> None:
+    """SIGKILL while the update of a running service is under way: after the restart the
+    release goes on from the update already sent, and when it fails (here: its stage
+    deadline, the new version never healthy) the service returns to the version that ran
+    before the deployment, not to the failed one."""
+    leader = leader_process(
+        engine={"url": swarm_engine.url}, leader={"stage_timeouts": {"releasing": 8}}
+    )
+    leader.start()
+    before = await _release(leader, busybox_context(tmp_path / "c1"), "again", [_service("web")])
+    assert before["state"] == "succeeded", before
+    never_healthy = {
+        **_service("web"),
+        "health": {
+            "test": ["CMD", "/bin/busybox", "false"],
+            "interval_s": 60,
+            "start_period_s": 60,
+        },
+    }
+    params = {"services": json.dumps([never_healthy])}
+    dep = await leader.api.deploy_dir(
+        busybox_context(tmp_path / "c2", cmd="echo 2"), "again", **params
+    )
+    await leader.api.wait_state(dep["id"], "releasing")
+    await asyncio.sleep(1.5)  # the update is sent and under way
+
+    leader.kill()
+    leader.start()
+    final = await leader.api.wait_final(dep["id"], timeout=60)
+
+    assert final["state"] == "failed", final
+    assert final["attempts"] == 2
+    assert _service_image(swarm_engine, "again_web").startswith(before["image"])
+    actions = [e.get("action") for e in await leader.api.events(dep["id"])]
+    assert "applied_already" in actions
 
 
 async def test_local_mode_release_sends_no_registry_request(

@@ -74,6 +74,9 @@ async def _apply(
     for svc in dep.request.services:
         name = f"{dep.app}_{svc.name}"
         spec = service_spec(dep, svc, name, constrain=constrain)
+        if name in existing and _applied_before(existing[name], dep.id, changed):
+            await ctx.journal.record(dep.id, "release", service=name, action="applied_already")
+            continue
         if name in existing:
             await _update(ctx.engine, existing[name], spec, headers)
             changed.updated.append(name)
@@ -82,6 +85,19 @@ async def _apply(
             changed.created.append(name)
         action = "update" if name in existing else "create"
         await ctx.journal.record(dep.id, "release", service=name, action=action)
+
+
+def _applied_before(service: Mapping[str, Any], dep_id: str, changed: _Changed) -> bool:
+    """Did an attempt of this deployment before a restart already apply its spec? Then it
+    counts as changed by this one, as updated if it has a previous version to return to,
+    else as created. Applying it again would make the new spec its own previous version,
+    leaving nothing to roll back to."""
+    labels = service["Spec"].get("Labels") or {}
+    if labels.get(DEPLOYMENT_LABEL) != dep_id:
+        return False
+    name = service["Spec"]["Name"]
+    (changed.updated if service.get("PreviousSpec") else changed.created).append(name)
+    return True
 
 
 async def _undo(ctx: LeaderContext, dep: Deployment, changed: _Changed, keep: str | None) -> None:
