@@ -4,16 +4,21 @@ knocks again after a leader closed the link, and what it sends back."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from aiohttp import web
 
 from agent import wire
 from agent.config import parse_config
+from agent.engine import Engine
 from agent.worker.agent import Worker
 from agent.worker.identity import Identity
 from tests.support.loopback import serving
+
+IMAGE = "registry.test/acme/web@sha256:" + "a" * 64
 
 
 class ClosingLeader:
@@ -79,3 +84,58 @@ async def test_the_worker_follows_the_leader_url_of_its_config(tmp_path: Path) -
     """Enrolled with a leader that has since moved: the config's URL is the one used."""
     gone = "http://127.0.0.1:9"  # discard port: nothing listens
     assert await _links_within(wire.CLOSE_SHUTDOWN, tmp_path, 1.0, enrolled_with=gone) >= 1
+
+
+class OrderingLeader:
+    """Sends one pull order after the worker's hello, then records what comes back."""
+
+    def __init__(self) -> None:
+        self.received: list[wire.ToLeader] = []
+        self.closed_at: float | None = None
+
+    async def handler(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.receive(timeout=5)  # hello
+        creds = wire.WireCredentials(version=0)
+        await ws.send_str(wire.encode(wire.PullOrder(order="d-1", image=IMAGE, credentials=creds)))
+        async for msg in ws:
+            self.received.append(wire.decode_for_leader(msg.data))
+        self.closed_at = time.monotonic()
+        return ws
+
+
+class SlowEngine:
+    """An engine that takes `seconds` to pull any image."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def image_id(self, image: str) -> str | None:
+        return None
+
+    async def pull(self, image: str, credentials: Any, progress: Any) -> None:
+        await asyncio.sleep(self.seconds)
+
+
+async def test_a_stopping_worker_finishes_the_pull_under_way_and_answers_it(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM during a pull: the link stays up until the pull is done and answered,
+    then closes; the leader has its answer instead of a dropped link."""
+    leader = OrderingLeader()
+    async for url in serving(leader.handler, wire.AGENT_PATH):
+        worker = _worker(tmp_path, url)
+        worker.puller._engine = cast(Engine, SlowEngine(1.5))
+        identity = Identity(node_id="n-1", secret="s", leader_url=url, ca_pem=None)
+        stop = asyncio.Event()
+        loop = asyncio.create_task(worker._link_loop(identity, stop))
+        await asyncio.sleep(0.5)  # the order is in and its pull under way
+        stop.set()
+        stopped_at = time.monotonic()
+        await asyncio.wait_for(loop, 10)
+        await worker.engine.close()
+
+    answers = [m for m in leader.received if isinstance(m, wire.PullResult)]
+    assert [(a.order, a.ok) for a in answers] == [("d-1", True)]
+    assert leader.closed_at is not None and leader.closed_at - stopped_at < 3

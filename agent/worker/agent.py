@@ -40,6 +40,9 @@ CONNECT_TIMEOUT = 15.0
 # leader, so trying again costs the leader nothing: keep the pace at a few seconds, and
 # the link is back within that once the network is.
 OFFLINE_RETRY_CAP = 4.0
+# On SIGTERM, pulls under way get this long to finish and answer over the open link
+# (the unit's TimeoutStopSec is 30 s); what is left then is answered at the next Sync.
+STOP_DRAIN_SECONDS = 20.0
 _NO_ROUTE = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH})
 # The backoff starts over only after a link stayed up this long: a leader that accepts the
 # link and closes it at once would otherwise be knocked on twice a second, forever.
@@ -163,7 +166,7 @@ class Worker:
             log.info("link.connected", leader=leader)
             try:
                 await self._send(await self._hello())
-                await _until_closed_or(stop, self._read(ws))
+                await _until_closed_or(stop, self._read(ws), self.puller.drain(STOP_DRAIN_SECONDS))
             finally:
                 self._ws = None
         up_s = time.monotonic() - connected_at
@@ -266,16 +269,28 @@ def _no_route(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _NO_ROUTE
 
 
-async def _until_closed_or(stop: asyncio.Event, reading: Coroutine[Any, Any, None]) -> None:
-    """Run the read loop until it ends or `stop` is set, whichever comes first."""
+async def _until_closed_or(
+    stop: asyncio.Event,
+    reading: Coroutine[Any, Any, None],
+    draining: Coroutine[Any, Any, None],
+) -> None:
+    """Run the read loop until it ends or `stop` is set. On `stop`, go on reading (the
+    link answers its heartbeats) while `draining` runs, then end."""
     read = asyncio.create_task(reading)
     stopped = asyncio.create_task(stop.wait())
+    drain: asyncio.Task[None] | None = None
     try:
         await asyncio.wait([read, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if not read.done():
+            drain = asyncio.create_task(draining)
+            await asyncio.wait([read, drain], return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in (read, stopped):
+        if drain is None:
+            draining.close()  # never started
+        tasks = [read, stopped, *([drain] if drain else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(read, stopped, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
     error = None if read.cancelled() else read.exception()
     if error is not None:
         raise error

@@ -4,6 +4,7 @@ time, transient errors retried with backoff. Every order gets exactly one answer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -127,6 +128,18 @@ class Puller:
         async for attempt in retrying:
             with attempt:
                 await self._engine.pull(image, self._credentials(), progress)
+
+    async def drain(self, within: float) -> None:
+        """Let the pulls under way finish and their orders be answered, for up to
+        `within` seconds; orders that come meanwhile are waited for too."""
+        if not self._tasks:
+            return
+        log.info("pull.draining", pulls=len(self._inflight), within_s=within)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                while self._tasks:
+                    await asyncio.wait(list(self._tasks))
+        log.info("pull.drained", left=len(self._tasks))
 
     async def close(self) -> None:
         pending = [*self._inflight.values(), *self._tasks]
