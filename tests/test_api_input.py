@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
+import shutil
+import subprocess
 import tarfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agent.leader import sources
 from tests.support.api import tar_of
 from tests.support.contexts import busybox_context
 from tests.support.leader import InProcessLeader
@@ -164,3 +168,50 @@ async def test_tar_bomb_past_the_unpacked_limit_is_413(
     status, _ = await leader.api.request("POST", UPLOAD, data=bomb, headers=GZ)
 
     assert status == 413
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 48 MiB filesystem of its own (tmpfs), for a state directory that fills up."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def _incompressible(size: int) -> AsyncIterator[bytes]:
+    """A tar stream sent chunked (no Content-Length) of `size` random bytes."""
+    for _ in range(size // 2**20):
+        yield os.urandom(2**20)
+
+
+@pytest.mark.parametrize("length_known", [True, False], ids=["content-length", "chunked"])
+async def test_an_upload_that_would_fill_the_disk_is_507_and_leaves_nothing(
+    leader_factory: Callable[..., Any],
+    small_disk: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    length_known: bool,
+) -> None:
+    """With 16 MiB to stay free, a 40 MiB upload to a 48 MiB filesystem is refused: at
+    once when its length is announced, else once the free space runs low. No partial
+    file stays behind, and a small upload still goes through."""
+    monkeypatch.setattr(sources, "DISK_RESERVE_BYTES", 16 * 2**20)
+    leader = await leader_factory(state_dir=small_disk / "state")
+    before = await _snapshot(leader)
+    size = 40 * 2**20
+    body = os.urandom(size) if length_known else _incompressible(size)
+
+    status, doc = await leader.api.request("POST", UPLOAD, data=body, headers=TAR)
+
+    assert status == 507, doc
+    assert doc["error"]["code"] == "insufficient_storage"
+    assert "16 MiB must stay free" in doc["error"]["message"]
+    assert await _snapshot(leader) == before
+    assert shutil.disk_usage(small_disk).free > 40 * 2**20
+    small = tar_of(busybox_context(small_disk / "c"))
+    status, doc = await leader.api.request("POST", UPLOAD, data=small, headers=GZ)
+    assert status == 202, doc
+    assert (await leader.api.wait_final(doc["id"]))["state"] == "succeeded"

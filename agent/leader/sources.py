@@ -23,6 +23,10 @@ from aiohttp import web
 from agent.errors import DeploymentError, RequestError
 
 CHUNK = 1024 * 1024
+# An upload never leaves less than this free on the state directory's filesystem: the
+# store, its journal and the build must still have room once the context is in.
+DISK_RESERVE_BYTES = 256 * 1024 * 1024
+_ROOM_CHECK_EVERY = 8 * 1024 * 1024
 _ASKPASS = """#!/bin/sh
 case "$1" in
   Username*) printf '%s\\n' "$DEPLOY_AGENT_GIT_USERNAME" ;;
@@ -32,19 +36,44 @@ esac
 
 
 async def receive_upload(request: web.Request, dest: Path, limit: int) -> None:
-    """Stream the request body to `dest`, refusing it past `limit` bytes (413)."""
+    """Stream the request body to `dest`, refusing it past `limit` bytes (413) or when
+    the filesystem would keep less than DISK_RESERVE_BYTES free (507)."""
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
-    received = 0
+    _require_room(dest.parent, request.content_length or 0)
+    received, checked = 0, 0
     loop = asyncio.get_running_loop()
     with dest.open("wb") as out:
         while chunk := await request.content.readany():
             received += len(chunk)
             if received > limit:
                 raise _too_large(limit)
-            await loop.run_in_executor(None, out.write, chunk)
+            if received - checked >= _ROOM_CHECK_EVERY:
+                _require_room(dest.parent, 0)
+                checked = received
+            try:
+                await loop.run_in_executor(None, out.write, chunk)
+            except OSError as exc:
+                raise _no_room(dest.parent, str(exc)) from None
     if received == 0:
         raise RequestError(400, "invalid_request", "the request body is empty: send a tar archive")
+
+
+def _require_room(directory: Path, coming: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if free - coming < DISK_RESERVE_BYTES:
+        raise _no_room(directory, f"{free // 2**20} MiB free, {coming // 2**20} MiB coming")
+
+
+def _no_room(directory: Path, detail: str) -> RequestError:
+    return RequestError(
+        507,
+        "insufficient_storage",
+        f"no room for the build context in {directory} ({detail}; "
+        f"{DISK_RESERVE_BYTES // 2**20} MiB must stay free)",
+        hint="free space on the leader's state directory (old deployments' images, "
+        "queued contexts), then submit again",
+    )
 
 
 def _too_large(limit: int) -> RequestError:

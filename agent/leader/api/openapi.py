@@ -18,7 +18,7 @@ from agent.leader.models import DeploymentRequest
 
 routes = web.RouteTableDef()
 _REF = "#/components/schemas/{name}"
-_ERRORS = ("400", "401", "404", "409", "413", "415", "422")
+_ERRORS = ("400", "401", "404", "409", "413", "415", "422", "507")
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
