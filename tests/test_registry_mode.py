@@ -57,7 +57,7 @@ async def test_password_changed_on_the_registry_fails_the_push_at_once(
 ) -> None:
     """A 401 on push is push_unauthorized within 5 s of the push starting, with no retry."""
     await _with_registry(leader, registry)
-    registry.set_password("rotated-elsewhere-9")
+    registry.rotate_password("rotated-elsewhere")
     registry.restart()
     dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "auth")
 

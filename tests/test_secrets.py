@@ -51,7 +51,7 @@ async def _exercise(leader: LeaderProcess, registry: Registry, tmp_path: Path) -
     assert status == 200
     ok = await api.deploy_dir(busybox_context(tmp_path / "ctx"), "canary")
     assert (await api.wait_final(ok["id"]))["state"] == "succeeded"
-    registry.set_password("changed-on-the-registry")
+    registry.rotate_password("changed-on-the-registry")
     registry.restart()
     bad = await api.deploy_dir(busybox_context(tmp_path / "ctx"), "canary")
     assert (await api.wait_final(bad["id"]))["error"]["code"] == "push_unauthorized"

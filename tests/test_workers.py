@@ -66,7 +66,7 @@ async def test_credential_rotation_reaches_every_worker(
     """A new password, once set, is acknowledged by both workers within 5 s and pulls work."""
     leader = await leader_factory(leader=TLS)
     await _cluster(leader, registry, worker_engines, worker_process)
-    registry.set_password("rotated-password-2")
+    registry.rotate_password("rotated-password")
     registry.restart()
 
     status, doc = await leader.api.put_registry(registry.host, registry.username, registry.password)

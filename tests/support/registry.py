@@ -64,6 +64,13 @@ class Registry:
         )
         self.set_password(password)
 
+    def rotate_password(self, label: str) -> str:
+        """Set a new password made of `label` and this run's canary marker (a literal of
+        the sources would also be in any copy of them, and the scan would find it there);
+        takes effect at the next start. Returns the new password."""
+        self.set_password(f"{label}-{CANARY.marker}")
+        return self.password
+
     def set_password(self, password: str) -> None:
         """Write the htpasswd file; takes effect at the next start. A rotated password
         is searched for by the canary scan as well."""
