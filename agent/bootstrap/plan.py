@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.ssh import SshTarget
+from agent.tls import JoinTokenError, parse_join_token
 
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 UNIT_NAME = "deploy-agent-worker.service"
@@ -35,7 +36,8 @@ class Plan:
     wait_seconds: float = 120.0
 
     def __post_init__(self) -> None:
-        if not self.leader_url.startswith(("https://", "http://")):
+        if not self.leader_url.startswith("https://"):
+            # workers join over TLS only: over http the token would cross in the clear
             raise ValueError("--leader-url must start with https://")
         if self.name is not None and not NODE_NAME.match(self.name):
             raise ValueError("--name: letters, digits, '.', '_' and '-', at most 63")
@@ -54,6 +56,14 @@ class Plan:
             )
         if not self.join_token.strip():
             raise ValueError("--join-token-file is empty")
+        try:
+            parse_join_token(self.join_token.strip())
+        except JoinTokenError:
+            raise ValueError(
+                "--join-token-file does not hold a join token (DAT1-…): is it another "
+                "secret, such as the API token of --token-file? Get one with "
+                "`deploy-agent join-token` on the leader"
+            ) from None
 
     @property
     def venv(self) -> str:

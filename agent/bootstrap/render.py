@@ -84,8 +84,22 @@ def install(plan: Plan, wheel_name: str, offline: bool) -> str:
     )
 
 
-def check_config(plan: Plan) -> str:
-    return f"{quote(plan.agent_bin)} check-config -c {quote(plan.config_path)}"
+def check_config(plan: Plan, path: str) -> str:
+    return f"{quote(plan.agent_bin)} check-config -c {quote(path)}"
+
+
+def put_config_in_place(plan: Plan, staged: str) -> str:
+    """Hands the files to the service user if it exists (a run before made it, and its
+    agent reads them at its next restart), then moves the checked config into place."""
+    user, token = SERVICE_USER, quote(plan.token_path)
+    return "; ".join(
+        [
+            "set -e",
+            f"if id -u {user} >/dev/null 2>&1; then "
+            f"chown {user}:{user} {token}; chown root:{user} {quote(staged)}; fi",
+            f"mv -f {quote(staged)} {quote(plan.config_path)}",
+        ]
+    )
 
 
 def has_identity(plan: Plan) -> str:

@@ -209,13 +209,20 @@ async def install(s: Session) -> Outcome:
 
 
 async def write_config(s: Session) -> Outcome:
+    """Check what can still refuse this run first, then put the files in place: an agent
+    already running on the host must find readable, valid files at its next restart even
+    when a later step fails."""
     plan = s.plan
+    await _check_service_manager(s)
     token = (plan.join_token.strip() + "\n").encode()
     await s.remote.write_file(plan.token_path, token, mode=0o600, deadline=30)
+    staged = plan.config_path + ".new"
     config = render.worker_config(plan, s.name).encode()
-    await s.remote.write_file(plan.config_path, config, mode=0o640, deadline=30)
-    why = f"the agent refuses {plan.config_path}"
-    await s.must_run("config", render.check_config(plan), deadline=30, why=why)
+    await s.remote.write_file(staged, config, mode=0o640, deadline=30)
+    why = f"the agent refuses the new {plan.config_path} (the old one stays)"
+    await s.must_run("config", render.check_config(plan, staged), deadline=30, why=why)
+    why = f"cannot put {plan.config_path} in place"
+    await s.must_run("config", render.put_config_in_place(plan, staged), deadline=30, why=why)
     kept = (await s.remote.run(render.has_identity(plan), deadline=15)).stdout.strip() == "kept"
     if not kept and s.enrolled_as is not None:
         raise BootstrapError(
@@ -228,16 +235,19 @@ async def write_config(s: Session) -> Outcome:
     return ok(f"{plan.config_path}, {plan.token_path} (0600); {identity}")
 
 
-async def install_service(s: Session) -> Outcome:
-    plan = s.plan
+async def _check_service_manager(s: Session) -> None:
     found = await s.remote.run(render.SYSTEMD_CHECK, deadline=15)
     s.systemd = found.stdout.strip() == "systemd"
+    if s.systemd and s.plan.state_dir != DEFAULT_STATE_DIR:
+        raise BootstrapError(
+            "config", f"the unit keeps its state in {DEFAULT_STATE_DIR}: drop --state-dir"
+        )
+
+
+async def install_service(s: Session) -> Outcome:
+    plan = s.plan
     if not s.systemd:
         return skipped("no systemd on this host")
-    if plan.state_dir != DEFAULT_STATE_DIR:
-        raise BootstrapError(
-            "service", f"the unit keeps its state in {DEFAULT_STATE_DIR}: drop --state-dir"
-        )
     await s.remote.write_file(
         plan.unit_path, render.unit_file(plan).encode(), mode=0o644, deadline=30
     )
