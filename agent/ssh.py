@@ -10,6 +10,7 @@ import contextlib
 import logging
 import posixpath
 import secrets
+import shlex
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,10 @@ CONNECT_TIMEOUT = 20.0
 # asyncssh logs every channel, command and file at INFO: a bootstrap reports its own steps.
 logging.getLogger("asyncssh").setLevel(logging.WARNING)
 COMMAND_TIMEOUT = 60.0
+KEEPALIVE_SECONDS = 15.0
+CLOSE_TIMEOUT = 5.0
+KILL_AFTER = 5.0  # a remote command that ignores SIGTERM at its deadline gets SIGKILL then
+_TIMED_OUT = frozenset({124})  # what `timeout` exits with when the deadline passed
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +100,10 @@ class SshHost:
                     known_hosts=str(known_hosts),
                     client_keys=[str(identity)] if identity is not None else (),
                     agent_path=None if identity is not None else (),
+                    # a host that went silent (rebooted hard, packets dropped) is found
+                    # within a minute, not after TCP's retransmissions (about 15 min)
+                    keepalive_interval=KEEPALIVE_SECONDS,
+                    keepalive_count_max=3,
                 )
         except asyncssh.HostKeyNotVerifiable as exc:
             raise HostKeyRejected(
@@ -136,19 +145,32 @@ class SshHost:
             yield
         finally:
             listener.close()
-            await listener.wait_closed()
+            # a tunnel connection over a dead channel would hold this for minutes
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await listener.wait_closed()
 
-    async def run(self, command: str, *, deadline: float = COMMAND_TIMEOUT) -> Completed:
-        """Run `command` through the remote shell; a non-zero status is returned, not raised."""
+    async def run(
+        self, command: str, *, deadline: float = COMMAND_TIMEOUT, label: str | None = None
+    ) -> Completed:
+        """Run `command` through the remote shell; a non-zero status is returned, not raised.
+
+        The host ends the command itself at `deadline` (coreutils' `timeout`, which signals
+        its whole process group): a command this side gave up on must not go on running
+        there, racing the next run. `label` names the command in errors.
+        """
+        what = label or _first_word(command)
+        seconds = max(1, round(deadline))
+        bounded = f"timeout -k {KILL_AFTER:.0f} {seconds} sh -c {shlex.quote(command)}"
         try:
-            async with asyncio.timeout(deadline):
-                done = await self._conn.run(command, check=False)
+            async with asyncio.timeout(seconds + KILL_AFTER + CLOSE_TIMEOUT):
+                done = await self._conn.run(bounded, check=False)
         except TimeoutError:
-            raise SshError(
-                f"{_first_word(command)} did not finish within {deadline:.0f} s"
-            ) from None
+            raise SshError(f"{what} did not finish within {seconds} s") from None
         except (asyncssh.Error, OSError) as exc:
-            raise SshError(f"{_first_word(command)}: {_describe(exc)}") from None
+            raise SshError(f"{what}: {_describe(exc)}") from None
+        if done.exit_status in _TIMED_OUT:
+            raise SshError(f"{what} did not finish within {seconds} s; the host ended it")
         return Completed(
             command,
             done.exit_status if done.exit_status is not None else -1,
@@ -177,14 +199,24 @@ class SshHost:
         try:
             async with asyncio.timeout(deadline), self._conn.start_sftp_client() as sftp:
                 await sftp.makedirs(posixpath.dirname(path), exist_ok=True)
-                async with sftp.open(tmp, "wb", attrs) as f:
-                    await f.write(data)
-                await sftp.chmod(tmp, mode)  # the umask may have narrowed or a file existed
-                await sftp.posix_rename(tmp, path)
+                try:
+                    async with sftp.open(tmp, "wb", attrs) as f:
+                        await f.write(data)
+                    await sftp.chmod(tmp, mode)  # the umask may have narrowed it, or it existed
+                    await sftp.posix_rename(tmp, path)
+                except BaseException:
+                    await _remove_quietly(sftp, tmp)  # it may hold a secret
+                    raise
         except TimeoutError:
             raise SshError(f"writing {path} did not finish within {deadline:.0f} s") from None
         except (asyncssh.Error, OSError) as exc:
             raise SshError(f"writing {path}: {_describe(exc)}") from None
+
+
+async def _remove_quietly(sftp: asyncssh.SFTPClient, path: str) -> None:
+    with contextlib.suppress(asyncssh.Error, OSError, TimeoutError):
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await sftp.remove(path)
 
 
 def _describe(exc: BaseException) -> str:

@@ -137,7 +137,7 @@ class ScriptedHost:
     async def write_file(self, path: str, data: bytes, *, mode: int, deadline: float) -> None:
         self.writes.append(path)
 
-    async def run(self, command: str, *, deadline: float) -> Completed:
+    async def run(self, command: str, *, deadline: float, label: str | None = None) -> Completed:
         self.commands.append(command)
         if command == render.SYSTEMD_CHECK:
             return Completed(command, 0, "systemd\n" if self.systemd else "", "")

@@ -65,10 +65,11 @@ SYSTEMD_CHECK = "test -d /run/systemd/system && command -v systemctl >/dev/null 
 
 
 def virtualenv(plan: Plan) -> str:
-    """Reuses a working virtualenv, else makes one; prints which."""
+    """Reuses a working virtualenv (its pip too: one cut short may lack it), else makes
+    one; prints which."""
     venv = quote(plan.venv)
     return (
-        f"if {venv}/bin/python -c '' 2>/dev/null; then echo reused; "
+        f"if {venv}/bin/python -m pip --version >/dev/null 2>&1; then echo reused; "
         f"else rm -rf {venv} && python3 -m venv {venv} && echo created; fi"
     )
 

@@ -70,4 +70,6 @@ async def _within_deadline(step: Step, session: Session) -> Outcome:
 
 def _reason(exc: Exception) -> str:
     message = getattr(exc, "message", None) or str(exc)
+    if not message and isinstance(exc, TimeoutError):
+        return "a call to the leader or the host did not answer within its own deadline"
     return message if message else repr(exc)

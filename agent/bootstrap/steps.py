@@ -61,7 +61,7 @@ class Session:
         return self.host
 
     async def must_run(self, step: str, command: str, *, deadline: float, why: str) -> Completed:
-        done = await self.remote.run(command, deadline=deadline)
+        done = await self.remote.run(command, deadline=deadline, label=f"the {step} command")
         if not done.ok:
             raise BootstrapError(step, f"{why}: {done.reason()}")
         return done
@@ -118,6 +118,10 @@ async def build_wheel(source: Path, out: Path) -> Path:
     try:
         async with asyncio.timeout(BUILD_TIMEOUT):
             output, _ = await proc.communicate()
+    except TimeoutError:
+        raise BootstrapError(
+            "wheel", f"pip wheel did not finish within {BUILD_TIMEOUT:.0f} s"
+        ) from None
     finally:
         if proc.returncode is None:
             proc.kill()
