@@ -107,6 +107,9 @@ class LeaderConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True
 class WorkerConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
     leader_url: str
     join_token: str | None = None
+    # left here unread only when that file is gone: the token is needed to enrol, so an
+    # enrolled worker starts without it
+    join_token_file: str | None = None
     name: str | None = None
     max_parallel_pulls: PositiveInt = 2
     pull_retry_budget: Seconds = 120.0
@@ -153,6 +156,8 @@ class Config(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
         return found
 
 
+# Secrets needed for a first start only: a worker enrolled may lose its join token file.
+_NEEDED_ONCE = frozenset({"worker.join_token"})
 _SECRET_KEYS = {"leader": ("api_token",), "registry": ("password",), "worker": ("join_token",)}
 
 
@@ -188,6 +193,9 @@ def _resolve_secret(section: dict[str, Any], key: str, name: str) -> None:
     if len(given) > 1:
         raise ConfigError(f"{name}: give only one of {', '.join(given)}")
     if f"{key}_file" in section:
+        path = section[f"{key}_file"]
+        if name in _NEEDED_ONCE and isinstance(path, str) and not Path(path).exists():
+            return  # kept as a path: the worker reports it only if it has to enrol
         section[key] = _read_secret_file(section.pop(f"{key}_file"), f"{name}_file")
     elif f"{key}_env" in section:
         section[key] = _read_secret_env(section.pop(f"{key}_env"), f"{name}_env")

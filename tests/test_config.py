@@ -9,6 +9,8 @@ import pytest
 
 from agent.config import load_config, parse_config
 from agent.errors import ConfigError
+from agent.worker.agent import Worker
+from agent.worker.identity import Identity, save_identity
 
 EXAMPLE = Path(__file__).parent.parent / "config.example.toml"
 
@@ -97,3 +99,28 @@ def test_worker_config_needs_a_leader_url(monkeypatch: pytest.MonkeyPatch) -> No
         parse_config({"role": "worker", "worker": {"leader_url": "leader:7443"}})
     with pytest.raises(ConfigError, match="worker"):
         parse_config({"role": "worker"})
+
+
+async def test_an_enrolled_worker_starts_without_its_join_token_file(tmp_path: Path) -> None:
+    """The join token is needed to enrol only: with the file gone the config still loads,
+    an enrolled worker uses its identity, and one that must enrol names the file."""
+    gone = tmp_path / "join-token"
+    raw = {"role": "worker", "state_dir": str(tmp_path / "state")}
+    worker = {"leader_url": "https://l:7443", "join_token_file": str(gone)}
+    config = parse_config({**raw, "worker": dict(worker)})
+    assert config.worker is not None and config.worker.join_token is None
+
+    worker_agent = Worker(config)
+    try:
+        with pytest.raises(ConfigError, match=f"join_token_file: {gone} does not exist"):
+            await worker_agent._identity()
+        kept = Identity(node_id="n-1", secret="s" * 43, leader_url="https://l:7443", ca_pem=None)
+        save_identity(config.state_path, kept)
+        assert await worker_agent._identity() == kept
+    finally:
+        await worker_agent.engine.close()
+
+    gone.write_text("DAT1-" + "ab" * 32 + "-secret\n")
+    config = parse_config({**raw, "worker": dict(worker)})
+    assert config.worker is not None and config.worker.join_token is not None
+    assert config.worker.join_token.startswith("DAT1-")

@@ -103,6 +103,10 @@ def put_config_in_place(plan: Plan, staged: str) -> str:
     )
 
 
+def forget_join_token(plan: Plan) -> str:
+    return f"rm -f {quote(plan.token_path)}"
+
+
 def has_identity(plan: Plan) -> str:
     return f"test -f {quote(plan.identity_path)} && echo kept || echo none"
 

@@ -289,9 +289,13 @@ async def wait_connected(s: Session) -> Outcome:
             f"node {s.name} did not connect within {s.plan.wait_seconds:.0f} s; "
             f"the agent's log ends: {await _log_tail(s)}",
         ) from None
+    # Enrolled: the node has its own secret now. The join token would let anyone on this
+    # host enrol more nodes until it is rotated, and the agent no longer needs it.
+    forgotten = await s.remote.run(render.forget_join_token(s.plan), deadline=15)
+    token = "join token removed from the host" if forgotten.ok else "join token left in place"
     return ok(
         f"node {s.name} ({node['id']}) connected: agent {node['agent_version']}, "
-        f"engine {node['engine_version']} {node['arch']}"
+        f"engine {node['engine_version']} {node['arch']}; {token}"
     )
 
 

@@ -105,6 +105,11 @@ class Worker:
         if identity is not None:
             return identity
         token = self.worker_config.join_token
+        if not token and self.worker_config.join_token_file:
+            raise ConfigError(
+                f"worker.join_token_file: {self.worker_config.join_token_file} does not "
+                f"exist, and {state} has no identity: the join token is needed to enrol"
+            )
         if not token:
             raise ConfigError(f"worker.join_token: needed to enrol ({state} has no identity)")
         secret = await asyncio.to_thread(proposed_secret, state)
