@@ -99,6 +99,28 @@ async def test_unreachable_build_server_fails_the_deployment_not_the_leader(
     assert status == 200
 
 
+async def test_a_build_server_without_that_docker_socket_is_named_not_the_dockerfile(
+    leader_factory: Callable[..., Any],
+    sshd: Sshd,
+    worker_engines: list[Dockerd],
+    registry: Registry,
+    tmp_path: Path,
+) -> None:
+    """SSH works but the forwarded socket does not exist there: the failure names the build
+    server's socket and points at SSH, not at the Dockerfile."""
+    server = {**_build_server(sshd, worker_engines[1]), "docker_socket": "/nonexistent.sock"}
+    leader = await leader_factory(leader={"build_server": server})
+    await leader.api.put_registry(registry.host, registry.username, registry.password)
+
+    dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "socketless")
+    final = await leader.api.wait_final(dep["id"])
+
+    assert final["state"] == "failed"
+    assert final["error"]["code"] == "build_failed"
+    assert "does not serve its Docker socket /nonexistent.sock" in final["error"]["message"]
+    assert "SSH" in final["error"]["hint"] and "Dockerfile" not in final["error"]["hint"]
+
+
 def test_a_tunnel_goes_to_the_temporary_directory_when_its_socket_path_would_be_too_long() -> None:
     """Unix socket paths have a limit of 107 bytes: a deep state directory is not used."""
     assert tunnel_parent(Path("/var/lib/deploy-agent")) == Path("/var/lib/deploy-agent")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from agent.config import BuildServerConfig
 from agent.engine import Engine
-from agent.errors import SshError
+from agent.errors import EngineError, SshError
 from agent.logs import get_logger
 from agent.ssh import SshHost, SshTarget
 
@@ -64,11 +64,27 @@ class Builders:
             ):
                 engine = Engine(f"unix://{socket}", timeout=self._timeout)
                 try:
+                    await _probe(engine, config)
                     yield engine
                 finally:
                     await engine.close()
         finally:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+async def _probe(engine: Engine, config: BuildServerConfig) -> None:
+    """The tunnel's far end opens only per connection, and a refusal there (the socket
+    missing, the SSH user not allowed to use it, forwarding disabled in sshd) just closes
+    the connection: ask the engine once, so that reads as what it is."""
+    try:
+        await engine.version()
+    except EngineError as exc:
+        raise BuildServerUnreachable(
+            f"the build server {config.ssh} does not serve its Docker socket "
+            f"{config.docker_socket} over SSH ({exc.message}): is that the socket's path, may "
+            "the SSH user use it (the docker group), and does its sshd allow stream-local "
+            "forwarding?"
+        ) from None
 
 
 def tunnel_parent(state_dir: Path) -> Path:
