@@ -121,6 +121,32 @@ async def test_a_build_server_without_that_docker_socket_is_named_not_the_docker
     assert "SSH" in final["error"]["hint"] and "Dockerfile" not in final["error"]["hint"]
 
 
+async def test_a_push_whose_tunnel_cannot_open_is_retried_through_a_new_one(
+    leader_factory: Callable[..., Any],
+    sshd: Sshd,
+    worker_engines: list[Dockerd],
+    registry: Registry,
+    tmp_path: Path,
+) -> None:
+    """The build server's sshd goes away during the build and comes back 2 s into the
+    push stage: the push is retried within its budget, each attempt through a tunnel of its
+    own, and the deployment succeeds."""
+    leader = await leader_factory(leader={"build_server": _build_server(sshd, worker_engines[1])})
+    await leader.api.put_registry(registry.host, registry.username, registry.password)
+    context = busybox_context(tmp_path / "c", run_step("sleep 2"))
+    dep = await leader.api.deploy_dir(context, "retunnel")
+    await leader.api.wait_state(dep["id"], "building")
+    sshd.stop()  # the build's own connection goes on
+    await leader.api.wait_state(dep["id"], "pushing")
+    await asyncio.sleep(2)
+    sshd.start()
+
+    final = await leader.api.wait_final(dep["id"])
+
+    assert final["state"] == "succeeded", final.get("error")
+    assert final["push_retries"] >= 1
+
+
 def test_a_tunnel_goes_to_the_temporary_directory_when_its_socket_path_would_be_too_long() -> None:
     """Unix socket paths have a limit of 107 bytes: a deep state directory is not used."""
     assert tunnel_parent(Path("/var/lib/deploy-agent")) == Path("/var/lib/deploy-agent")

@@ -39,6 +39,9 @@ from agent.retention import APP_LABEL, prune_app_images
 from agent.wire import PullResult
 
 log = get_logger(__name__)
+BUILD_SERVER_HINT = (
+    "check the build server's SSH access and its Docker socket (leader.build_server)"
+)
 UNAUTHORIZED_HINT = (
     "check that the registry token has write (push) permission for this repository, "
     "then set it again with PUT /v1/registry"
@@ -69,8 +72,7 @@ async def build(ctx: LeaderContext, dep: Deployment) -> None:
     except EngineError as exc:
         raise BuildFailed(exc.message, []) from None
     except SshError as exc:
-        hint = "check the build server's SSH access and its Docker socket (leader.build_server)"
-        raise BuildFailed(exc.message, [], hint) from None
+        raise BuildFailed(exc.message, [], BUILD_SERVER_HINT) from None
 
 
 class BuildFailed(DeploymentError):
@@ -118,14 +120,15 @@ async def push(ctx: LeaderContext, dep: Deployment) -> None:
     retrying = AsyncRetrying(
         stop=stop_before_delay(ctx.config.push_retry_budget),
         wait=wait_exponential_jitter(initial=1, max=30, jitter=1),
-        retry=retry_if_exception_type(RegistryTransientError),
+        # a build server's tunnel that broke is opened again for the next attempt
+        retry=retry_if_exception_type((RegistryTransientError, SshError)),
         before_sleep=_RetryRecorder(ctx, dep),
         reraise=True,
     )
     try:
-        async with ctx.builders.engine() as engine:
-            async for attempt in retrying:
-                with attempt:
+        async for attempt in retrying:
+            with attempt:
+                async with ctx.builders.engine() as engine:
                     dep.digest = await engine.push(dep.repository, dep.tag, creds, progress)
     except RegistryAuthError as exc:
         raise DeploymentError(
@@ -133,7 +136,10 @@ async def push(ctx: LeaderContext, dep: Deployment) -> None:
         ) from None
     except RegistryTransientError as exc:
         raise _exhausted(ctx, dep, exc) from None
-    except (RegistryError, EngineError, SshError) as exc:
+    except SshError as exc:
+        message = f"the push failed: {exc.message}"
+        raise DeploymentError("push_failed", message, BUILD_SERVER_HINT) from None
+    except (RegistryError, EngineError) as exc:
         raise DeploymentError("push_failed", f"the push failed: {exc.message}") from None
     await ctx.journal.record(dep.id, "push", status="pushed", digest=dep.digest)
 

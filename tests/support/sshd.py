@@ -78,7 +78,11 @@ class Sshd:
             raise RuntimeError(f"sshd exited: {self.log_path.read_text()[-2000:]}")
         return port_open(self.port)
 
-    def cleanup(self) -> None:
+    def stop(self) -> None:
+        """Stop listening; connections made before go on (each has its own process)."""
         if self.proc is not None:
             stop(self.proc)
+
+    def cleanup(self) -> None:
+        self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
