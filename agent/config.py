@@ -122,8 +122,18 @@ class WorkerConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True
 class RegistryConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
     server: str
     username: str
-    password: str
+    password: str | None = None
+    # A command whose first line of output is the password, for short-lived tokens (ECR's
+    # last 12 hours): run at start and again every password_refresh_s.
+    password_command: str | None = None
+    password_refresh_s: Seconds = 6 * 3600.0
     namespace: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.password is None) == (self.password_command is None):
+            raise ValueError(
+                "give exactly one of password (or password_file, password_env) and password_command"
+            )
 
 
 class Config(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -149,7 +159,7 @@ class Config(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
         """Every secret value this config holds, for the log redactor."""
         found = [self.leader.api_token] if self.leader else []
         found += [hook.secret for hook in self.leader.webhooks] if self.leader else []
-        if self.registry:
+        if self.registry and self.registry.password:
             found.append(self.registry.password)
         if self.worker and self.worker.join_token:
             found.append(self.worker.join_token)
@@ -205,9 +215,10 @@ def _read_secret_file(path: object, name: str) -> str:
     if not isinstance(path, str):
         raise ConfigError(f"{name}: expected a file path")
     try:
-        value = Path(path).read_text().strip()
+        lines = Path(path).read_text().strip().splitlines()
     except OSError as exc:
         raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from None
+    value = lines[0].strip() if lines else ""
     if not value:
         raise ConfigError(f"{name}: {path} is empty")
     return value

@@ -124,3 +124,20 @@ async def test_an_enrolled_worker_starts_without_its_join_token_file(tmp_path: P
     config = parse_config({**raw, "worker": dict(worker)})
     assert config.worker is not None and config.worker.join_token is not None
     assert config.worker.join_token.startswith("DAT1-")
+
+
+def test_registry_password_comes_from_exactly_one_source(tmp_path: Path) -> None:
+    """A password, or a password_command, never both or neither; a password file gives
+    its first line."""
+    base = {"role": "leader", "leader": {"api_token": "t" * 32}}
+    registry = {"server": "r.example.com", "username": "u"}
+    command = {"password_command": "aws ecr get-login-password", "password_refresh_s": 3600}
+    config = parse_config({**base, "registry": {**registry, **command}})
+    assert config.registry is not None and config.registry.password is None
+    for wrong in ({**registry, **command, "password": "p"}, registry):
+        with pytest.raises(ConfigError, match="exactly one of password"):
+            parse_config({**base, "registry": wrong})
+    secret = tmp_path / "password"
+    secret.write_text("first-line\nsecond-line\n")
+    config = parse_config({**base, "registry": {**registry, "password_file": str(secret)}})
+    assert config.registry is not None and config.registry.password == "first-line"

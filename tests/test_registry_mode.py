@@ -4,8 +4,13 @@ ride out an outage, and failures that say what to do."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from agent.leader.models import NodeRecord
 from tests.support.contexts import busybox_context
@@ -144,3 +149,50 @@ async def test_enrolled_worker_without_registry_is_409_registry_required(
     assert listing["deployments"] == []
     _, cluster = await leader.api.request("GET", "/v1/cluster")
     assert cluster["mode"] == "registry"
+
+
+PASSWORD_VAR = "DEPLOY_AGENT_TEST_REGISTRY_PASSWORD"
+
+
+async def _registry_version(leader: InProcessLeader, above: int, within: float) -> int | None:
+    """The credentials version once it passes `above`, or None if it does not in time."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(within):
+            while True:
+                _, doc = await leader.api.request("GET", "/v1/registry")
+                if doc["registry"] and doc["registry"]["version"] > above:
+                    return int(doc["registry"]["version"])
+                await asyncio.sleep(0.1)
+    return None
+
+
+async def test_a_password_command_is_rerun_and_each_new_token_verified_and_versioned(
+    leader_factory: Callable[..., Any],
+    registry: Registry,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """With registry.password_command (here: print an environment variable) the leader
+    sets the registry at start, refuses a token the registry refuses (the one in force
+    stays), and takes the next good one as a new version, as a short-lived token's
+    rotation goes."""
+    monkeypatch.setenv(PASSWORD_VAR, registry.password)
+    seed = {
+        "server": registry.host,
+        "username": registry.username,
+        "password_command": f'printf "%s\\n" "${PASSWORD_VAR}"',
+        "password_refresh_s": 0.5,
+    }
+    leader = await leader_factory(registry=seed)
+    first = await _registry_version(leader, 0, within=10)
+    assert first is not None
+
+    monkeypatch.setenv(PASSWORD_VAR, "not-the-password")
+    assert await _registry_version(leader, first, within=2.5) is None
+
+    monkeypatch.setenv(PASSWORD_VAR, registry.rotate_password("from-a-command"))
+    registry.restart()
+    rotated = await _registry_version(leader, first, within=15)
+    assert rotated is not None
+    dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "rotating")
+    assert (await leader.api.wait_final(dep["id"]))["state"] == "succeeded"

@@ -25,7 +25,7 @@ from agent import wire
 from agent.config import Config, LeaderConfig
 from agent.credentials import RegistryCredentials
 from agent.engine import Engine
-from agent.errors import AgentError, ConfigError, RequestError
+from agent.errors import AgentError, ConfigError, EngineError, RequestError
 from agent.leader.api import cluster, deployments, middleware, nodes, openapi, registry
 from agent.leader.api.keys import CONTEXT, SCHEDULER
 from agent.leader.build_server import Builders
@@ -33,6 +33,7 @@ from agent.leader.context import LeaderContext
 from agent.leader.hub import Hub, ProgressSink
 from agent.leader.journal import Journal
 from agent.leader.metrics import LeaderMetrics
+from agent.leader.password_command import PasswordRefresher
 from agent.leader.registry import RegistryService
 from agent.leader.release import ensure_swarm
 from agent.leader.scheduler import Scheduler
@@ -85,6 +86,7 @@ class Leader:
         self._lag_task: asyncio.Task[None] | None = None
         self._webhook_task: asyncio.Task[None] | None = None
         self._trim_task: asyncio.Task[None] | None = None
+        self._password_task: asyncio.Task[None] | None = None
         self.ctx: LeaderContext | None = None
         self.scheduler: Scheduler | None = None
 
@@ -116,6 +118,9 @@ class Leader:
         await self._check_engine(engine)
         await self._seed_registry(reg)
         self.scheduler = Scheduler(ctx)
+        # Listen first: a leader that cannot serve (its port taken, say) must not start
+        # deployments, each start counting as an attempt, only to interrupt them.
+        await self._serve(build_app(ctx, self.scheduler), tls)
         self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
         self._lag_task = asyncio.create_task(metrics.watch_loop_lag(), name="loop-lag")
         self._trim_task = asyncio.create_task(
@@ -123,7 +128,10 @@ class Leader:
         )
         if hooks:
             self._webhook_task = asyncio.create_task(sender.run(), name="webhooks")
-        await self._serve(build_app(ctx, self.scheduler), tls)
+        seed = self.config.registry
+        if seed is not None and seed.password_command is not None:
+            refresher = PasswordRefresher(seed, reg)
+            self._password_task = asyncio.create_task(refresher.run(), name="registry-password")
 
     async def _check_engine(self, engine: Engine) -> None:
         try:
@@ -137,7 +145,7 @@ class Leader:
 
     async def _seed_registry(self, reg: RegistryService) -> None:
         seed = self.config.registry
-        if seed is None:
+        if seed is None or seed.password is None:  # a password_command is run once serving
             return
         creds = RegistryCredentials(seed.server, seed.username, seed.password, seed.namespace)
         current = reg.current
@@ -145,7 +153,7 @@ class Leader:
             return
         try:
             await reg.set(creds)
-        except RequestError as exc:
+        except (RequestError, EngineError) as exc:  # refused, or the engine is not up yet
             log.error("registry.config_rejected", server=seed.server, error=exc.message)
 
     async def _serve(self, app: web.Application, tls: LeaderTLS | None) -> None:
@@ -187,7 +195,8 @@ class Leader:
             await self.ctx.hub.close_all()
         if self._runner is not None:
             await self._runner.cleanup()
-        for task in (self._scheduler_task, self._lag_task, self._webhook_task, self._trim_task):
+        tasks = (self._scheduler_task, self._lag_task, self._webhook_task, self._trim_task)
+        for task in (*tasks, self._password_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
