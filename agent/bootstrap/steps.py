@@ -16,6 +16,7 @@ from typing import Any, Literal, Protocol
 from agent.bootstrap import render
 from agent.bootstrap.plan import DEFAULT_STATE_DIR, NODE_NAME, UNIT_NAME, Plan
 from agent.errors import BootstrapError, SshError
+from agent.procs import communicate_within
 from agent.ssh import Completed, SshHost
 
 BUILD_TIMEOUT = 300.0
@@ -116,16 +117,11 @@ async def build_wheel(source: Path, out: Path) -> Path:
         stderr=asyncio.subprocess.STDOUT,
     )
     try:
-        async with asyncio.timeout(BUILD_TIMEOUT):
-            output, _ = await proc.communicate()
+        output, _ = await communicate_within(proc, BUILD_TIMEOUT)
     except TimeoutError:
         raise BootstrapError(
             "wheel", f"pip wheel did not finish within {BUILD_TIMEOUT:.0f} s"
         ) from None
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
     built = _wheels_in(out)
     if proc.returncode != 0 or not built:
         tail = " | ".join(output.decode(errors="replace").strip().splitlines()[-5:])

@@ -17,6 +17,7 @@ from agent.credentials import RegistryCredentials
 from agent.errors import AgentError
 from agent.leader.registry import RegistryService
 from agent.logs import get_logger, redactor
+from agent.procs import communicate_within
 
 log = get_logger(__name__)
 COMMAND_DEADLINE = 60.0
@@ -37,16 +38,11 @@ async def run_password_command(command: str) -> str:
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        async with asyncio.timeout(COMMAND_DEADLINE):
-            out, err = await proc.communicate()
+        out, err = await communicate_within(proc, COMMAND_DEADLINE)
     except TimeoutError:
         raise PasswordCommandError(
             f"registry.password_command did not finish within {COMMAND_DEADLINE:.0f} s"
         ) from None
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
     if proc.returncode != 0:
         tail = " | ".join(err.decode(errors="replace").strip().splitlines()[-3:])
         raise PasswordCommandError(

@@ -8,7 +8,6 @@ the context are refused before the engine sees the archive.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import posixpath
 import shutil
@@ -21,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 from aiohttp import web
 
 from agent.errors import DeploymentError, RequestError
+from agent.procs import communicate_within
 
 CHUNK = 1024 * 1024
 # An upload never leaves less than this free on the state directory's filesystem: the
@@ -225,13 +225,7 @@ async def _git(env: dict[str, str], *args: str) -> str:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    try:
-        out, err = await proc.communicate()
-    except asyncio.CancelledError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise
+    out, err = await communicate_within(proc, None)  # the stage's deadline bounds it
     if proc.returncode != 0:
         reason = err.decode(errors="replace").strip().splitlines()
         raise DeploymentError(
