@@ -1,4 +1,5 @@
 """`deploy-agent run`: start the role the config names, run until SIGTERM, then stop.
+SIGHUP is logged and ignored.
 
 Signal handlers only set an event; the stop order lives with the role. The service
 manager hears READY=1 once the role serves, WATCHDOG=1 from the event loop meanwhile,
@@ -25,6 +26,9 @@ async def run(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP's default would end the agent at once, undrained, and systemd counts that as a
+    # clean exit (no restart). A reload is not supported: say so and go on.
+    loop.add_signal_handler(signal.SIGHUP, _hangup)
     notifier = Notifier.from_environ()
     notifier.status(f"{config.role} starting")
     try:
@@ -34,6 +38,10 @@ async def run(config: Config) -> None:
             await _run_leader(Leader(config), stop, notifier)
     finally:
         notifier.close()
+
+
+def _hangup() -> None:
+    log.warning("agent.sighup_ignored", hint="restart the service to read a changed config")
 
 
 async def _run_worker(worker: Worker, stop: asyncio.Event, notifier: Notifier) -> None:

@@ -6,12 +6,14 @@ import asyncio
 import os
 import pty
 import signal
+import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tests.support.contexts import busybox_context, run_step
-from tests.support.leader import InProcessLeader
+from tests.support.leader import InProcessLeader, LeaderProcess
 from tests.support.registry import Registry
 
 SCRIPT = str(Path(sys.executable).parent / "deploy-agent")
@@ -248,3 +250,36 @@ async def test_ctrl_c_detaches_and_the_deployment_goes_on(
     _, listing = await leader.api.request("GET", "/v1/deployments?app=detach")
     final = await leader.api.wait_final(listing["deployments"][0]["id"])
     assert final["state"] == "succeeded"
+
+
+async def test_sighup_is_logged_and_ignored(leader_process: Callable[..., LeaderProcess]) -> None:
+    """SIGHUP's default would end the leader at once, undrained, as a clean exit that
+    systemd does not restart: it is logged and the leader serves on."""
+    leader = leader_process()
+    leader.start()
+    assert leader.proc is not None
+    leader.proc.send_signal(signal.SIGHUP)
+    await asyncio.sleep(0.5)
+
+    status, _ = await leader.api.request("GET", "/v1/cluster")
+    assert status == 200
+    assert "agent.sighup_ignored" in leader.log_text()
+    assert leader.terminate() == 0
+
+
+async def test_a_leader_that_cannot_listen_says_why_and_exits_1(
+    leader_process: Callable[..., LeaderProcess],
+) -> None:
+    """Its port taken: `run` logs agent.failed with the reason and exits 1, not 2 with
+    the client commands' "cannot reach the leader"."""
+    leader = leader_process()
+    host, _, port = leader.raw["leader"]["listen"].rpartition(":")
+    with socket.socket() as taken:
+        taken.bind((host, int(port)))
+        taken.listen()
+        code, out, err = await _cli(
+            None, "run", "-c", str(leader.config_path), extra_env=leader.secret_env
+        )
+    assert code == 1, out + err
+    assert "agent.failed" in out + err and "address already in use" in out + err
+    assert "cannot reach the leader" not in out + err

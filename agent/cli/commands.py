@@ -38,6 +38,9 @@ async def run(args: argparse.Namespace) -> int:
     except AgentError as exc:
         logs.get_logger("agent").error("agent.failed", error=exc.message)
         return 1
+    except OSError as exc:  # its own port taken, a read-only state directory…
+        logs.get_logger("agent").error("agent.failed", error=str(exc) or repr(exc))
+        return 1
     return 0
 
 
