@@ -169,7 +169,9 @@ def new_secret() -> str:
 
 
 def secret_hash(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
+    # a secret from a request header may hold stray bytes (decoded with surrogateescape):
+    # it hashes like any other, and matches nothing
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def make_join_token(fingerprint: str, secret: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import os
@@ -215,3 +216,24 @@ async def test_an_upload_that_would_fill_the_disk_is_507_and_leaves_nothing(
     status, doc = await leader.api.request("POST", UPLOAD, data=small, headers=GZ)
     assert status == 202, doc
     assert (await leader.api.wait_final(doc["id"]))["state"] == "succeeded"
+
+
+@pytest.mark.parametrize(
+    ("path", "header"),
+    [("/v1/cluster", b"Bearer \xff\xfe"), ("/v1/agent", b"Node n-1:\xff\xfe")],
+    ids=["api-token", "node-secret"],
+)
+async def test_an_authorization_header_with_stray_bytes_is_401_not_500(
+    leader: InProcessLeader, path: str, header: bytes
+) -> None:
+    """A header that is not UTF-8 is a wrong credential like any other."""
+    host, _, port = leader.config.leader.listen.rpartition(":")  # type: ignore[union-attr]
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"GET " + path.encode() + b" HTTP/1.1\r\nHost: leader\r\nConnection: close\r\n"
+        b"Authorization: " + header + b"\r\n\r\n"
+    )
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 10)
+    writer.close()
+    assert status_line.split()[1] == b"401", status_line

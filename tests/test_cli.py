@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.cli.main import _parser
 from tests.support.contexts import busybox_context, run_step
 from tests.support.leader import InProcessLeader, LeaderProcess
 from tests.support.registry import Registry
@@ -283,3 +284,12 @@ async def test_a_leader_that_cannot_listen_says_why_and_exits_1(
     assert code == 1, out + err
     assert "agent.failed" in out + err and "address already in use" in out + err
     assert "cannot reach the leader" not in out + err
+
+
+def test_flags_before_a_nested_command_are_kept() -> None:
+    """`nodes --url U revoke ID` talks to U: the nested command's own copies of the flags
+    do not reset what the parent set (it fell back to another leader before)."""
+    args = _parser().parse_args(["nodes", "--url", "https://leader:7443", "revoke", "n-1"])
+    assert (args.url, args.id) == ("https://leader:7443", "n-1")
+    args = _parser().parse_args(["nodes", "revoke", "--url", "https://other:7443", "n-2"])
+    assert args.url == "https://other:7443"

@@ -110,7 +110,7 @@ def _nodes_parser(sub: Any) -> None:
     nodes.set_defaults(command=commands.nodes_list)
     nodes_sub = nodes.add_subparsers()
     revoke = nodes_sub.add_parser("revoke", help="disconnect a worker and refuse it from now on")
-    _client_flags(revoke)
+    _client_flags(revoke, nested=True)
     revoke.add_argument("id")
     revoke.set_defaults(command=commands.nodes_revoke)
     token = sub.add_parser("join-token", help="make a new worker join token (rotates the old)")
@@ -134,8 +134,12 @@ def _registry_parser(sub: Any) -> None:
         p.set_defaults(command=fn)
 
 
-def _client_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", help=f"leader config (default {commands.DEFAULT_CONFIG})")
-    parser.add_argument("--url", help="leader URL (or DEPLOY_AGENT_URL)")
-    parser.add_argument("--token-file", help="file with the API token (or DEPLOY_AGENT_TOKEN)")
-    parser.add_argument("--ca-file", help="CA to verify the leader with (or DEPLOY_AGENT_CA)")
+def _client_flags(parser: argparse.ArgumentParser, *, nested: bool = False) -> None:
+    """The flags that say which leader to talk to. On a nested command (`nodes revoke`)
+    they leave unset what the parent command's copies already set."""
+    extra: dict[str, Any] = {"default": argparse.SUPPRESS} if nested else {}
+    add = parser.add_argument
+    add("-c", "--config", help=f"leader config (default {commands.DEFAULT_CONFIG})", **extra)
+    add("--url", help="leader URL (or DEPLOY_AGENT_URL)", **extra)
+    add("--token-file", help="file with the API token (or DEPLOY_AGENT_TOKEN)", **extra)
+    add("--ca-file", help="CA to verify the leader with (or DEPLOY_AGENT_CA)", **extra)

@@ -55,7 +55,8 @@ def bearer_auth(token: str) -> Middleware:
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in PUBLIC_PATHS:
             return await handler(request)
-        given = request.headers.get("Authorization", "").encode()
+        # headers are decoded with surrogateescape: a stray byte must not fail the encode
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(given, expected):
             return error_body(
                 401,
