@@ -12,9 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
 from agent.cli.main import _parser
 from tests.support.contexts import busybox_context, run_step
 from tests.support.leader import InProcessLeader, LeaderProcess
+from tests.support.loopback import serving
 from tests.support.registry import Registry
 
 SCRIPT = str(Path(sys.executable).parent / "deploy-agent")
@@ -293,3 +296,19 @@ def test_flags_before_a_nested_command_are_kept() -> None:
     assert (args.url, args.id) == ("https://leader:7443", "n-1")
     args = _parser().parse_args(["nodes", "revoke", "--url", "https://other:7443", "n-2"])
     assert args.url == "https://other:7443"
+
+
+async def test_an_answer_that_is_not_json_is_reported_not_a_traceback() -> None:
+    """A proxy's HTML error page in front of the leader: the command says so and exits
+    1, instead of a JSONDecodeError traceback."""
+
+    async def proxy_error(request: web.Request) -> web.Response:
+        return web.Response(status=502, text="<html><h1>502 Bad Gateway</h1></html>")
+
+    async for url in serving(proxy_error, "/v1/deployments"):
+        code, _, err = await _cli(
+            None, "status", "--url", url, extra_env={"DEPLOY_AGENT_TOKEN": "t"}
+        )
+    assert code == 1, err
+    assert "502: the answer is not JSON: <html><h1>502 Bad Gateway</h1></html>" in err
+    assert "Traceback" not in err

@@ -98,8 +98,7 @@ class Client:
             headers=headers,
             timeout=limits,
         ) as response:
-            body = await response.read()
-            doc = json.loads(body) if body else None
+            doc = _decoded(response.status, await response.read())
             if response.status >= 400:
                 raise _api_error(response.status, doc)
             return doc
@@ -108,10 +107,22 @@ class Client:
         url = f"{self._target.url}/v1/deployments/{dep_id}/events"
         async with self._session.get(url, timeout=FOLLOW_TIMEOUT) as response:
             if response.status >= 400:
-                raise _api_error(response.status, json.loads(await response.read()))
+                raise _api_error(response.status, _decoded(response.status, await response.read()))
             async for line in response.content:
                 if line.strip():
                     yield json.loads(line)
+
+
+def _decoded(status: int, body: bytes) -> Any:
+    """The JSON body; a body that is not JSON (a proxy's error page) is an ApiError that
+    shows its start."""
+    if not body:
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        text = " ".join(body.decode(errors="replace").split())[:200]
+        raise ApiError(status, str(status), f"the answer is not JSON: {text}", None) from None
 
 
 def _api_error(status: int, doc: Any) -> ApiError:
