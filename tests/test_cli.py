@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import pty
@@ -12,9 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 
+from agent.cli import commands
 from agent.cli.main import _parser
+from agent.errors import ConfigError
 from tests.support.contexts import busybox_context, run_step
 from tests.support.leader import InProcessLeader, LeaderProcess
 from tests.support.loopback import serving
@@ -312,3 +316,23 @@ async def test_an_answer_that_is_not_json_is_reported_not_a_traceback() -> None:
     assert code == 1, err
     assert "502: the answer is not JSON: <html><h1>502 Bad Gateway</h1></html>" in err
     assert "Traceback" not in err
+
+
+async def test_the_default_config_is_not_read_when_the_leader_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --url and DEPLOY_AGENT_TOKEN, an installed leader config that cannot load here
+    (its token comes from the service's own environment) is left alone."""
+    installed = tmp_path / "config.toml"
+    installed.write_text(
+        'role = "leader"\n[leader]\napi_token_env = "ONLY_IN_THE_SERVICE_ENVIRONMENT"\n'
+    )
+    monkeypatch.setattr(commands, "DEFAULT_CONFIG", str(installed))
+    monkeypatch.setenv("DEPLOY_AGENT_TOKEN", "t")
+    monkeypatch.delenv("ONLY_IN_THE_SERVICE_ENVIRONMENT", raising=False)
+    flags = argparse.Namespace(url="http://leader:7070", token_file=None, config=None, ca_file=None)
+
+    async with commands.client_for(flags):
+        pass
+    with pytest.raises(ConfigError, match="ONLY_IN_THE_SERVICE_ENVIRONMENT"):
+        commands.client_for(argparse.Namespace(**{**vars(flags), "url": None}))

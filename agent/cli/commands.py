@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,9 +23,22 @@ EXIT_REVOKED = 3  # a revoked worker: restarting it cannot help
 
 
 def client_for(args: argparse.Namespace) -> Client:
-    path = args.config or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None)
-    config: Config | None = load_config(path) if path else None
+    """A client of the leader the flags, the environment or a leader config name. The
+    default config is read only when the first two leave the URL or the token unsaid: it
+    may be unreadable here (0640 to the service's group) or take its token from the
+    service's own environment."""
+    config: Config | None = None
+    if args.config:
+        config = load_config(args.config)
+    elif not _leader_given(args) and Path(DEFAULT_CONFIG).exists():
+        config = load_config(DEFAULT_CONFIG)
     return Client(Target.resolve(args.url, args.token_file, config, args.ca_file))
+
+
+def _leader_given(args: argparse.Namespace) -> bool:
+    url = args.url or os.environ.get("DEPLOY_AGENT_URL")
+    token = args.token_file or os.environ.get("DEPLOY_AGENT_TOKEN")
+    return bool(url and token)
 
 
 async def run(args: argparse.Namespace) -> int:
