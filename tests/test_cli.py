@@ -163,10 +163,14 @@ async def test_join_token_and_nodes_commands(
 
 
 async def _cli_on_tty(
-    leader: InProcessLeader, *args: str, interrupt_on: str | None = None
+    leader: InProcessLeader,
+    *args: str,
+    interrupt_on: str | None = None,
+    answer: tuple[str, bytes] | None = None,
 ) -> tuple[int, str]:
     """Run the command with its output on a pseudo-terminal, as a person would see it;
-    press Ctrl-C once `interrupt_on` has appeared on the screen."""
+    press Ctrl-C once `interrupt_on` has appeared on the screen. With `answer` (a prompt
+    and what to type), its input is the terminal too."""
     primary, secondary = pty.openpty()
     env = dict(os.environ) | {
         "DEPLOY_AGENT_URL": leader.api.base_url,
@@ -178,13 +182,16 @@ async def _cli_on_tty(
         SCRIPT,
         *args,
         env=env,
-        stdin=asyncio.subprocess.DEVNULL,
+        stdin=secondary if answer else asyncio.subprocess.DEVNULL,
         stdout=secondary,
         stderr=secondary,
     )
     os.close(secondary)
     screen = _Screen(primary)
     try:
+        if answer is not None:
+            await asyncio.wait_for(screen.shows(answer[0]), 60)
+            os.write(primary, answer[1])
         if interrupt_on is not None:
             await asyncio.wait_for(screen.shows(interrupt_on), 60)
             proc.send_signal(signal.SIGINT)
@@ -336,3 +343,16 @@ async def test_the_default_config_is_not_read_when_the_leader_is_given(
         pass
     with pytest.raises(ConfigError, match="ONLY_IN_THE_SERVICE_ENVIRONMENT"):
         commands.client_for(argparse.Namespace(**{**vars(flags), "url": None}))
+
+
+async def test_a_password_typed_at_a_terminal_is_asked_for_and_not_echoed(
+    leader: InProcessLeader, registry: Registry
+) -> None:
+    """`registry set` on a terminal prompts for the token and keeps it off the screen."""
+    typed = (registry.password + "\n").encode()
+    args = ("registry", "set", "--server", registry.host, "--username", registry.username)
+    code, screen = await _cli_on_tty(leader, *args, answer=("password or token:", typed))
+
+    assert code == 0, screen
+    assert registry.password not in screen
+    assert '"version": 1' in screen

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import os
 import sys
@@ -99,7 +100,11 @@ async def registry_set(args: argparse.Namespace) -> int:
 
 
 def _read_password(path: str | None) -> str:
-    return Path(path).read_text().strip() if path else sys.stdin.readline().strip()
+    if path:
+        return Path(path).read_text().strip()
+    if sys.stdin.isatty():  # typed: asked for, and not echoed to the screen
+        return getpass.getpass("registry password or token: ").strip()
+    return sys.stdin.readline().strip()
 
 
 async def registry_show(args: argparse.Namespace) -> int:
