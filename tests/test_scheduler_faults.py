@@ -1,10 +1,12 @@
 """The scheduler when its store fails under it: it logs, waits and tries again, rather
-than dying (nothing would start again) or spinning (a runner restarted at once)."""
+than dying (nothing would start again) or spinning (a runner restarted at once). And its
+stop, which waits for interrupted work a bounded time."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from types import SimpleNamespace
 from typing import cast
 
@@ -13,6 +15,7 @@ import pytest
 from agent.leader import scheduler
 from agent.leader.context import LeaderContext
 from agent.leader.models import Deployment
+from agent.leader.runner import Runner
 
 
 class FullDiskOnce:
@@ -44,3 +47,30 @@ async def test_a_failed_store_read_is_retried_and_the_scheduler_keeps_running(
     assert not running.done()
     await sched.shutdown(0)
     await asyncio.wait_for(running, 1)
+
+
+async def test_a_stop_waits_for_interrupted_work_only_so_long(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past the drain deadline, a deployment whose interruption takes long (a release
+    undoing itself against a slow engine) is given the grace and no more: the stop goes
+    on within systemd's stop timeout, and the next start resumes the rest."""
+    monkeypatch.setattr(scheduler, "INTERRUPT_GRACE_S", 0.3)
+
+    async def slow_to_stop() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            await asyncio.sleep(5)  # undoing
+            raise
+
+    sched = scheduler.Scheduler(cast(LeaderContext, SimpleNamespace()))
+    task = asyncio.create_task(slow_to_stop())
+    sched._running["d-1"] = (cast(Runner, None), task)
+    await asyncio.sleep(0)
+    started = time.monotonic()
+
+    await sched.shutdown(0.1)
+
+    assert time.monotonic() - started < 1.0
+    task.cancel()

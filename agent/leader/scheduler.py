@@ -19,6 +19,7 @@ from agent.logs import get_logger
 
 log = get_logger(__name__)
 RETRY_SECONDS = 5.0  # after the store failed under the scheduler or a runner
+INTERRUPT_GRACE_S = 20.0
 
 
 class Scheduler:
@@ -120,4 +121,8 @@ class Scheduler:
             task.cancel("leader shutting down")
         if pending:
             log.warning("scheduler.drain_deadline_passed", interrupted=len(pending))
-            await asyncio.wait(pending)
+            # An interrupted release undoes itself first, one bounded engine call at a
+            # time; past this grace the stop goes on and the next start resumes the rest.
+            _, left = await asyncio.wait(pending, timeout=INTERRUPT_GRACE_S)
+            if left:
+                log.error("scheduler.interrupt_grace_passed", still_running=len(left))
