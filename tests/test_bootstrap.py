@@ -221,6 +221,28 @@ async def test_bootstrap_again_keeps_the_node_and_replaces_the_agent(
     assert nodes["boot-1"]["connected"] is True
 
 
+async def test_bootstrap_again_after_a_revoke_enrols_the_host_afresh(
+    leader_factory: Callable[..., Any], bootstrap: Bootstrap, tmp_path: Path
+) -> None:
+    """The node was revoked: a second run sets the host's old identity aside (the agent
+    would be refused with it for good) and the host enrols again as a new node."""
+    leader: InProcessLeader = await leader_factory(leader=TLS)
+    host = Host(tmp_path / "host")
+    first = await bootstrap(leader, host)
+    assert first.status == 0, first.stderr
+    old_id = (await leader.api.nodes())["boot-1"]["id"]
+    status, _ = await leader.api.request("DELETE", f"/v1/nodes/{old_id}")
+    assert status == 200
+
+    again = await bootstrap(leader, host)
+
+    assert again.status == 0, again.stderr
+    assert "set aside: it enrols with the join token" in again.steps()["config"]["detail"]
+    nodes = await leader.api.nodes()
+    assert nodes["boot-1"]["connected"] is True
+    assert nodes["boot-1"]["id"] != old_id
+
+
 async def test_a_wrong_host_key_is_refused_before_anything_happens(
     leader_factory: Callable[..., Any], bootstrap: Bootstrap, sshd: Sshd, tmp_path: Path
 ) -> None:

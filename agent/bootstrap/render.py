@@ -107,6 +107,19 @@ def forget_join_token(plan: Plan) -> str:
     return f"rm -f {quote(plan.token_path)}"
 
 
+def identity_node_id(plan: Plan) -> str:
+    """Prints the node id the host's identity holds (never its secret), or nothing."""
+    program = "import json, sys; print(json.load(open(sys.argv[1]))['node_id'])"
+    return f"python3 -c {quote(program)} {quote(plan.identity_path)} 2>/dev/null || true"
+
+
+def set_identity_aside(plan: Plan) -> str:
+    """Moves an identity the leader no longer knows out of the agent's way (kept, 0600,
+    for an operator to look at), so that the agent enrols afresh."""
+    path = quote(plan.identity_path)
+    return f'mv -f {path} {path}.unknown-"$(date +%s)"'
+
+
 def has_identity(plan: Plan) -> str:
     return f"test -f {quote(plan.identity_path)} && echo kept || echo none"
 

@@ -224,6 +224,11 @@ async def write_config(s: Session) -> Outcome:
     why = f"cannot put {plan.config_path} in place"
     await s.must_run("config", render.put_config_in_place(plan, staged), deadline=30, why=why)
     kept = (await s.remote.run(render.has_identity(plan), deadline=15)).stdout.strip() == "kept"
+    unknown = kept and not await _identity_known(s)
+    if unknown:
+        why = "cannot set aside the identity the leader does not know"
+        await s.must_run("config", render.set_identity_aside(plan), deadline=15, why=why)
+        kept = False
     if not kept and s.enrolled_as is not None:
         raise BootstrapError(
             "config",
@@ -232,7 +237,17 @@ async def write_config(s: Session) -> Outcome:
             f"{s.enrolled_as}) or pass another --name",
         )
     identity = "identity kept" if kept else "it enrols with the join token"
+    if unknown:
+        identity = f"its identity is not enrolled here (revoked?), set aside: {identity}"
     return ok(f"{plan.config_path}, {plan.token_path} (0600); {identity}")
+
+
+async def _identity_known(s: Session) -> bool:
+    """Is the node the host's identity names enrolled with this leader? Not when it was
+    revoked, or enrolled with another leader: the agent would be refused for good."""
+    node_id = (await s.remote.run(render.identity_node_id(s.plan), deadline=15)).stdout.strip()
+    doc = await s.leader.call("GET", "/v1/nodes")
+    return any(node["id"] == node_id for node in doc["nodes"])
 
 
 async def _check_service_manager(s: Session) -> None:
