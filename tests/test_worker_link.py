@@ -12,9 +12,10 @@ import pytest
 from aiohttp import web
 
 from agent import wire
+from agent.backoff import Backoff
 from agent.config import parse_config
 from agent.engine import Engine
-from agent.worker.agent import Worker
+from agent.worker.agent import Worker, _pace_after_close
 from agent.worker.identity import Identity
 from tests.support.loopback import serving
 
@@ -139,3 +140,23 @@ async def test_a_stopping_worker_finishes_the_pull_under_way_and_answers_it(
     answers = [m for m in leader.received if isinstance(m, wire.PullResult)]
     assert [(a.order, a.ok) for a in answers] == [("d-1", True)]
     assert leader.closed_at is not None and leader.closed_at - stopped_at < 3
+
+
+@pytest.mark.parametrize(
+    ("code", "up_s", "next_at_most"),
+    [
+        (1006, 1.0, 0.5),  # lost (no close frame: a cut, a dead peer): try again at once
+        (wire.CLOSE_SHUTDOWN, 6.0, 0.5),  # held, then closed: the leader restarts
+        (wire.CLOSE_SHUTDOWN, 1.0, 30.0),  # closed by the leader at once: keep growing
+    ],
+)
+def test_what_a_close_does_to_the_pace_of_the_next_tries(
+    code: int, up_s: float, next_at_most: float
+) -> None:
+    backoff = Backoff(initial=0.5, cap=30)
+    for _ in range(6):
+        backoff.next()
+    _pace_after_close(backoff, code, up_s)
+    delay = backoff.next()
+    assert delay <= next_at_most
+    assert next_at_most < 1 or delay >= 8  # kept growing: 16 to 32 s, capped at 30
