@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import pty
 import signal
@@ -17,6 +18,8 @@ import pytest
 from aiohttp import web
 
 from agent.cli import commands
+from agent.cli.client import Client, Target
+from agent.cli.deploy import follow
 from agent.cli.main import _parser
 from agent.errors import ConfigError
 from tests.support.contexts import busybox_context, run_step
@@ -356,3 +359,68 @@ async def test_a_password_typed_at_a_terminal_is_asked_for_and_not_echoed(
     assert code == 0, screen
     assert registry.password not in screen
     assert '"version": 1' in screen
+
+
+RESTART_EVENTS = (
+    {"seq": 1, "type": "state", "state": "queued"},
+    {"seq": 2, "type": "state", "state": "building"},
+    {"seq": 3, "type": "resumed", "attempt": 2},
+    {"seq": 4, "type": "state", "state": "succeeded"},
+)
+
+
+class RestartingLeader:
+    """Serves a deployment's events: the first stream is cut after two events (the leader
+    went away), the next replays them all to the final state."""
+
+    def __init__(self) -> None:
+        self.streams = 0
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        self.streams += 1
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        upto = 2 if self.streams == 1 else len(RESTART_EVENTS)
+        for event in RESTART_EVENTS[:upto]:
+            await response.write(json.dumps(event).encode() + b"\n")
+        if self.streams == 1:
+            assert request.transport is not None
+            request.transport.abort()  # mid-stream, no end of the chunked body
+            return response
+        await response.write_eof()
+        return response
+
+    async def deployment(self, request: web.Request) -> web.Response:
+        return web.json_response({"id": "d-1", "state": "succeeded", "error": None})
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.final: dict[str, Any] | None = None
+
+    def event(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def summary(self, dep: dict[str, Any]) -> None:
+        self.final = dep
+
+
+async def test_following_survives_a_leader_restart_and_prints_each_event_once() -> None:
+    """The event stream breaks (the leader restarted; its deployments resume): `deploy`
+    follows again and prints the replayed events only once, to the final state."""
+    leader = RestartingLeader()
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        if request.path.endswith("/events"):
+            return await leader.events(request)
+        return await leader.deployment(request)
+
+    recorder = Recorder()
+    async for url in serving(route, "/v1/deployments/{tail:.*}"):
+        async with Client(Target(url, "t")) as client:
+            final = await asyncio.wait_for(follow(client, "d-1", recorder), 30)
+
+    assert leader.streams == 2
+    assert [e["seq"] for e in recorder.events] == [1, 2, 3, 4]
+    assert final["state"] == "succeeded" and recorder.final == final

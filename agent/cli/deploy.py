@@ -11,15 +11,20 @@ import signal
 import sys
 import tarfile
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+import aiohttp
+
+from agent.backoff import Backoff
 from agent.cli.client import UPLOAD_TIMEOUT, Client
 from agent.cli.commands import client_for
 from agent.cli.live import LivePrinter
 
 SKIP = frozenset({".git"})
+REFOLLOW_WITHIN_S = 300.0  # how long a leader that went away is waited for
 
 
 def pack(directory: Path, dest: Path) -> None:
@@ -133,8 +138,27 @@ class EventSink(Protocol):
 
 
 async def follow(client: Client, dep_id: str, printer: EventSink) -> dict[str, Any]:
-    async for event in client.events(dep_id):
-        printer.event(event)
+    """Print the deployment's events to its end. A leader that restarts meanwhile (its
+    deployments resume) is followed again; the events it replays are not printed twice."""
+    seen = 0
+    backoff = Backoff(initial=1.0, cap=10.0)
+    lost_since: float | None = None
+    while True:
+        try:
+            async for event in client.events(dep_id):
+                lost_since = None
+                if event.get("seq", seen + 1) > seen:
+                    seen = event.get("seq", seen)
+                    printer.event(event)
+            break
+        except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
+            now = time.monotonic()
+            lost_since = lost_since or now
+            if now - lost_since > REFOLLOW_WITHIN_S:
+                raise
+            delay = backoff.next()
+            print(f"lost the leader ({exc!r}); following again in {delay:.0f} s", file=sys.stderr)
+            await asyncio.sleep(delay)
     dep: dict[str, Any] = await client.call("GET", f"/v1/deployments/{dep_id}")
     printer.summary(dep)
     return dep
