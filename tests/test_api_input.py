@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -237,3 +238,22 @@ async def test_an_authorization_header_with_stray_bytes_is_401_not_500(
     status_line = await asyncio.wait_for(reader.readline(), 10)
     writer.close()
     assert status_line.split()[1] == b"401", status_line
+
+
+async def test_an_upload_whose_services_pass_8_kib_of_query_is_taken(
+    leader: InProcessLeader, tmp_path: Path
+) -> None:
+    """An upload's fields are query parameters; 20 services with their environments make
+    a request line of about 30 KB, past aiohttp's default 8,190 bytes, and are accepted."""
+    env = {f"SETTING_{i}": "x" * 64 for i in range(20)}
+    services = [{"name": f"svc{i}", "env": env} for i in range(20)]
+    wide = json.dumps(services)
+    assert len(wide) > 20_000
+
+    context = busybox_context(tmp_path / "c")
+    status, doc = await leader.api.deploy_dir_raw(context, "wide", None, services=wide)
+
+    assert status == 202, doc
+    assert doc["services"] == [f"svc{i}" for i in range(20)]
+    await leader.api.request("POST", f"/v1/deployments/{doc['id']}/cancel")
+    await leader.api.wait_final(doc["id"])

@@ -55,6 +55,9 @@ GC_YOUNG_THRESHOLD = 20_000
 # net.core.somaxconn). Thousands of workers reconnect at once after a leader restart:
 # past the backlog the kernel drops their handshakes and they wait out a retransmit.
 LISTEN_BACKLOG = 4096
+# An upload's fields travel in the query string (the body is the build context), and
+# its services' JSON can pass aiohttp's 8,190-byte request line.
+REQUEST_LINE_LIMIT = 128 * 1024
 
 
 def build_app(ctx: LeaderContext, scheduler: Scheduler) -> web.Application:
@@ -158,7 +161,13 @@ class Leader:
 
     async def _serve(self, app: web.Application, tls: LeaderTLS | None) -> None:
         cfg = self.leader_config
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5)
+        self._runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=5,
+            max_line_size=REQUEST_LINE_LIMIT,
+        )
         await self._runner.setup()
         ssl_context = tls.server_context() if tls else None
         asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
