@@ -19,7 +19,7 @@ from aiohttp import web
 
 from agent.cli import commands
 from agent.cli.client import Client, Target
-from agent.cli.deploy import follow
+from agent.cli.deploy import _git_url, follow
 from agent.cli.main import _parser
 from agent.errors import ConfigError
 from tests.support.contexts import busybox_context, run_step
@@ -424,3 +424,29 @@ async def test_following_survives_a_leader_restart_and_prints_each_event_once() 
     assert leader.streams == 2
     assert [e["seq"] for e in recorder.events] == [1, 2, 3, 4]
     assert final["state"] == "succeeded" and recorder.final == final
+
+
+def test_a_git_token_comes_from_a_file_or_the_environment_not_argv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`deploy --git URL --git-password-file F` sends the token in the request body's URL
+    (the leader keeps it in its store and out of every answer); a URL that already holds
+    one gets a warning that the process list shows it."""
+    secret = tmp_path / "git-token"
+    secret.write_text("glpat-s3cr/t\n")
+    monkeypatch.delenv("DEPLOY_AGENT_GIT_PASSWORD", raising=False)
+    url = "https://deploy@git.example.com:8443/acme/api.git"
+    assert (
+        _git_url(url, str(secret))
+        == "https://deploy:glpat-s3cr%2Ft@git.example.com:8443/acme/api.git"
+    )
+    monkeypatch.setenv("DEPLOY_AGENT_GIT_PASSWORD", "from-env")
+    assert (
+        _git_url("https://git.example.com/r.git", None)
+        == "https://git:from-env@git.example.com/r.git"
+    )
+    assert capsys.readouterr().err == ""
+
+    given = "https://u:visible@git.example.com/r.git"
+    assert _git_url(given, None) == given
+    assert "process list" in capsys.readouterr().err

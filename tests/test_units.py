@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import structlog
@@ -15,6 +16,7 @@ from agent.errors import RegistryAuthError, RegistryError, RegistryTransientErro
 from agent.leader.models import Deployment, DeploymentRequest, Mode, ServiceSpec
 from agent.leader.references import image_host, registry_host, repository_for
 from agent.leader.release import service_spec
+from agent.leader.sources import _git_env
 
 
 @pytest.mark.parametrize(
@@ -199,3 +201,11 @@ def test_service_spec_rolls_start_first_with_rollback_and_places_on_workers() ->
     assert service_spec(dep, svc, "shop_web", constrain=False)["TaskTemplate"]["Placement"] == {
         "Constraints": []
     }
+
+
+def test_git_credentials_reach_git_decoded(tmp_path: Path) -> None:
+    """A token with a reserved character travels percent-encoded in the URL; git's askpass
+    gets the token itself."""
+    env = _git_env("https://deploy:glpat-s3cr%2Ft%40x@git.example.com/r.git", tmp_path)
+    assert env["DEPLOY_AGENT_GIT_USERNAME"] == "deploy"
+    assert env["DEPLOY_AGENT_GIT_PASSWORD"] == "glpat-s3cr/t@x"

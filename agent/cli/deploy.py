@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gzip
 import json
+import os
 import signal
 import sys
 import tarfile
@@ -15,6 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, TextIO
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 
@@ -247,8 +249,34 @@ def _release_params(args: argparse.Namespace) -> list[tuple[str, str]]:
     return params
 
 
+def _git_url(url: str, password_file: str | None) -> str:
+    """The git URL with its token, read from a file or the environment, never from the
+    command line (where every user of the host sees it in the process list)."""
+    parts = urlsplit(url)
+    if parts.password:
+        print(
+            "deploy-agent: warning: the --git URL holds a password, which the process list "
+            "shows; use --git-password-file or DEPLOY_AGENT_GIT_PASSWORD",
+            file=sys.stderr,
+        )
+        return url
+    password = (
+        Path(password_file).read_text().strip().splitlines()[0]
+        if password_file
+        else os.environ.get("DEPLOY_AGENT_GIT_PASSWORD", "").strip()
+    )
+    if not password:
+        return url
+    user = quote(parts.username or "git", safe="")
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    netloc = f"{user}:{quote(password, safe='')}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def _git_body(args: argparse.Namespace) -> dict[str, Any]:
-    body: dict[str, Any] = {"app": args.app, "git": {"url": args.git, "ref": args.ref}}
+    url = _git_url(args.git, args.git_password_file)
+    body: dict[str, Any] = {"app": args.app, "git": {"url": url, "ref": args.ref}}
     if args.dockerfile:
         body["dockerfile"] = args.dockerfile
     if args.image:

@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     source = dep.add_mutually_exclusive_group(required=True)
     source.add_argument("--context", type=Path, help="directory to send as the build context")
     source.add_argument("--git", help="git URL to build from")
+    dep.add_argument(
+        "--git-password-file",
+        help="file with the git token for --git (or DEPLOY_AGENT_GIT_PASSWORD): kept off "
+        "the command line, sent in the request body",
+    )
     dep.add_argument("--ref", default="HEAD")
     dep.add_argument("--dockerfile")
     dep.add_argument("--image", help="repository to push to (default: from the registry)")

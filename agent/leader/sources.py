@@ -15,7 +15,7 @@ import tarfile
 import tempfile
 import zlib
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from aiohttp import web
 
@@ -201,8 +201,9 @@ def _git_env(url: str, tmp: Path) -> dict[str, str]:
         askpass.chmod(0o700)
         env |= {
             "GIT_ASKPASS": str(askpass),
-            "DEPLOY_AGENT_GIT_USERNAME": parts.username or "",
-            "DEPLOY_AGENT_GIT_PASSWORD": parts.password or "",
+            # userinfo is percent-encoded in a URL: git must get the token itself
+            "DEPLOY_AGENT_GIT_USERNAME": unquote(parts.username or ""),
+            "DEPLOY_AGENT_GIT_PASSWORD": unquote(parts.password or ""),
         }
     return env
 
