@@ -43,8 +43,8 @@ class Puller:
         self._retry_budget = retry_budget
         self._credentials = credentials
         self._send = send
-        self._inflight: dict[str, asyncio.Task[str | None]] = {}
-        self._progress: dict[str, _Progress] = {}  # per image pulled: the orders it answers
+        # by image: its pull, and the progress sink that knows the orders it answers
+        self._inflight: dict[str, tuple[asyncio.Task[str | None], _Progress]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -54,22 +54,18 @@ class Puller:
 
     def order(self, order: str, image: str) -> None:
         """Make sure `image` is present, then answer `order`; a duplicate joins the pull."""
-        pull = self._inflight.get(image)
-        if pull is None:
-            progress = self._progress[image] = _Progress(image, self._send)
-            pull = asyncio.create_task(self._pull(image, progress), name=f"pull-{image}")
-            self._inflight[image] = pull
-            pull.add_done_callback(lambda _: self._forget(image))
-        orders = self._progress[image].orders
-        if order not in orders:
-            orders.append(order)
+        inflight = self._inflight.get(image)
+        if inflight is None:
+            progress = _Progress(image, self._send)
+            task = asyncio.create_task(self._pull(image, progress), name=f"pull-{image}")
+            inflight = self._inflight[image] = (task, progress)
+            task.add_done_callback(lambda _: self._inflight.pop(image, None))
+        pull, progress = inflight
+        if order not in progress.orders:
+            progress.orders.append(order)
         answer = asyncio.create_task(self._answer(order, image, pull, time.monotonic()))
         self._tasks.add(answer)
         answer.add_done_callback(self._tasks.discard)
-
-    def _forget(self, image: str) -> None:
-        self._inflight.pop(image, None)
-        self._progress.pop(image, None)
 
     def retain(self, app: str, keep: int) -> None:
         """Remove the app's old images once no pull is under way."""
@@ -142,7 +138,7 @@ class Puller:
         log.info("pull.drained", left=len(self._tasks))
 
     async def close(self) -> None:
-        pending = [*self._inflight.values(), *self._tasks]
+        pending = [*(pull for pull, _ in self._inflight.values()), *self._tasks]
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
