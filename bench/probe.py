@@ -26,16 +26,17 @@ class AckProbe:
         self._match: Match = lambda _: False
         self._expected = 0
         self.done = asyncio.Event()
-        original = hub._dispatch  # observed, not changed
+        original = hub._handle  # observed, not changed
 
-        async def dispatch(link: Any, message: wire.ToLeader) -> None:
-            await original(link, message)
+        def handle(link: Any, message: wire.ToLeader) -> Any:
+            handed_back = original(link, message)
             if self._match(message):
                 self.arrivals[link.node.id] = time.perf_counter()
                 if len(self.arrivals) >= self._expected:
                     self.done.set()
+            return handed_back
 
-        setattr(hub, "_dispatch", dispatch)  # noqa: B010
+        setattr(hub, "_handle", handle)  # noqa: B010
 
     def expect(self, match: Match, count: int) -> None:
         self.arrivals = {}

@@ -19,6 +19,7 @@ from agent import wire
 from agent.leader import hub
 from agent.leader.frames import outgoing
 from agent.leader.hub import WRITE_BUFFER_HIGH, Hub, Link
+from agent.leader.link_socket import LinkSocket
 from agent.leader.metrics import LeaderMetrics
 from agent.leader.models import NodeRecord
 from agent.leader.orders import OrdersInFlight, PullRound
@@ -32,7 +33,7 @@ async def _serve_one(body: LinkBody) -> AsyncIterator[str]:
     """A server whose only route wraps its websocket in a Link and runs `body` on it."""
 
     async def handler(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(compress=False)
+        ws = LinkSocket(compress=False)
         await ws.prepare(request)
         link = Link(NodeRecord(id="n-1", name="w1", enrolled_at=0.0), ws, request)
         pump = asyncio.create_task(link.pump())
@@ -219,7 +220,7 @@ async def test_a_link_set_up_after_its_node_was_revoked_is_refused(tmp_path: Pat
     links.revoke("n-1")  # the node's link was authenticated, not yet served
 
     async def handler(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(compress=False)
+        ws = LinkSocket(compress=False)
         await ws.prepare(request)
         await links.serve(NodeRecord(id="n-1", name="w1", enrolled_at=0.0), ws, request)
         return ws
@@ -234,3 +235,45 @@ async def test_a_link_set_up_after_its_node_was_revoked_is_refused(tmp_path: Pat
     assert msg.type == aiohttp.WSMsgType.CLOSE
     assert msg.data == wire.CLOSE_REVOKED
     assert not links.connected("n-1")
+
+
+async def test_text_taken_on_arrival_skips_the_queue_and_keeps_its_order() -> None:
+    """A message the taker takes never reaches receive(). One it declines is queued, and so
+    is every message behind it until the queue is empty again: nothing is reordered."""
+    taken: list[str] = []
+    received: list[str] = []
+    sent, drained = asyncio.Event(), asyncio.Event()
+
+    def taker(text: str) -> bool:
+        if text.startswith("wait"):
+            return False
+        taken.append(text)
+        return True
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = LinkSocket(compress=False)
+        await ws.prepare(request)
+        ws.take_text(taker)
+        await ws.send_str("go")
+        await sent.wait()  # nobody reads while the client's first four messages arrive
+        received.extend([(await ws.receive(timeout=10)).data for _ in range(2)])
+        drained.set()
+        async for _ in ws:  # until the client closes
+            pass
+        return ws
+
+    async for url in serving(handler):
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+            assert (await ws.receive(timeout=10)).data == "go"
+            for text in ("a1", "a2", "wait-1", "a3"):
+                await ws.send_str(text)
+            await asyncio.sleep(0.5)
+            sent.set()
+            await asyncio.wait_for(drained.wait(), 10)
+            await ws.send_str("a4")
+            for _ in range(100):
+                if "a4" in taken:
+                    break
+                await asyncio.sleep(0.05)
+    assert taken == ["a1", "a2", "a4"]
+    assert received == ["wait-1", "a3"]

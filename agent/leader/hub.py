@@ -21,6 +21,7 @@ from aiohttp import WSMsgType, web
 from agent import wire
 from agent.credentials import RegistryCredentials
 from agent.leader.frames import Outgoing, outgoing
+from agent.leader.link_socket import LinkSocket
 from agent.leader.metrics import LeaderMetrics
 from agent.leader.models import CatchUp, LastPull, NodeRecord
 from agent.leader.node_writer import NodeInfoWriter
@@ -58,11 +59,12 @@ class Link:
     """One connected worker: its socket, its send queue, and how to cut it off."""
 
     node: NodeRecord
-    ws: web.WebSocketResponse
+    ws: LinkSocket
     request: web.Request
     queue: asyncio.Queue[Outgoing] = field(default_factory=lambda: asyncio.Queue(SEND_QUEUE))
     closer: asyncio.Task[bool] | None = None
 
+    busy: bool = False  # the link's task is dealing with a message
     sending: bool = False  # the pump holds a message it has not finished sending
     _low: int = 0  # the transport's low-water mark
 
@@ -201,9 +203,7 @@ class Hub:
         if link is not None:
             link.kick(code, reason)
 
-    async def serve(
-        self, node: NodeRecord, ws: web.WebSocketResponse, request: web.Request
-    ) -> None:
+    async def serve(self, node: NodeRecord, ws: LinkSocket, request: web.Request) -> None:
         """Own one worker's link from its first message to its close."""
         if node.id in self._revoked:
             await ws.close(code=wire.CLOSE_REVOKED, message=b"this node was revoked")
@@ -242,6 +242,10 @@ class Hub:
         return outgoing(wire.encode(wire.Sync(credentials=self._wire_credentials(), images=images)))
 
     async def _read(self, link: Link) -> None:
+        """Deal with what the link's socket did not hand over as it arrived: the
+        messages that need waiting for, those that do not parse, and frames of other
+        types."""
+        link.ws.take_text(lambda text: self._take(link, text))
         async for msg in link.ws:
             if msg.type != WSMsgType.TEXT:
                 link.kick(wire.CLOSE_BAD_MESSAGE, "text frames only")
@@ -252,9 +256,30 @@ class Hub:
                 log.warning("link.bad_message", node=link.node.name, error=str(exc))
                 link.kick(wire.CLOSE_BAD_MESSAGE, str(exc)[:120])
                 return
-            await self._dispatch(link, message)
+            link.busy = True
+            try:
+                await self._dispatch(link, message)
+            finally:
+                link.busy = False
+
+    def _take(self, link: Link, text: str) -> bool:
+        """Deal with a message as it arrives if that needs no waiting; False to leave it
+        to the link's task (a message that does not parse, too, so the task reports it)."""
+        if link.busy:
+            return False  # the task is still on an earlier message
+        try:
+            message = wire.decode_for_leader(text)
+        except wire.BadMessage:
+            return False
+        return self._handle(link, message) is None
 
     async def _dispatch(self, link: Link, message: wire.ToLeader) -> None:
+        if (progress := self._handle(link, message)) is not None:
+            await self._progress(link.node.name, progress)
+
+    def _handle(self, link: Link, message: wire.ToLeader) -> wire.PullProgress | None:
+        """Deal with a message that needs no waiting; a progress report to be passed on
+        (which means waiting) is given back instead."""
         node = link.node
         match message:
             case wire.Hello():
@@ -266,7 +291,7 @@ class Hub:
                 node.info.credentials_version = message.version
                 self._touch(node)
             case wire.PullProgress() if self._orders.owed(node.id, message.order):
-                await self._progress(node.name, message)
+                return message
             case wire.PullResult():
                 node.info.last_pull = LastPull(
                     image=message.image,
@@ -282,6 +307,7 @@ class Hub:
                     )
                 self._touch(node)
                 self._count_pull(link, message)
+        return None
 
     def _count_pull(self, link: Link, result: wire.PullResult) -> None:
         if result.ok:

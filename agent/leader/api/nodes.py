@@ -18,6 +18,7 @@ from agent import wire
 from agent.errors import RequestError
 from agent.leader.api.keys import CONTEXT
 from agent.leader.context import LeaderContext
+from agent.leader.link_socket import LinkSocket
 from agent.leader.models import NodeRecord
 from agent.leader.store import NameTaken
 from agent.logs import get_logger
@@ -136,9 +137,7 @@ async def agent_link(request: web.Request) -> web.WebSocketResponse:
     node = await _authenticate_node(ctx, request.headers.get("Authorization", ""))
     # No permessage-deflate: the frames are small, and each deflating link holds ~100 KiB
     # of zlib state on the leader.
-    ws = web.WebSocketResponse(
-        heartbeat=wire.HEARTBEAT_SECONDS, max_msg_size=1024 * 1024, compress=False
-    )
+    ws = LinkSocket(heartbeat=wire.HEARTBEAT_SECONDS, max_msg_size=1024 * 1024, compress=False)
     await ws.prepare(request)
     await ctx.hub.serve(node, ws, request)
     return ws

@@ -1,0 +1,73 @@
+"""The leader's websocket for a worker link: a text message may be taken as it is parsed.
+
+aiohttp hands each received message to the task awaiting `receive()`: a queue entry, a
+future resolved, a task woken, per message. Most of a worker's messages need no waiting
+to be dealt with (an acknowledgement is a few field updates), so the hub may take them at
+once, as the parser yields them, and the task then wakes only for the rest: messages the
+hub declines, and the control frames (ping, pong, close), which aiohttp keeps handling.
+
+This reaches into aiohttp's websocket internals (the response's reader and parser); the
+pinned aiohttp range in pyproject.toml is the one it is written against, and a test
+checks that taken messages skip the queue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import WSMsgType, web
+from aiohttp._websocket.reader import WebSocketDataQueue
+from aiohttp.helpers import DEFAULT_CHUNK_SIZE
+from aiohttp.http import WebSocketReader
+
+if TYPE_CHECKING:
+    from aiohttp.web_request import BaseRequest
+
+# Takes a text message now and says so, or declines it (False): the message is then
+# queued for `receive()` as aiohttp would.
+TextTaker = Callable[[str], bool]
+
+
+class _TakingQueue(WebSocketDataQueue):
+    """aiohttp's message queue, offering each text message to a taker first, as long as
+    nothing is queued ahead of it (so messages are still dealt with in order)."""
+
+    taker: TextTaker | None = None
+
+    def feed_data(self, data: Any, size: int) -> None:
+        taker = self.taker
+        if (
+            taker is not None
+            and data.type is WSMsgType.TEXT
+            and not self._buffer
+            and taker(data.data)
+        ):
+            return
+        super().feed_data(data, size)
+
+
+class LinkSocket(web.WebSocketResponse):
+    """A server websocket whose text messages a taker may deal with as they arrive."""
+
+    _taking: _TakingQueue | None = None
+
+    def take_text(self, taker: TextTaker | None) -> None:
+        """Offer every text message to `taker` from now on (None: stop offering)."""
+        assert self._taking is not None, "take_text before prepare"
+        self._taking.taker = taker
+
+    def _post_start(self, request: BaseRequest, protocol: str | None, writer: Any) -> None:
+        """aiohttp's own, with the taking queue in place of its queue (the parser can be
+        set only once, so this cannot call aiohttp's and then swap)."""
+        self._ws_protocol, self._writer = protocol, writer
+        self._reset_heartbeat()
+        assert self._loop is not None
+        queue = _TakingQueue(request._protocol, DEFAULT_CHUNK_SIZE, loop=self._loop)
+        parser = WebSocketReader(
+            queue, self._max_msg_size, compress=bool(self._compress), decode_text=True
+        )
+        self._reader, self._parser, self._taking = queue, parser, queue
+        received = None if self._heartbeat is None else self._on_data_received
+        request.protocol.set_parser(parser, data_received_cb=received)
+        request.protocol.keep_alive(False)  # as aiohttp: no HTTP keep-alive under a websocket
