@@ -12,6 +12,7 @@ import asyncio
 import signal
 
 from agent.config import Config
+from agent.eventloop import loop_name
 from agent.leader.server import Leader, tune_collector
 from agent.logs import get_logger, redactor
 from agent.systemd import Notifier
@@ -45,7 +46,7 @@ def _hangup() -> None:
 
 
 async def _run_worker(worker: Worker, stop: asyncio.Event, notifier: Notifier) -> None:
-    log.info("agent.started", role="worker")
+    log.info("agent.started", role="worker", event_loop=loop_name())
     async with notifier.pulse(stop, worker.status_line):
         await worker.run(stop, notifier)
 
@@ -55,7 +56,7 @@ async def _run_leader(leader: Leader, stop: asyncio.Event, notifier: Notifier) -
         try:
             await leader.start()
             tune_collector()
-            log.info("agent.started", role="leader")
+            log.info("agent.started", role="leader", event_loop=loop_name())
             if await leader.wait_engine(stop, notifier.waiting_for_engine):
                 notifier.ready(leader.status_line())
                 log.info("agent.ready", role="leader")

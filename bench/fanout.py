@@ -20,6 +20,7 @@ from typing import Any
 
 from agent import wire
 from agent.credentials import RegistryCredentials
+from agent.eventloop import loop_name
 from agent.leader.hub import Hub
 from agent.leader.server import GC_YOUNG_THRESHOLD
 from bench.fleet import (
@@ -96,14 +97,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "workers": args.workers,
         "tls": args.tls,
-        "leader_uvloop": args.leader_uvloop,
+        "event_loop": loop_name(),
         **figures,
     }
 
 
 def render(result: dict[str, Any]) -> str:
     mode = "TLS" if result["tls"] else "plain"
-    mode += ", leader on uvloop" if result["leader_uvloop"] else ""
+    mode += f", leader on {result['event_loop']}"
     lines = [f"{result['workers']} workers, {mode}"]
     for kind in ("pull", "credentials"):
         s = result[kind]
@@ -133,9 +134,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=GC_YOUNG_THRESHOLD,
         help="the leader's collector tuning as deployed; 0 leaves Python's defaults",
-    )
-    parser.add_argument(
-        "--leader-uvloop", action="store_true", help="run the leader on uvloop (not as deployed)"
     )
     return parser.parse_args(argv)
 

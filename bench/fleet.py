@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import uvloop
 
+from agent.eventloop import daemon_loop
 from agent.leader.hub import Hub
 from agent.leader.server import tune_collector
 from agent.logs import configure
@@ -215,8 +215,8 @@ def bench_main(
     run: Callable[[argparse.Namespace], Coroutine[Any, Any, Result]],
     render: Callable[[Result], str],
 ) -> Result:
-    loop = uvloop.new_event_loop if getattr(args, "leader_uvloop", False) else None
-    with asyncio.Runner(loop_factory=loop) as runner:
+    # The leader here runs on the loop it runs on as deployed (DEPLOY_AGENT_EVENT_LOOP too).
+    with asyncio.Runner(loop_factory=daemon_loop()) as runner:
         result = runner.run(run(args))
     print(render(result))
     if args.json:

@@ -5,7 +5,9 @@
 The leader is a real `deploy-agent run` process (no Docker Engine needed); its RSS is
 read from /proc before and after N simulated workers connect and sit idle. Then clients
 connect, sync and disconnect, 100 at a time, `--cycles` times in all; RSS is reported at
-the start, the middle and the end. --deflate makes the clients offer permessage-deflate.
+the start, the middle and the end, and once more after the leader's next periodic heap
+trim (`leader.memory_trim_interval`, 60 s by default). --deflate makes the clients offer
+permessage-deflate.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from tests.support.leader import LeaderProcess
 
 CHURN_CLIENTS = 100
 SETTLE_S = 5.0
+TRIM_INTERVAL_S = 60.0  # the leader's default memory_trim_interval
 
 
 async def idle_links(
@@ -67,11 +70,14 @@ async def churn(leader: LeaderProcess, fleet: Fleet, cycles: int, tls: bool) -> 
     await wait_for(lambda: done() >= cycles, 900, "all cycles", every=0.5)
     fleet.wait(60)
     await asyncio.sleep(SETTLE_S)
+    end = rss_kib(pid)
+    await asyncio.sleep(TRIM_INTERVAL_S + SETTLE_S)  # one heap trim of the leader's, at least
     return {
         "cycles": done(),
         "rss_start_kib": start,
         "rss_middle_kib": middle,
-        "rss_end_kib": rss_kib(pid),
+        "rss_end_kib": end,
+        "rss_trimmed_kib": rss_kib(pid),
     }
 
 
@@ -110,7 +116,8 @@ def render(r: dict[str, Any]) -> str:
     if "cycles" in r:
         lines.append(
             f"  {r['cycles']} connect/disconnect cycles: RSS start {r['rss_start_kib']} KiB,"
-            f" middle {r['rss_middle_kib']} KiB, end {r['rss_end_kib']} KiB"
+            f" middle {r['rss_middle_kib']} KiB, end {r['rss_end_kib']} KiB,"
+            f" after the leader's next heap trim {r['rss_trimmed_kib']} KiB"
         )
     return "\n".join(lines)
 

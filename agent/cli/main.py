@@ -17,6 +17,7 @@ from agent.cli import commands
 from agent.cli import deploy as deploy_cmd
 from agent.cli.client import ApiError
 from agent.errors import ConfigError
+from agent.eventloop import daemon_loop
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,7 +27,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.print_help()
         raise SystemExit(2)
     try:
-        raise SystemExit(asyncio.run(args.command(args)))
+        loop = args.loop() if hasattr(args, "loop") else None
+        with asyncio.Runner(loop_factory=loop) as runner:
+            raise SystemExit(runner.run(args.command(args)))
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     except ConfigError as exc:
@@ -52,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the agent daemon")
     run.add_argument("-c", "--config", required=True)
-    run.set_defaults(command=commands.run)
+    run.set_defaults(command=commands.run, loop=daemon_loop)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("-c", "--config", required=True)

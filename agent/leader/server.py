@@ -45,10 +45,11 @@ from agent.tls import LeaderTLS, default_names, ensure_leader_tls
 
 log = get_logger(__name__)
 JSON_BODY_LIMIT = 1024 * 1024
-# asyncio gives every TLS connection a read buffer of this size, zeroed up front (256 KiB
-# as shipped: most of an idle worker link's memory). TLS records carry at most 16 KiB;
-# at this size an idle TLS link costs the leader 60 KiB (64 KiB buffers: 109 KiB), and an
-# upload is read at about 110 MB/s on loopback (64 KiB buffers: 190 MB/s).
+# On asyncio's loop (the daemon's is uvloop, which has its own), every TLS connection gets
+# a read buffer of this size, zeroed up front (256 KiB as shipped: most of an idle worker
+# link's memory). TLS records carry at most 16 KiB; at this size an idle TLS link costs
+# the leader 60 KiB (64 KiB buffers: 109 KiB), and an upload is read at about 110 MB/s on
+# loopback (64 KiB buffers: 190 MB/s).
 TLS_READ_BUFFER = 16 * 1024
 GC_YOUNG_THRESHOLD = 20_000
 # Connections waiting to be accepted (aiohttp's default is 128; the kernel caps it at
