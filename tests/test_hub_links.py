@@ -8,6 +8,8 @@ round settles exactly once, whatever order answers and dropped links come in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -277,3 +279,62 @@ async def test_text_taken_on_arrival_skips_the_queue_and_keeps_its_order() -> No
                 await asyncio.sleep(0.05)
     assert taken == ["a1", "a2", "a4"]
     assert received == ["wait-1", "a3"]
+
+
+HEARTBEAT = 0.4
+
+
+async def _heartbeat_server(closed_at: list[float]) -> AsyncIterator[str]:
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = LinkSocket(heartbeat=HEARTBEAT, compress=False)
+        await ws.prepare(request)
+        ws.take_text(lambda _: True)
+        async for _ in ws:
+            pass
+        closed_at.append(time.monotonic())
+        return ws
+
+    async for url in serving(handler):
+        yield url
+
+
+async def _pings_until_closed(ws: aiohttp.ClientWebSocketResponse, within: float) -> int:
+    pings = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(within):
+            while (await ws.receive()).type == aiohttp.WSMsgType.PING:
+                pings += 1
+    return pings
+
+
+async def test_a_peer_that_stops_answering_is_cut_within_one_and_a_half_heartbeats() -> None:
+    closed_at: list[float] = []
+    async for url in _heartbeat_server(closed_at):
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(url, autoping=False)
+            opened = time.monotonic()
+            pings = await _pings_until_closed(ws, 5)
+            await ws.close()
+    assert pings == 1
+    assert HEARTBEAT <= closed_at[0] - opened <= 1.5 * HEARTBEAT + 0.3
+
+
+async def test_a_peer_heard_from_is_not_pinged_and_one_that_answers_pings_stays() -> None:
+    async def talk(ws: aiohttp.ClientWebSocketResponse) -> None:
+        for _ in range(10):  # 2.5 heartbeats, a message every quarter of one
+            await ws.send_str("hello")
+            await asyncio.sleep(HEARTBEAT / 4)
+
+    closed_at: list[float] = []
+    async for url in _heartbeat_server(closed_at):
+        async with aiohttp.ClientSession() as session:
+            talking = await session.ws_connect(url, autoping=False)
+            answering = await session.ws_connect(url)  # answers pings, says nothing else
+            talker = asyncio.create_task(talk(talking))
+            answers = asyncio.create_task(_pings_until_closed(answering, 2.5 * HEARTBEAT))
+            pings = await _pings_until_closed(talking, 2.5 * HEARTBEAT)
+            await asyncio.gather(talker, answers)
+            assert not answering.closed and not talking.closed
+            await talking.close()
+            await answering.close()
+    assert pings == 0

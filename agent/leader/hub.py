@@ -67,9 +67,10 @@ class Link:
     busy: bool = False  # the link's task is dealing with a message
     sending: bool = False  # the pump holds a message it has not finished sending
     _low: int = 0  # the transport's low-water mark
+    _transport: asyncio.Transport | None = None  # the connection's, for its whole life
 
     def __post_init__(self) -> None:
-        transport = self.request.transport
+        transport = self._transport = self.request.transport
         if transport is not None:
             transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
             self._low = transport.get_write_buffer_limits()[0]
@@ -89,7 +90,7 @@ class Link:
     def _writable(self) -> bool:
         """Whether the transport takes a frame now: open, and below its low-water mark (so
         not paused, and no sender of ours would have to wait)."""
-        transport = self.request.transport
+        transport = self._transport
         return (
             transport is not None
             and not transport.is_closing()
@@ -103,7 +104,7 @@ class Link:
         frames never interleave; the leader never compresses, so a server frame is the
         same bytes on every link.
         """
-        transport = self.request.transport
+        transport = self._transport
         assert transport is not None  # _writable checked it
         transport.write(message.frame)
 

@@ -48,9 +48,18 @@ class _TakingQueue(WebSocketDataQueue):
 
 
 class LinkSocket(web.WebSocketResponse):
-    """A server websocket whose text messages a taker may deal with as they arrive."""
+    """A server websocket whose text messages a taker may deal with as they arrive.
+
+    Its heartbeat is aiohttp's (a ping after a heartbeat with nothing heard, the link cut
+    if no pong follows within half of one), kept without aiohttp's loop callback after
+    every read: a read only notes the time, and the heartbeat timer, when it fires early,
+    is set again for a heartbeat after the last thing heard.
+    """
 
     _taking: _TakingQueue | None = None
+    _clock: Callable[[], float] = staticmethod(lambda: 0.0)
+    _heard_at = 0.0  # when the peer last sent anything, on the loop's clock
+    _pinged_at = 0.0
 
     def take_text(self, taker: TextTaker | None) -> None:
         """Offer every text message to `taker` from now on (None: stop offering)."""
@@ -61,8 +70,10 @@ class LinkSocket(web.WebSocketResponse):
         """aiohttp's own, with the taking queue in place of its queue (the parser can be
         set only once, so this cannot call aiohttp's and then swap)."""
         self._ws_protocol, self._writer = protocol, writer
-        self._reset_heartbeat()
         assert self._loop is not None
+        self._clock = self._loop.time
+        self._heard_at = self._clock()
+        self._reset_heartbeat()
         queue = _TakingQueue(request._protocol, DEFAULT_CHUNK_SIZE, loop=self._loop)
         parser = WebSocketReader(
             queue, self._max_msg_size, compress=bool(self._compress), decode_text=True
@@ -71,3 +82,22 @@ class LinkSocket(web.WebSocketResponse):
         received = None if self._heartbeat is None else self._on_data_received
         request.protocol.set_parser(parser, data_received_cb=received)
         request.protocol.keep_alive(False)  # as aiohttp: no HTTP keep-alive under a websocket
+
+    def _on_data_received(self) -> None:
+        self._heard_at = self._clock()
+
+    def _send_heartbeat(self) -> None:
+        assert self._loop is not None and self._heartbeat is not None
+        due = self._heard_at + self._heartbeat
+        if due > self._clock():
+            self._heartbeat_cb = self._loop.call_at(due, self._send_heartbeat)
+            return
+        self._pinged_at = self._clock()
+        super()._send_heartbeat()
+
+    def _pong_not_received(self) -> None:
+        if self._heard_at >= self._pinged_at:  # a pong, or anything else, came after the ping
+            self._pong_response_cb = None
+            self._reset_heartbeat()
+            return
+        super()._pong_not_received()
