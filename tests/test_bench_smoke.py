@@ -43,3 +43,21 @@ def test_stuck_worker_bench_pairs_rounds_with_a_stalled_link(tmp_path: Path) -> 
     assert min(figures["backlogs"]) > 0
     assert figures["low_ms"] <= figures["median_growth_ms"] <= figures["high_ms"]
     assert "growth" in stdout
+
+
+def test_storm_bench_brings_every_worker_back_to_a_restarted_leader(tmp_path: Path) -> None:
+    """A real leader process is stopped and started again under 20 workers: all come back,
+    and the figures are in the order the restart makes them."""
+    figures, stdout = _bench("bench.storm", tmp_path)
+    assert 0 <= figures["leader_stop_s"] <= figures["leader_down_s"] <= figures["all_back_s"]
+    assert 1 <= figures["peak_handshakes_per_s"] <= 20
+    assert "all workers back" in stdout
+
+
+def test_memory_bench_measures_the_leader_with_its_links_up(tmp_path: Path) -> None:
+    """A real leader process's RSS before and with 20 idle links (no churn: its wait for
+    the leader's heap trim is a minute)."""
+    figures, stdout = _bench("bench.memory", tmp_path, "--tls")
+    assert 0 < figures["rss_before_kib"] < figures["rss_connected_kib"]
+    assert figures["kib_per_link"] > 0
+    assert "KiB per link" in stdout
