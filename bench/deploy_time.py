@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from agent.eventloop import daemon_loop
 from bench.common import docker, docker_login, fresh_context
 from tests.support.api import tar_of
 from tests.support.dockerd import Dockerd
@@ -107,4 +108,5 @@ def _report(figures: dict[str, list[float]], runs: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=5)
-    asyncio.run(main(parser.parse_args().runs))
+    with asyncio.Runner(loop_factory=daemon_loop()) as runner:  # the leader's loop as deployed
+        runner.run(main(parser.parse_args().runs))
