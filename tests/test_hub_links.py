@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from agent import wire
 from agent.leader import hub
@@ -338,3 +339,40 @@ async def test_a_peer_heard_from_is_not_pinged_and_one_that_answers_pings_stays(
             await talking.close()
             await answering.close()
     assert pings == 0
+
+
+async def test_a_message_the_hub_fails_on_closes_the_link_and_is_logged(tmp_path: Path) -> None:
+    """A bug met while taking a message as it arrives is logged with its traceback and
+    closes the link with 1011, as one met by the link's task would end the link."""
+    store = Store(tmp_path / "leader.db")
+    await store.open()
+
+    async def no_progress(node: str, message: wire.PullProgress) -> None:
+        return None
+
+    links = Hub(store, no_progress, LeaderMetrics())
+
+    def broken(link: Link, message: wire.ToLeader) -> wire.PullProgress | None:
+        raise RuntimeError("a bug")
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = LinkSocket(compress=False)
+        await ws.prepare(request)
+        await links.serve(NodeRecord(id="n-1", name="w1", enrolled_at=0.0), ws, request)
+        return ws
+
+    try:
+        async for url in serving(handler):
+            async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+                await ws.receive(timeout=10)  # the Sync: the link is served
+                links._handle = broken  # type: ignore[method-assign]
+                with capture_logs() as logs:
+                    await ws.send_str(wire.encode(wire.CredentialsAck(version=1)))
+                    msg = await ws.receive(timeout=10)
+    finally:
+        await links.close()
+        await store.close()
+    assert msg.type == aiohttp.WSMsgType.CLOSE
+    assert msg.data == aiohttp.WSCloseCode.INTERNAL_ERROR
+    failed = [e for e in logs if e["event"] == "link.message_failed"]
+    assert failed and failed[0]["node"] == "w1" and failed[0].get("exc_info")

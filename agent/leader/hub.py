@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from agent import wire
 from agent.credentials import RegistryCredentials
@@ -272,7 +272,12 @@ class Hub:
             message = wire.decode_for_leader(text)
         except wire.BadMessage:
             return False
-        return self._handle(link, message) is None
+        try:
+            return self._handle(link, message) is None
+        except Exception:  # a bug here must not reach aiohttp's parser, which would hide it
+            log.exception("link.message_failed", node=link.node.name)
+            link.kick(WSCloseCode.INTERNAL_ERROR, "the leader failed on this message")
+            return True
 
     async def _dispatch(self, link: Link, message: wire.ToLeader) -> None:
         if (progress := self._handle(link, message)) is not None:
