@@ -210,9 +210,9 @@ async def test_a_round_owed_nothing_is_settled_from_the_start(owed: set[str]) ->
     assert pull_round.settled.done() is (not owed)
 
 
-async def test_a_link_set_up_after_its_node_was_revoked_is_refused(tmp_path: Path) -> None:
-    """A revocation that lands between a worker's authentication and its link being
-    served finds no link to close; the link is refused when it reaches the hub."""
+@contextlib.asynccontextmanager
+async def _hub(tmp_path: Path) -> AsyncIterator[Hub]:
+    """A hub over its own store, with nowhere to send progress."""
     store = Store(tmp_path / "leader.db")
     await store.open()
 
@@ -220,7 +220,15 @@ async def test_a_link_set_up_after_its_node_was_revoked_is_refused(tmp_path: Pat
         return None
 
     links = Hub(store, no_progress, LeaderMetrics())
-    links.revoke("n-1")  # the node's link was authenticated, not yet served
+    try:
+        yield links
+    finally:
+        await links.close()
+        await store.close()
+
+
+async def _served_by(links: Hub) -> AsyncIterator[str]:
+    """A server whose only route hands its websocket to the hub as node n-1's link."""
 
     async def handler(request: web.Request) -> web.WebSocketResponse:
         ws = LinkSocket(compress=False)
@@ -228,13 +236,18 @@ async def test_a_link_set_up_after_its_node_was_revoked_is_refused(tmp_path: Pat
         await links.serve(NodeRecord(id="n-1", name="w1", enrolled_at=0.0), ws, request)
         return ws
 
-    try:
-        async for url in serving(handler):
+    async for url in serving(handler):
+        yield url
+
+
+async def test_a_link_set_up_after_its_node_was_revoked_is_refused(tmp_path: Path) -> None:
+    """A revocation that lands between a worker's authentication and its link being
+    served finds no link to close; the link is refused when it reaches the hub."""
+    async with _hub(tmp_path) as links:
+        links.revoke("n-1")  # the node's link was authenticated, not yet served
+        async for url in _served_by(links):
             async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
                 msg = await ws.receive(timeout=10)
-    finally:
-        await links.close()
-        await store.close()
     assert msg.type == aiohttp.WSMsgType.CLOSE
     assert msg.data == wire.CLOSE_REVOKED
     assert not links.connected("n-1")
@@ -344,34 +357,18 @@ async def test_a_peer_heard_from_is_not_pinged_and_one_that_answers_pings_stays(
 async def test_a_message_the_hub_fails_on_closes_the_link_and_is_logged(tmp_path: Path) -> None:
     """A bug met while taking a message as it arrives is logged with its traceback and
     closes the link with 1011, as one met by the link's task would end the link."""
-    store = Store(tmp_path / "leader.db")
-    await store.open()
-
-    async def no_progress(node: str, message: wire.PullProgress) -> None:
-        return None
-
-    links = Hub(store, no_progress, LeaderMetrics())
 
     def broken(link: Link, message: wire.ToLeader) -> wire.PullProgress | None:
         raise RuntimeError("a bug")
 
-    async def handler(request: web.Request) -> web.WebSocketResponse:
-        ws = LinkSocket(compress=False)
-        await ws.prepare(request)
-        await links.serve(NodeRecord(id="n-1", name="w1", enrolled_at=0.0), ws, request)
-        return ws
-
-    try:
-        async for url in serving(handler):
+    async with _hub(tmp_path) as links:
+        async for url in _served_by(links):
             async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
                 await ws.receive(timeout=10)  # the Sync: the link is served
                 links._handle = broken  # type: ignore[method-assign]
                 with capture_logs() as logs:
                     await ws.send_str(wire.encode(wire.CredentialsAck(version=1)))
                     msg = await ws.receive(timeout=10)
-    finally:
-        await links.close()
-        await store.close()
     assert msg.type == aiohttp.WSMsgType.CLOSE
     assert msg.data == aiohttp.WSCloseCode.INTERNAL_ERROR
     failed = [e for e in logs if e["event"] == "link.message_failed"]
