@@ -26,7 +26,6 @@ CHUNK = 1024 * 1024
 # An upload never leaves less than this free on the state directory's filesystem: the
 # store, its journal and the build must still have room once the context is in.
 DISK_RESERVE_BYTES = 256 * 1024 * 1024
-_ROOM_CHECK_EVERY = 8 * 1024 * 1024
 _ASKPASS = """#!/bin/sh
 case "$1" in
   Username*) printf '%s\\n' "$DEPLOY_AGENT_GIT_USERNAME" ;;
@@ -41,16 +40,16 @@ async def receive_upload(request: web.Request, dest: Path, limit: int) -> None:
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
     _require_room(dest.parent, request.content_length or 0)
-    received, checked = 0, 0
+    received = 0
     loop = asyncio.get_running_loop()
     with dest.open("wb") as out:
         while chunk := await request.content.readany():
             received += len(chunk)
             if received > limit:
                 raise _too_large(limit)
-            if received - checked >= _ROOM_CHECK_EVERY:
-                _require_room(dest.parent, 0)
-                checked = received
+            # Before every write (a statvfs call, microseconds against the write): a check
+            # every few MiB could let the last stretch undercut the reserve by as much.
+            _require_room(dest.parent, len(chunk))
             try:
                 await loop.run_in_executor(None, out.write, chunk)
             except OSError as exc:
