@@ -136,6 +136,11 @@ async def test_a_push_whose_tunnel_cannot_open_is_retried_through_a_new_one(
     context = busybox_context(tmp_path / "c", run_step("sleep 2"))
     dep = await leader.api.deploy_dir(context, "retunnel")
     await leader.api.wait_state(dep["id"], "building")
+    # The build's RUN step running on the build server's engine: its SSH connection is up
+    # (stopping sshd earlier would fail the build, not the push).
+    async with asyncio.timeout(30):
+        while not worker_engines[1].cli("ps", "-q").stdout.strip():
+            await asyncio.sleep(0.1)
     sshd.stop()  # the build's own connection goes on
     await leader.api.wait_state(dep["id"], "pushing")
     await asyncio.sleep(2)
