@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import copy
 import tempfile
 import time
 from pathlib import Path
@@ -37,10 +36,8 @@ BACK_WITHIN_S = 120.0
 
 
 def _leader(raw: dict[str, Any], work: Path, name: str) -> LeaderProcess:
-    """A leader process of its own config (LeaderProcess takes the API token out of the
-    dict it is given, so each gets a copy)."""
     (work / name).mkdir()
-    return LeaderProcess(copy.deepcopy(raw), work / name)
+    return LeaderProcess(raw, work / name)
 
 
 async def restart(raw: dict[str, Any], work: Path, first: LeaderProcess, kill: bool) -> Any:

@@ -94,7 +94,9 @@ class LeaderProcess:
     """
 
     def __init__(self, raw: dict[str, Any], workdir: Path, prefix: list[str] | None = None) -> None:
-        """`prefix` runs it elsewhere, e.g. nsenter into a simulated host's namespace."""
+        """`prefix` runs it elsewhere, e.g. nsenter into a simulated host's namespace.
+        `raw` is copied: the API token moves from the file to the environment here."""
+        raw = copy.deepcopy(raw)
         token = raw["leader"].pop("api_token", None)
         self.secret_env = {TOKEN_ENV: token} if token else {}
         if token:
