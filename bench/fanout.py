@@ -22,6 +22,7 @@ from agent import wire
 from agent.credentials import RegistryCredentials
 from agent.eventloop import loop_name
 from agent.leader.hub import Hub
+from agent.leader.models import NodeRecord
 from agent.leader.server import GC_YOUNG_THRESHOLD
 from bench.fleet import (
     Fleet,
@@ -35,10 +36,11 @@ IMAGE = "registry.bench:5000/bench/app@sha256:" + "0" * 64
 ROUND_TIMEOUT = 120.0
 
 
-async def pull_round(hub: Hub, probe: AckProbe, node_ids: set[str], expected: int) -> list[float]:
+async def pull_round(
+    hub: Hub, probe: AckProbe, nodes: list[NodeRecord], expected: int
+) -> list[float]:
     order = "bench-" + uuid.uuid4().hex[:12]
     probe.expect(lambda m: isinstance(m, wire.PullResult) and m.order == order, expected)
-    nodes = [node for node in await _records(hub) if node.id in node_ids]
     started = time.perf_counter()
     task = asyncio.create_task(hub.pull_everywhere(order, IMAGE, nodes))
     try:
@@ -57,21 +59,24 @@ async def credentials_round(hub: Hub, probe: AckProbe, version: int, expected: i
     return await probe.latencies(started, within=ROUND_TIMEOUT)
 
 
-async def _records(hub: Hub) -> list[Any]:
-    return await hub._store.nodes()
+async def records(hub: Hub, node_ids: set[str]) -> list[NodeRecord]:
+    """The nodes to order, read once: a read of the node table costs the leader's process
+    CPU that would count against every round it came before."""
+    return [node for node in await hub._store.nodes() if node.id in node_ids]
 
 
 async def measure(
     hub: Hub, fleet: Fleet, node_ids: set[str], expected: int, rounds: int
 ) -> dict[str, Any]:
     probe = AckProbe(hub)
-    await pull_round(hub, probe, node_ids, expected)  # warm-up, not counted
+    nodes = await records(hub, node_ids)
+    await pull_round(hub, probe, nodes, expected)  # warm-up, not counted
     pulls: list[float] = []
     creds: list[float] = []
     cpu, fleet_cpu = os.times(), fleet.cpu_seconds()
     with GcPauses() as gc_pauses:
         for r in range(rounds):
-            pulls += await pull_round(hub, probe, node_ids, expected)
+            pulls += await pull_round(hub, probe, nodes, expected)
             await asyncio.sleep(0.3)
             creds += await credentials_round(hub, probe, 10_000 + r, expected)
             await asyncio.sleep(0.3)

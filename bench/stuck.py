@@ -25,7 +25,7 @@ from typing import Any
 
 from agent.leader.hub import SEND_DEADLINE, Hub
 from agent.leader.server import GC_YOUNG_THRESHOLD
-from bench.fanout import IMAGE, pull_round
+from bench.fanout import IMAGE, pull_round, records
 from bench.fleet import (
     bench_main,
     bench_parser,
@@ -109,16 +109,17 @@ async def measure(
     hub: Hub, healthy: set[str], stuck: StuckLink, pairs: int
 ) -> list[tuple[float, float]]:
     probe = AckProbe(hub)
-    everyone = healthy | {stuck.node_id}
-    await pull_round(hub, probe, healthy, len(healthy))  # warm-up, not counted
+    everyone = await records(hub, healthy | {stuck.node_id})
+    others = [node for node in everyone if node.id != stuck.node_id]
+    await pull_round(hub, probe, others, len(healthy))  # warm-up, not counted
     results: list[tuple[float, float]] = []
     for i in range(pairs):
         figures: dict[bool, float] = {}
         for with_stuck in (False, True) if i % 2 == 0 else (True, False):
             if with_stuck:
                 await stuck.stall()
-            ids = everyone if with_stuck else healthy
-            figures[with_stuck] = p99_ms(await pull_round(hub, probe, ids, len(healthy)))
+            nodes = everyone if with_stuck else others
+            figures[with_stuck] = p99_ms(await pull_round(hub, probe, nodes, len(healthy)))
             await asyncio.sleep(PAUSE)
         results.append((figures[False], figures[True]))
     return results
