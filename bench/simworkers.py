@@ -6,26 +6,38 @@ Each client speaks the worker's protocol (agent.wire) as agent/worker/agent.py d
 Hello on connect, a CredentialsAck for every Sync or Credentials, and for every PullOrder
 an immediate successful PullResult (it pulls nothing). A dropped link reconnects with the
 worker's own backoff. SIGTERM closes every link and ends the process.
+
+The simulated workers stand for other machines, yet share this machine's cores with the
+leader: every microsecond they spend is one the leader does not get. So a client answers
+each message as aiohttp's parser yields it, with a frame written straight to its socket
+(the leader's own way of taking answers, agent/leader/link_socket.py), instead of
+waking a task per message. Clients that stop reading or cycle keep the plain
+receive-and-send loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import resource
 import signal
 import socket
 import ssl
+import struct
 import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiohttp.client
 import msgspec
 import uvloop
+from aiohttp._websocket.helpers import websocket_mask
 
 from agent import wire
 from agent.backoff import Backoff
+from agent.leader.link_socket import TakingQueue
 
 FIRST_CONNECTS = 64  # handshakes under way at once when the fleet starts
 STUCK_RCVBUF = 4096
@@ -56,6 +68,21 @@ def answer(message: wire.ToWorker) -> wire.ToLeader | None:
         case wire.PullOrder():
             return wire.PullResult(order=message.order, image=message.image, ok=True)
     return None
+
+
+def masked_frame(text: str) -> bytes:
+    """A client's text frame (RFC 6455 section 5.2): a client masks every frame."""
+    payload = bytearray(text.encode())
+    size = len(payload)
+    if size < 126:
+        header = struct.pack("!BB", 0x81, 0x80 | size)
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", 0x81, 0x80 | 126, size)
+    else:
+        header = struct.pack("!BBQ", 0x81, 0x80 | 127, size)
+    mask = os.urandom(4)
+    websocket_mask(mask, payload)
+    return header + mask + payload
 
 
 def _hello(node_id: str) -> str:
@@ -106,16 +133,39 @@ class SimWorker:
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         async with ws:
             await ws.send_str(_hello(self.node_id))
+            if not self.stuck and not self.spec.cycles:
+                _answer_as_parsed(ws)
             async for msg in ws:
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     return
                 reply = answer(wire.decode_for_worker(msg.data))
                 if reply is not None:
-                    await ws.send_str(wire.encode(reply))
+                    _send_now(ws, reply)
                 if isinstance(reply, wire.CredentialsAck) and self.spec.cycles:
                     return
                 if self.stuck:
                     _stop_reading(ws, self.spec.stuck_for)
+
+
+def _send_now(ws: aiohttp.ClientWebSocketResponse, reply: wire.ToLeader) -> None:
+    """Write a whole frame at once: no wait between a message and its answer, so answers
+    keep the order of the messages whether the parser's taker or the task sent them."""
+    transport = ws._writer.transport
+    if not transport.is_closing():
+        transport.write(masked_frame(wire.encode(reply)))
+
+
+def _answer_as_parsed(ws: aiohttp.ClientWebSocketResponse) -> None:
+    queue = ws._reader
+    assert isinstance(queue, TakingQueue), "aiohttp's client queue was not replaced"
+
+    def take(text: str) -> bool:
+        reply = answer(wire.decode_for_worker(text))
+        if reply is not None:
+            _send_now(ws, reply)
+        return True
+
+    queue.taker = take
 
 
 def _stop_reading(ws: aiohttp.ClientWebSocketResponse, resume_after: float) -> None:
@@ -165,6 +215,8 @@ def main() -> None:
     """uvloop here is the harness's, not the leader's: the simulated workers would be other
     machines, so the less CPU they take from the leader's, the truer the figures."""
     raise_fd_limit()
+    # Every client websocket of this process gets a queue whose messages can be taken.
+    setattr(aiohttp.client, "WebSocketDataQueue", TakingQueue)  # noqa: B010
     spec = msgspec.json.decode(Path(sys.argv[1]).read_bytes(), type=FleetSpec)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(run_fleet(spec))

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from unittest import mock
+
+import pytest
+from aiohttp import WSMsgType
+from aiohttp._websocket.reader import WebSocketDataQueue
+from aiohttp.http import WebSocketReader
+
+from bench.simworkers import masked_frame
 
 
 def _bench(module: str, tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
@@ -61,3 +70,17 @@ def test_memory_bench_measures_the_leader_with_its_links_up(tmp_path: Path) -> N
     assert 0 < figures["rss_before_kib"] < figures["rss_connected_kib"]
     assert figures["kib_per_link"] > 0
     assert "KiB per link" in stdout
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65_535, 65_536])
+async def test_simulated_workers_frames_read_as_a_server_reads_them(size: int) -> None:
+    """A frame the simulated workers write straight to their sockets is masked and sized
+    as aiohttp's server parser requires, at each length encoding's edges."""
+    loop = asyncio.get_running_loop()
+    queue = WebSocketDataQueue(mock.Mock(_reading_paused=False), 2**16, loop=loop)
+    reader = WebSocketReader(queue, 1 << 20, compress=False, decode_text=True)
+    text = "é" * (size // 2) + "x" * (size % 2)
+    reader.feed_data(masked_frame(text))
+    async with asyncio.timeout(5):  # a frame whose length is misread waits for more bytes
+        message = await queue.read()
+    assert (message.type, message.data) == (WSMsgType.TEXT, text)

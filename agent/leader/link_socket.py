@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 TextTaker = Callable[[str], bool]
 
 
-class _TakingQueue(WebSocketDataQueue):
+class TakingQueue(WebSocketDataQueue):
     """aiohttp's message queue, offering each text message to a taker first, as long as
     nothing is queued ahead of it (so messages are still dealt with in order)."""
 
@@ -56,7 +56,7 @@ class LinkSocket(web.WebSocketResponse):
     is set again for a heartbeat after the last thing heard.
     """
 
-    _taking: _TakingQueue | None = None
+    _taking: TakingQueue | None = None
     _clock: Callable[[], float] = staticmethod(lambda: 0.0)
     _heard_at = 0.0  # when the peer last sent anything, on the loop's clock
     _pinged_at = 0.0
@@ -74,7 +74,7 @@ class LinkSocket(web.WebSocketResponse):
         self._clock = self._loop.time
         self._heard_at = self._clock()
         self._reset_heartbeat()
-        queue = _TakingQueue(request._protocol, DEFAULT_CHUNK_SIZE, loop=self._loop)
+        queue = TakingQueue(request._protocol, DEFAULT_CHUNK_SIZE, loop=self._loop)
         parser = WebSocketReader(
             queue, self._max_msg_size, compress=bool(self._compress), decode_text=True
         )
