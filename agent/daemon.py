@@ -52,7 +52,7 @@ async def _run_worker(worker: Worker, stop: asyncio.Event, notifier: Notifier) -
 
 
 async def _run_leader(leader: Leader, stop: asyncio.Event, notifier: Notifier) -> None:
-    async with notifier.pulse(stop, leader.status_line):
+    async with notifier.pulse(stop, leader.status_line, leader.stop_within()):
         try:
             await leader.start()
             tune_collector()

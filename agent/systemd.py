@@ -1,6 +1,7 @@
 """The systemd notify protocol over `NOTIFY_SOCKET`, without libsystemd: readiness,
-status, stopping, and watchdog pings from the event loop itself, so a blocked loop stops
-them. Sending never raises: a manager that stopped listening must not stop the agent.
+status, stopping (with the time the stop may take), and watchdog pings from the event
+loop itself, so a blocked loop stops them. Sending never raises: a manager that stopped
+listening must not stop the agent.
 """
 
 from __future__ import annotations
@@ -92,13 +93,19 @@ class Notifier:
         self._failing = False
 
     @contextlib.asynccontextmanager
-    async def pulse(self, stop: asyncio.Event, summary: Summary) -> AsyncIterator[None]:
+    async def pulse(
+        self, stop: asyncio.Event, summary: Summary, stop_within: float | None = None
+    ) -> AsyncIterator[None]:
         """Feed the watchdog and refresh the status while the body runs; say STOPPING=1
-        as soon as `stop` is set. The pinging task is cancelled when the body ends."""
+        as soon as `stop` is set, and, given `stop_within` (seconds), that the stop may
+        take that long: systemd then waits at least as long before it kills the agent,
+        whatever the unit's TimeoutStopSec. The pinging task is cancelled when the body
+        ends."""
         if not self.enabled:
             yield
             return
-        task = asyncio.create_task(self._pulse(stop, summary), name="systemd-pulse")
+        pulsing = self._pulse(stop, summary, stop_within)
+        task = asyncio.create_task(pulsing, name="systemd-pulse")
         try:
             yield
         finally:
@@ -106,7 +113,9 @@ class Notifier:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _pulse(self, stop: asyncio.Event, summary: Summary) -> None:
+    async def _pulse(
+        self, stop: asyncio.Event, summary: Summary, stop_within: float | None
+    ) -> None:
         tick = min(self.watchdog_every or STATUS_REFRESH_SECONDS, STATUS_REFRESH_SECONDS)
         stopping = False
         shown = ""
@@ -115,6 +124,8 @@ class Notifier:
             if stop.is_set() and not stopping:
                 stopping = True
                 fields.append("STOPPING=1")
+                if stop_within is not None:
+                    fields.append(f"EXTEND_TIMEOUT_USEC={round(stop_within * 1_000_000)}")
             if self.is_ready or stopping:
                 line = ("stopping; " if stopping else "") + summary()
                 if line != shown:

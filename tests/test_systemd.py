@@ -39,8 +39,9 @@ async def test_leader_process_is_ready_feeds_the_watchdog_and_says_it_stops(
     leader_process: Callable[..., LeaderProcess], abstract_listener: NotifyListener
 ) -> None:
     """READY=1 with a status once serving, WATCHDOG=1 every half interval, STOPPING=1 on
-    SIGTERM, then a clean exit."""
-    leader = leader_process()
+    SIGTERM with the time the stop may take (so systemd waits out the drain whatever the
+    unit's TimeoutStopSec), then a clean exit."""
+    leader = leader_process(leader={"drain_timeout": 7})
     leader.start(env={"NOTIFY_SOCKET": abstract_listener.address, "WATCHDOG_USEC": "400000"})
 
     ready = (await abstract_listener.wait_for("READY=1"))[0]
@@ -56,6 +57,8 @@ async def test_leader_process_is_ready_feeds_the_watchdog_and_says_it_stops(
     assert [m for m in abstract_listener.messages if m.has("READY=1")] == [ready]
     assert ready.at < stopping.at
     assert (stopping.status() or "").startswith("stopping; leader serving")
+    # 7 s of drain, 20 s for an interrupted release to undo itself, 10 s to close
+    assert stopping.has("EXTEND_TIMEOUT_USEC=37000000"), stopping.fields
     assert "leader starting" in abstract_listener.statuses()
 
 
@@ -100,6 +103,7 @@ async def test_status_follows_readiness_and_stopping_is_said_once(listener: Noti
 
     assert listener.statuses() == ["ready 0", "steady", "stopping; steady"]
     assert len(listener.with_field("STOPPING=1")) == 1
+    assert not [f for m in listener.messages for f in m.fields if f.startswith("EXTEND_")]
     stopped_at = listener.with_field("STOPPING=1")[0].at
     assert any(m.at > stopped_at for m in listener.with_field("WATCHDOG=1"))
 

@@ -30,13 +30,13 @@ from agent.leader.api import cluster, deployments, middleware, nodes, openapi, r
 from agent.leader.api.keys import CONTEXT, SCHEDULER
 from agent.leader.build_server import Builders
 from agent.leader.context import LeaderContext
-from agent.leader.hub import Hub, ProgressSink
+from agent.leader.hub import CLOSE_DEADLINE, Hub, ProgressSink
 from agent.leader.journal import Journal
 from agent.leader.metrics import LeaderMetrics
 from agent.leader.password_command import PasswordRefresher
 from agent.leader.registry import RegistryService
 from agent.leader.release import ensure_swarm
-from agent.leader.scheduler import Scheduler
+from agent.leader.scheduler import INTERRUPT_GRACE_S, Scheduler
 from agent.leader.store import Store
 from agent.leader.webhooks import WebhookSender
 from agent.logs import get_logger
@@ -52,6 +52,10 @@ JSON_BODY_LIMIT = 1024 * 1024
 # loopback (64 KiB buffers: 190 MB/s).
 TLS_READ_BUFFER = 16 * 1024
 GC_YOUNG_THRESHOLD = 20_000
+SHUTDOWN_TIMEOUT_S = 5.0  # the HTTP server's wait for its handlers once the links close
+# What a stop takes past the drain and an interrupted release's grace: the links' close
+# handshakes (hub.CLOSE_DEADLINE), then the HTTP server's shutdown.
+CLOSE_AFTER_DRAIN_S = CLOSE_DEADLINE + SHUTDOWN_TIMEOUT_S
 # Connections waiting to be accepted (aiohttp's default is 128; the kernel caps it at
 # net.core.somaxconn). Thousands of workers reconnect at once after a leader restart:
 # past the backlog the kernel drops their handshakes and they wait out a retransmit.
@@ -166,7 +170,7 @@ class Leader:
             app,
             handle_signals=False,
             access_log=None,
-            shutdown_timeout=5,
+            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
             max_line_size=REQUEST_LINE_LIMIT,
         )
         await self._runner.setup()
@@ -184,6 +188,11 @@ class Leader:
         """Whether the engine answered before `stop` was set (asked again while it does not)."""
         assert self.ctx is not None, "start() first"
         return await self.ctx.engine.wait_until_up(stop, waiting) is not None
+
+    def stop_within(self) -> float:
+        """The longest a stop may take: the drain, the grace an interrupted release has to
+        undo itself, then the links' close handshakes and the HTTP server's shutdown."""
+        return self.leader_config.drain_timeout + INTERRUPT_GRACE_S + CLOSE_AFTER_DRAIN_S
 
     def status_line(self) -> str:
         """One line for the service manager: where it serves and what it is doing."""
