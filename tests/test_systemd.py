@@ -57,8 +57,8 @@ async def test_leader_process_is_ready_feeds_the_watchdog_and_says_it_stops(
     assert [m for m in abstract_listener.messages if m.has("READY=1")] == [ready]
     assert ready.at < stopping.at
     assert (stopping.status() or "").startswith("stopping; leader serving")
-    # 7 s of drain, 20 s for an interrupted release to undo itself, 10 s to close
-    assert stopping.has("EXTEND_TIMEOUT_USEC=37000000"), stopping.fields
+    # 7 s of drain, 20 s for an interrupted release to undo itself, 15 s to close
+    assert stopping.has("EXTEND_TIMEOUT_USEC=42000000"), stopping.fields
     assert "leader starting" in abstract_listener.statuses()
 
 

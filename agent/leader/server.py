@@ -30,7 +30,7 @@ from agent.leader.api import cluster, deployments, middleware, nodes, openapi, r
 from agent.leader.api.keys import CONTEXT, SCHEDULER
 from agent.leader.build_server import Builders
 from agent.leader.context import LeaderContext
-from agent.leader.hub import CLOSE_DEADLINE, Hub, ProgressSink
+from agent.leader.hub import Hub, ProgressSink
 from agent.leader.journal import Journal
 from agent.leader.metrics import LeaderMetrics
 from agent.leader.password_command import PasswordRefresher
@@ -52,10 +52,12 @@ JSON_BODY_LIMIT = 1024 * 1024
 # loopback (64 KiB buffers: 190 MB/s).
 TLS_READ_BUFFER = 16 * 1024
 GC_YOUNG_THRESHOLD = 20_000
-SHUTDOWN_TIMEOUT_S = 5.0  # the HTTP server's wait for its handlers once the links close
-# What a stop takes past the drain and an interrupted release's grace: the links' close
-# handshakes (hub.CLOSE_DEADLINE), then the HTTP server's shutdown.
-CLOSE_AFTER_DRAIN_S = CLOSE_DEADLINE + SHUTDOWN_TIMEOUT_S
+# The HTTP server's wait for a handler that is still running when it shuts down; it
+# waits twice, before and after cancelling the handler. The worker links close within it.
+SHUTDOWN_TIMEOUT_S = 5.0
+# What a stop takes past the drain and an interrupted release's grace: the HTTP server's
+# shutdown, then a margin for writing the last node info and closing engine and store.
+CLOSE_AFTER_DRAIN_S = 2 * SHUTDOWN_TIMEOUT_S + 5.0
 # Connections waiting to be accepted (aiohttp's default is 128; the kernel caps it at
 # net.core.somaxconn). Thousands of workers reconnect at once after a leader restart:
 # past the backlog the kernel drops their handshakes and they wait out a retransmit.
@@ -191,7 +193,7 @@ class Leader:
 
     def stop_within(self) -> float:
         """The longest a stop may take: the drain, the grace an interrupted release has to
-        undo itself, then the links' close handshakes and the HTTP server's shutdown."""
+        undo itself, the HTTP server's shutdown (the links close within it), a margin."""
         return self.leader_config.drain_timeout + INTERRUPT_GRACE_S + CLOSE_AFTER_DRAIN_S
 
     def status_line(self) -> str:
