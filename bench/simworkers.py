@@ -11,8 +11,9 @@ The simulated workers stand for other machines, yet share this machine's cores w
 leader: every microsecond they spend is one the leader does not get. So a client answers
 each message as aiohttp's parser yields it, with a frame written straight to its socket
 (the leader's own way of taking answers, agent/leader/link_socket.py), instead of
-waking a task per message. Clients that stop reading or cycle keep the plain
-receive-and-send loop.
+waking a task per message. Clients that stop reading or cycle read in a loop, as a
+worker does, and write their answers the same way; a client never compresses (the
+leader declines permessage-deflate).
 """
 
 from __future__ import annotations
@@ -149,9 +150,10 @@ class SimWorker:
 
 def _send_now(ws: aiohttp.ClientWebSocketResponse, reply: wire.ToLeader) -> None:
     """Write a whole frame at once: no wait between a message and its answer, so answers
-    keep the order of the messages whether the parser's taker or the task sent them."""
+    keep the order of the messages whether the parser's taker or the task sent them.
+    Nothing is sent once the client has begun to close: no data frame after its close."""
     transport = ws._writer.transport
-    if not transport.is_closing():
+    if not ws.closed and not transport.is_closing():
         transport.write(masked_frame(wire.encode(reply)))
 
 

@@ -80,7 +80,9 @@ async def test_simulated_workers_frames_read_as_a_server_reads_them(size: int) -
     queue = WebSocketDataQueue(mock.Mock(_reading_paused=False), 2**16, loop=loop)
     reader = WebSocketReader(queue, 1 << 20, compress=False, decode_text=True)
     text = "é" * (size // 2) + "x" * (size % 2)
-    reader.feed_data(masked_frame(text))
+    frame = masked_frame(text)
+    assert frame[1] & 0x80, "a client's frame must be masked"
+    reader.feed_data(frame)
     async with asyncio.timeout(5):  # a frame whose length is misread waits for more bytes
         message = await queue.read()
     assert (message.type, message.data) == (WSMsgType.TEXT, text)
