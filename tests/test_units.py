@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import sys
 import time
+import weakref
+from functools import partial
 from pathlib import Path
 
 import pytest
 import structlog
+from tenacity import AsyncRetrying, RetryCallState, stop_after_attempt
 
 from agent import logs
 from agent.credentials import RegistryCredentials
@@ -17,6 +22,7 @@ from agent.leader.models import Deployment, DeploymentRequest, Mode, ServiceSpec
 from agent.leader.references import image_host, registry_host, repository_for
 from agent.leader.release import service_spec
 from agent.leader.sources import _git_env
+from agent.retrying import scoped
 
 
 @pytest.mark.parametrize(
@@ -209,3 +215,39 @@ def test_git_credentials_reach_git_decoded(tmp_path: Path) -> None:
     env = _git_env("https://deploy:glpat-s3cr%2Ft%40x@git.example.com/r.git", tmp_path)
     assert env["DEPLOY_AGENT_GIT_USERNAME"] == "deploy"
     assert env["DEPLOY_AGENT_GIT_PASSWORD"] == "glpat-s3cr/t@x"
+
+
+def _noted(dep: Deployment, state: RetryCallState) -> None:
+    """A before_sleep that holds a deployment, as the push's does."""
+
+
+async def test_a_retrying_loop_leaves_no_reference_cycle_behind() -> None:
+    """With the collector off, what a loop of attempts held goes as soon as it is over:
+    tenacity's retrying state (cycles only the collector could free, and the leader
+    makes its full passes rare) no longer keeps itself, and a deployment its callback
+    holds, until the next full pass."""
+    dep = Deployment(
+        id="d1",
+        app="shop",
+        mode=Mode.REGISTRY,
+        request=DeploymentRequest(app="shop"),
+        source="upload",
+        created_at=time.time(),
+        updated_at=time.time(),
+        repository="r.io/a/shop",
+        tag="d1",
+    )
+    held_before = sys.getrefcount(dep)
+    gc.disable()
+    try:
+        keep = AsyncRetrying(stop=stop_after_attempt(3), before_sleep=partial(_noted, dep))
+        with scoped(keep) as attempts:
+            async for attempt in attempts:
+                with attempt:
+                    dep.digest = "sha256:" + "1" * 64
+        freed = weakref.ref(attempts)
+        del keep, attempts, attempt
+        assert freed() is None
+        assert sys.getrefcount(dep) == held_before
+    finally:
+        gc.enable()

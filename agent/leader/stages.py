@@ -36,6 +36,7 @@ from agent.leader.sources import check_context, clone_to_context, redact_url
 from agent.logs import get_logger
 from agent.progress import LayerThrottle
 from agent.retention import APP_LABEL, prune_app_images
+from agent.retrying import scoped
 from agent.wire import PullResult
 
 log = get_logger(__name__)
@@ -117,19 +118,21 @@ async def push(ctx: LeaderContext, dep: Deployment) -> None:
             hint="set them again with PUT /v1/registry and resubmit",
         )
     progress = _ProgressReporter(ctx, dep)
-    retrying = AsyncRetrying(
-        stop=stop_before_delay(ctx.config.push_retry_budget),
-        wait=wait_exponential_jitter(initial=1, max=30, jitter=1),
-        # a build server's tunnel that broke is opened again for the next attempt
-        retry=retry_if_exception_type((RegistryTransientError, SshError)),
-        before_sleep=_RetryRecorder(ctx, dep),
-        reraise=True,
-    )
     try:
-        async for attempt in retrying:
-            with attempt:
-                async with ctx.builders.engine() as engine:
-                    dep.digest = await engine.push(dep.repository, dep.tag, creds, progress)
+        with scoped(
+            AsyncRetrying(
+                stop=stop_before_delay(ctx.config.push_retry_budget),
+                wait=wait_exponential_jitter(initial=1, max=30, jitter=1),
+                # a build server's tunnel that broke is opened again for the next attempt
+                retry=retry_if_exception_type((RegistryTransientError, SshError)),
+                before_sleep=_RetryRecorder(ctx, dep),
+                reraise=True,
+            )
+        ) as attempts:
+            async for attempt in attempts:
+                with attempt:
+                    async with ctx.builders.engine() as engine:
+                        dep.digest = await engine.push(dep.repository, dep.tag, creds, progress)
     except RegistryAuthError as exc:
         raise DeploymentError(
             "push_unauthorized", f"the registry refused the push: {exc.message}", UNAUTHORIZED_HINT

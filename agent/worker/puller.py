@@ -22,6 +22,7 @@ from agent.errors import EngineError, RegistryError, RegistryTransientError
 from agent.logs import get_logger
 from agent.progress import LayerThrottle
 from agent.retention import prune_app_images
+from agent.retrying import scoped
 
 log = get_logger(__name__)
 Send = Callable[[wire.ToLeader], Awaitable[None]]
@@ -109,21 +110,23 @@ class Puller:
         return None
 
     async def _pull_with_retries(self, image: str, progress: _Progress) -> None:
-        retrying = AsyncRetrying(
-            stop=stop_before_delay(self._retry_budget),
-            wait=wait_exponential_jitter(initial=1, max=15, jitter=1),
-            retry=retry_if_exception(_transient),
-            before_sleep=lambda state: log.warning(
-                "pull.retry",
-                image=image,
-                attempt=state.attempt_number,
-                error=str(state.outcome.exception() if state.outcome else ""),
-            ),
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
-                await self._engine.pull(image, self._credentials(), progress)
+        with scoped(
+            AsyncRetrying(
+                stop=stop_before_delay(self._retry_budget),
+                wait=wait_exponential_jitter(initial=1, max=15, jitter=1),
+                retry=retry_if_exception(_transient),
+                before_sleep=lambda state: log.warning(
+                    "pull.retry",
+                    image=image,
+                    attempt=state.attempt_number,
+                    error=str(state.outcome.exception() if state.outcome else ""),
+                ),
+                reraise=True,
+            )
+        ) as attempts:
+            async for attempt in attempts:
+                with attempt:
+                    await self._engine.pull(image, self._credentials(), progress)
 
     async def drain(self, within: float) -> None:
         """Let the pulls under way finish and their orders be answered, for up to
