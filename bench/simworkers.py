@@ -25,7 +25,6 @@ import resource
 import signal
 import socket
 import ssl
-import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,10 +33,10 @@ import aiohttp
 import aiohttp.client
 import msgspec
 import uvloop
-from aiohttp._websocket.helpers import websocket_mask
 
 from agent import wire
 from agent.backoff import Backoff
+from agent.leader.frames import text_frame
 from agent.leader.link_socket import TakingQueue
 
 FIRST_CONNECTS = 64  # handshakes under way at once when the fleet starts
@@ -72,18 +71,8 @@ def answer(message: wire.ToWorker) -> wire.ToLeader | None:
 
 
 def masked_frame(text: str) -> bytes:
-    """A client's text frame (RFC 6455 section 5.2): a client masks every frame."""
-    payload = bytearray(text.encode())
-    size = len(payload)
-    if size < 126:
-        header = struct.pack("!BB", 0x81, 0x80 | size)
-    elif size < 1 << 16:
-        header = struct.pack("!BBH", 0x81, 0x80 | 126, size)
-    else:
-        header = struct.pack("!BBQ", 0x81, 0x80 | 127, size)
-    mask = os.urandom(4)
-    websocket_mask(mask, payload)
-    return header + mask + payload
+    """A client's text frame: masked, with a key of its own."""
+    return text_frame(text, mask=os.urandom(4))
 
 
 def _hello(node_id: str) -> str:

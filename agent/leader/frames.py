@@ -2,6 +2,8 @@
 
 A broadcast goes to every link with the same bytes: a server's frames are not masked and
 the leader never compresses, so one frame is built per message and written as it is.
+A client masks every frame it sends, with a key of its own per frame: `mask` gives one
+(the simulated workers of the benchmarks write their answers this way).
 """
 
 from __future__ import annotations
@@ -9,19 +11,27 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
+from aiohttp._websocket.helpers import websocket_mask
+
 FIN_TEXT = 0x81
+MASKED = 0x80
 
 
-def text_frame(text: str) -> bytes:
+def text_frame(text: str, *, mask: bytes | None = None) -> bytes:
     payload = text.encode()
     size = len(payload)
+    masked = MASKED if mask is not None else 0
     if size < 126:
-        header = struct.pack("!BB", FIN_TEXT, size)
+        header = struct.pack("!BB", FIN_TEXT, masked | size)
     elif size < 1 << 16:
-        header = struct.pack("!BBH", FIN_TEXT, 126, size)
+        header = struct.pack("!BBH", FIN_TEXT, masked | 126, size)
     else:
-        header = struct.pack("!BBQ", FIN_TEXT, 127, size)
-    return header + payload
+        header = struct.pack("!BBQ", FIN_TEXT, masked | 127, size)
+    if mask is None:
+        return header + payload
+    masking = bytearray(payload)
+    websocket_mask(mask, masking)
+    return header + mask + masking
 
 
 class Outgoing(NamedTuple):
