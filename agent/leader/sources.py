@@ -15,6 +15,7 @@ import tarfile
 import tempfile
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from aiohttp import web
@@ -47,15 +48,20 @@ async def receive_upload(request: web.Request, dest: Path, limit: int) -> None:
             received += len(chunk)
             if received > limit:
                 raise _too_large(limit)
-            # Before every write (a statvfs call, microseconds against the write): a check
-            # every few MiB could let the last stretch undercut the reserve by as much.
-            _require_room(dest.parent, len(chunk))
-            try:
-                await loop.run_in_executor(None, out.write, chunk)
-            except OSError as exc:
-                raise _no_room(dest.parent, str(exc)) from None
+            await loop.run_in_executor(None, _write_with_room, out, dest.parent, chunk)
     if received == 0:
         raise RequestError(400, "invalid_request", "the request body is empty: send a tar archive")
+
+
+def _write_with_room(out: BinaryIO, directory: Path, chunk: bytes) -> None:
+    """Write one chunk if the reserve stays free, on a thread: the check is a statvfs
+    call, made before every write (a check every few MiB could let the last stretch
+    undercut the reserve by as much)."""
+    _require_room(directory, len(chunk))
+    try:
+        out.write(chunk)
+    except OSError as exc:
+        raise _no_room(directory, str(exc)) from None
 
 
 def _require_room(directory: Path, coming: int) -> None:
