@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import structlog
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from tenacity import AsyncRetrying, RetryCallState, stop_after_attempt
 
 from agent import logs
 from agent.credentials import RegistryCredentials
 from agent.engine import classify_registry_error
 from agent.errors import RegistryAuthError, RegistryError, RegistryTransientError, RequestError
+from agent.leader.metrics import PULL_BUCKETS, LoopHistogram
 from agent.leader.models import Deployment, DeploymentRequest, Mode, ServiceSpec
 from agent.leader.references import image_host, registry_host, repository_for
 from agent.leader.release import service_spec
@@ -251,3 +253,23 @@ async def test_a_retrying_loop_leaves_no_reference_cycle_behind() -> None:
         assert sys.getrefcount(dep) == held_before
     finally:
         gc.enable()
+
+
+def test_the_loop_histogram_reads_as_prometheus_clients_own() -> None:
+    """The pull histogram keeps its own counts; a scrape shows the same series and values
+    a prometheus_client Histogram would, bounds and values on them included."""
+    name, doc = "pulls_seconds", "How long pulls took"
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    loop_histogram = LoopHistogram(name, doc, PULL_BUCKETS)
+    ours.register(loop_histogram)
+    reference = Histogram(name, doc, buckets=PULL_BUCKETS, registry=theirs)
+    for value in (0.0, 0.1, 0.1000001, 0.3, 1, 7.5, 299.9, 300, 301, 1e9):
+        loop_histogram.observe(value)
+        reference.observe(value)
+
+    def series(registry: CollectorRegistry) -> list[str]:
+        lines = generate_latest(registry).decode().splitlines()
+        return [line for line in lines if "_created" not in line]
+
+    assert series(ours) == series(theirs)
+    assert f'{name}_bucket{{le="0.1"}} 2.0' in series(ours)
