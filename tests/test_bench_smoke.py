@@ -18,10 +18,15 @@ from aiohttp.http import WebSocketReader
 from bench.simworkers import masked_frame
 
 
-def _bench(module: str, tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
-    """Run `python -m module` on 20 workers in one process; its JSON figures and output."""
+def _bench(
+    module: str, tmp_path: Path, *args: str, enrolled: bool = True
+) -> tuple[dict[str, Any], str]:
+    """Run `python -m module` on 20 workers in one process; its JSON figures and output.
+    `enrolled`: the bench's workers enrol with a leader (their cache goes in tmp_path)."""
     out = tmp_path / "figures.json"
-    common = ["--workers", "20", "--procs", "1", "--state", str(tmp_path), "--json", str(out)]
+    common = ["--workers", "20", "--procs", "1", "--json", str(out)]
+    if enrolled:
+        common += ["--state", str(tmp_path)]
     proc = subprocess.run(
         [sys.executable, "-m", module, *common, *args],
         capture_output=True,
@@ -40,6 +45,18 @@ def test_fanout_bench_reports_figures_for_every_acknowledgement(tmp_path: Path) 
         assert figures[kind]["n"] == 40
         assert 0 < figures[kind]["p50_ms"] <= figures[kind]["p99_ms"] <= figures[kind]["max_ms"]
     assert "p99" in stdout
+
+
+def test_floor_bench_times_bare_connections_answering(tmp_path: Path) -> None:
+    """Two rounds over 20 bare TLS connections: every connection's answer timed (the CPU
+    figures, in clock ticks of 10 ms, may be 0 for so few answers)."""
+    figures, stdout = _bench("bench.floor", tmp_path, "--tls", "--rounds", "2", enrolled=False)
+    assert figures["round"]["n"] == 40
+    assert (
+        0 < figures["round"]["p50_ms"] <= figures["round"]["p99_ms"] <= figures["round"]["max_ms"]
+    )
+    assert "bare connections, TLS" in stdout
+    assert "server CPU per answer" in stdout
 
 
 def test_stuck_worker_bench_pairs_rounds_with_a_stalled_link(tmp_path: Path) -> None:
