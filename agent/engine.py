@@ -328,7 +328,10 @@ class Engine:
         """POST to a streaming endpoint; yield its JSON lines; close the connection on exit.
 
         Closing the connection is what tells the engine to stop a build or push, so a
-        cancelled caller really stops the work (aiodocker's helpers leave it open).
+        cancelled caller really stops the work (aiodocker's helpers leave it open). A
+        stream left before its end is cut at once: a close would first send what is left
+        of the request body, to an engine that may never read it, and the socket would
+        stay open meanwhile.
         """
         timeout = aiohttp.ClientTimeout(total=None, connect=self._timeout, sock_read=None)
         async with contextlib.AsyncExitStack() as stack:
@@ -343,15 +346,19 @@ class Engine:
                         timeout=timeout,
                     )
                 )
+            ended = False
             try:
                 while True:
                     async with asyncio.timeout(idle_timeout):
                         raw = await response.content.readline()
                     if not raw:
+                        ended = True
                         return
                     if raw.strip():
                         yield _checked(json.loads(raw))
             finally:
+                if not ended:
+                    _cut(response)
                 response.close()
 
     def _deadline(self, what: str) -> _Deadline:
@@ -406,6 +413,14 @@ class _BuildLog:
             return
         self.tail = [*self.tail[-(BUILD_LOG_TAIL - 1) :], line]
         await self._on_line(line)
+
+
+def _cut(response: aiohttp.ClientResponse) -> None:
+    """Close a response's connection without sending what is left of its request body."""
+    connection = response.connection
+    protocol = connection.protocol if connection is not None else None
+    if protocol is not None:  # not truthiness: an empty protocol is false
+        protocol.abort()
 
 
 class _StreamError(Exception):

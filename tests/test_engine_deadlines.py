@@ -1,13 +1,16 @@
 """A pull that makes no progress ends as a transient registry error within the idle
-limit, whether the engine stalls before its answer or in the middle of its stream.
+limit, whether the engine stalls before its answer or in the middle of its stream; a
+build the engine fails before reading its whole context leaves no connection behind.
 
-The engine here is an HTTP server on a Unix socket that speaks just enough of the Docker
-API to stall on purpose; real engines run in the cluster tests.
+The engines here are servers on a Unix socket that speak just enough of the Docker API
+to misbehave on purpose; real engines run in the cluster tests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import select
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -17,7 +20,7 @@ from aiohttp import web
 
 from agent import engine as engine_module
 from agent.engine import Engine
-from agent.errors import RegistryTransientError
+from agent.errors import BuildError, RegistryTransientError
 
 IDLE = 0.5
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -76,3 +79,74 @@ async def test_a_stalled_pull_fails_within_the_idle_limit(
             async with asyncio.timeout(10):  # the test's own bound: the bug is a hang
                 await engine.pull(IMAGE, None, _no_op)
         assert time.monotonic() - started < IDLE + 2
+
+
+CONTEXT_BYTES = 16 * 1024 * 1024  # far more than the socket buffers hold
+
+
+async def _fails_the_build_unread(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer_gone: asyncio.Future[bool]
+) -> None:
+    """Answer the version query; answer a build with an error at once, read nothing
+    more, and report whether the client's end of the socket closes."""
+    while True:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"/version" in head.split(b"\r\n", 1)[0]:
+            body = b'{"ApiVersion": "1.43", "Version": "failing"}'
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+            writer.write(b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            continue
+        line = b'{"errorDetail": {"message": "no space left"}, "error": "no space left"}\n'
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+        writer.write(b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(line), line))
+        try:
+            peer_gone.set_result(await _closes_within(writer, 3.0))
+        finally:
+            writer.close()
+        return
+
+
+async def _closes_within(writer: asyncio.StreamWriter, seconds: float) -> bool:
+    """Whether the peer closes its end within `seconds`, reading nothing it sent."""
+    poller = select.poll()
+    poller.register(writer.get_extra_info("socket").fileno(), select.POLLRDHUP)
+    deadline = time.monotonic() + seconds
+    while not poller.poll(0):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def test_a_build_failed_mid_upload_cuts_its_connection(tmp_path: Path) -> None:
+    """The engine fails the build while 16 MiB of context are still on their way and
+    reads no more of it: the agent's end of the socket closes at once all the same, with
+    the unsent rest dropped (a plain close would wait to send it, for ever)."""
+    context = tmp_path / "context.tar"
+    context.write_bytes(os.urandom(CONTEXT_BYTES))
+    peer_gone: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    sock = tmp_path / "engine.sock"
+    server = await asyncio.start_unix_server(
+        lambda r, w: _fails_the_build_unread(r, w, peer_gone), str(sock)
+    )
+    engine = Engine(f"unix://{sock}", timeout=5)
+    try:
+        with pytest.raises(BuildError, match="no space left"):
+            async with asyncio.timeout(10):
+                await engine.build(
+                    context,
+                    tag="t",
+                    dockerfile="Dockerfile",
+                    build_args={},
+                    labels={},
+                    on_line=_no_op_line,
+                )
+        assert await asyncio.wait_for(peer_gone, 10), "the connection stayed open"
+    finally:
+        await engine.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def _no_op_line(line: str) -> None:
+    return None
