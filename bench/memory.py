@@ -6,8 +6,8 @@ The leader is a real `deploy-agent run` process (no Docker Engine needed); its R
 read from /proc before and after N simulated workers connect and sit idle. Then clients
 connect, sync and disconnect, 100 at a time, `--cycles` times in all; RSS is reported at
 the start, the middle and the end, and once more after the leader's next periodic heap
-trim (`leader.memory_trim_interval`, 60 s by default). --deflate makes the clients offer
-permessage-deflate.
+trim (`leader.memory_trim_interval`, set to 60 s here, its default). --deflate makes the
+clients offer permessage-deflate.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from tests.support.leader import LeaderProcess
 
 CHURN_CLIENTS = 100
 SETTLE_S = 5.0
-TRIM_INTERVAL_S = 60.0  # the leader's default memory_trim_interval
+TRIM_INTERVAL_S = 60.0  # the leader's memory_trim_interval: the bench sets it
 
 
 async def idle_links(
@@ -91,7 +91,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     log_to_file(work / "bench.log")
     enrolled: Enrolled = await ensure_enrolled(args.state, max(args.workers, CHURN_CLIENTS))
-    leader = LeaderProcess(raw_config(args.state, tls=args.tls), work)
+    config = raw_config(args.state, tls=args.tls, memory_trim_interval=TRIM_INTERVAL_S)
+    leader = LeaderProcess(config, work)
     leader.start()
     try:
         url = leader.api.base_url

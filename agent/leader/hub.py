@@ -130,7 +130,7 @@ class Link:
 
     def drop(self) -> None:
         """Cut a worker that stopped reading: no close handshake, it would not read it."""
-        transport = self.request.transport
+        transport = self._transport
         if transport is not None:
             transport.abort()
 
