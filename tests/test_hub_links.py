@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -373,3 +375,44 @@ async def test_a_message_the_hub_fails_on_closes_the_link_and_is_logged(tmp_path
     assert msg.data == aiohttp.WSCloseCode.INTERNAL_ERROR
     failed = [e for e in logs if e["event"] == "link.message_failed"]
     assert failed and failed[0]["node"] == "w1" and failed[0].get("exc_info")
+
+
+@pytest.mark.parametrize("ending", ["client-closes", "client-vanishes"])
+async def test_a_closed_link_is_freed_without_the_collector(tmp_path: Path, ending: str) -> None:
+    """Once a link is over, its socket, request and connection are freed as their last
+    reference goes: nothing ties them in a cycle that only the collector (rare in the
+    leader, by design) would free, with its TLS buffers."""
+    freed: list[weakref.ref[object]] = []
+    served = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = LinkSocket(heartbeat=wire.HEARTBEAT_SECONDS, compress=False)
+        await ws.prepare(request)
+        freed.extend(weakref.ref(o) for o in (ws, request))
+        try:
+            await links.serve(NodeRecord(id="n-1", name="w1", enrolled_at=0.0), ws, request)
+        finally:
+            served.set()
+        return ws
+
+    gc.collect()
+    gc.disable()
+    try:
+        async with _hub(tmp_path) as links:
+            async for url in serving(handler):
+                async with aiohttp.ClientSession() as session:
+                    ws = await session.ws_connect(url)
+                    await ws.receive(timeout=10)  # the Sync
+                    await ws.send_str(wire.encode(wire.CredentialsAck(version=1)))
+                    if ending == "client-closes":
+                        await ws.close()
+                    else:
+                        ws._response.connection.transport.abort()  # type: ignore[union-attr]
+                    async with asyncio.timeout(10):
+                        await served.wait()
+                    await asyncio.sleep(0.1)  # the server's own handler task ends
+                    del ws
+                alive = [type(r()).__name__ for r in freed if r() is not None]
+                assert alive == [], f"kept alive until a collection: {alive}"
+    finally:
+        gc.enable()

@@ -134,6 +134,14 @@ class Link:
         if transport is not None:
             transport.abort()
 
+    def detach(self) -> None:
+        """Once the link is over: drop what ties its socket back to it, so the closed
+        connection is freed at once, not left for the collector. The hub's message
+        taker holds the link, which holds the socket; an exception the socket kept
+        holds, through its tracebacks, frames that hold the socket."""
+        self.ws.take_text(None)
+        _drop_tracebacks(self.ws.exception())
+
     def kick(self, code: int, reason: str) -> None:
         """Close with `code`; a worker that has not finished the close handshake within
         CLOSE_DEADLINE (it stopped reading, say) is cut off."""
@@ -158,6 +166,17 @@ class Link:
             self.drop()
         except (ConnectionError, RuntimeError) as exc:
             log.info("link.close_failed", node=self.node.name, error=repr(exc))
+
+
+def _drop_tracebacks(exc: BaseException | None) -> None:
+    """Drop the tracebacks of `exc` and of the exceptions it was raised from or during."""
+    pending, seen = [exc], set()
+    while pending:
+        exc = pending.pop()
+        if exc is not None and id(exc) not in seen:
+            seen.add(id(exc))
+            exc.__traceback__ = None
+            pending += (exc.__cause__, exc.__context__)
 
 
 class Hub:
@@ -234,6 +253,7 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
             await link.finish()
+            link.detach()
             if current:
                 self._touch(node)
             log.info("link.disconnected", node=node.name, code=ws.close_code, replaced=not current)

@@ -58,7 +58,7 @@ class LinkSocket(web.WebSocketResponse):
 
     _taking: TakingQueue | None = None
     _clock: Callable[[], float] = staticmethod(lambda: 0.0)
-    _heard_at = 0.0  # when the peer last sent anything, on the loop's clock
+    _heard: Heard | None = None  # when the peer last sent anything
     _pinged_at = 0.0
 
     def take_text(self, taker: TextTaker | None) -> None:
@@ -72,23 +72,23 @@ class LinkSocket(web.WebSocketResponse):
         self._ws_protocol, self._writer = protocol, writer
         assert self._loop is not None
         self._clock = self._loop.time
-        self._heard_at = self._clock()
+        heard = self._heard = Heard(self._clock)
         self._reset_heartbeat()
         queue = TakingQueue(request._protocol, DEFAULT_CHUNK_SIZE, loop=self._loop)
         parser = WebSocketReader(
             queue, self._max_msg_size, compress=bool(self._compress), decode_text=True
         )
         self._reader, self._parser, self._taking = queue, parser, queue
-        received = None if self._heartbeat is None else self._on_data_received
+        received = None if self._heartbeat is None else heard
         request.protocol.set_parser(parser, data_received_cb=received)
         request.protocol.keep_alive(False)  # as aiohttp: no HTTP keep-alive under a websocket
 
-    def _on_data_received(self) -> None:
-        self._heard_at = self._clock()
+    def _heard_at(self) -> float:
+        return self._heard.at if self._heard is not None else 0.0
 
     def _send_heartbeat(self) -> None:
         assert self._loop is not None and self._heartbeat is not None
-        due = self._heard_at + self._heartbeat
+        due = self._heard_at() + self._heartbeat
         if due > self._clock():
             self._heartbeat_cb = self._loop.call_at(due, self._send_heartbeat)
             return
@@ -96,8 +96,24 @@ class LinkSocket(web.WebSocketResponse):
         super()._send_heartbeat()
 
     def _pong_not_received(self) -> None:
-        if self._heard_at >= self._pinged_at:  # a pong, or anything else, came after the ping
+        if self._heard_at() >= self._pinged_at:  # a pong, or anything else, came after the ping
             self._pong_response_cb = None
             self._reset_heartbeat()
             return
         super()._pong_not_received()
+
+
+class Heard:
+    """When a connection last heard from its peer: aiohttp's protocol calls it on every
+    read. Not a method of the socket: the protocol outlives its connection's end holding
+    this callback, and a bound method would make the socket, its request and the protocol
+    a reference cycle, each closed link's memory then waiting for a full collection."""
+
+    __slots__ = ("_clock", "at")
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.at = clock()
+
+    def __call__(self) -> None:
+        self.at = self._clock()
