@@ -39,6 +39,11 @@ from agent.retention import APP_LABEL, prune_app_images
 from agent.retrying import scoped
 from agent.wire import PullResult
 
+# What a push is tried again after (a build server's tunnel that broke is opened again for
+# the next attempt). Made once: it holds a method of its own, a cycle the collector would
+# otherwise find after every push.
+PUSH_RETRIED = retry_if_exception_type((RegistryTransientError, SshError))
+
 log = get_logger(__name__)
 BUILD_SERVER_HINT = (
     "check the build server's SSH access and its Docker socket (leader.build_server)"
@@ -123,8 +128,7 @@ async def push(ctx: LeaderContext, dep: Deployment) -> None:
             AsyncRetrying(
                 stop=stop_before_delay(ctx.config.push_retry_budget),
                 wait=wait_exponential_jitter(initial=1, max=30, jitter=1),
-                # a build server's tunnel that broke is opened again for the next attempt
-                retry=retry_if_exception_type((RegistryTransientError, SshError)),
+                retry=PUSH_RETRIED,
                 before_sleep=_RetryRecorder(ctx, dep),
                 reraise=True,
             )
