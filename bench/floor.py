@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -115,10 +116,17 @@ def start_clients(args: argparse.Namespace, port: int, ca_file: Path | None) -> 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     raise_fd_limit()
-    server_tls, ca_file = None, None
-    if args.tls:
-        leader_tls = ensure_leader_tls(Path(tempfile.mkdtemp(prefix="bench-floor-")), ["127.0.0.1"])
-        server_tls, ca_file = leader_tls.server_context(), leader_tls.ca_file
+    with tempfile.TemporaryDirectory(prefix="bench-floor-") as tls_dir:
+        server_tls, ca_file = None, None
+        if args.tls:
+            leader_tls = ensure_leader_tls(Path(tls_dir), ["127.0.0.1"])
+            server_tls, ca_file = leader_tls.server_context(), leader_tls.ca_file
+        return await serve(args, server_tls, ca_file)
+
+
+async def serve(
+    args: argparse.Namespace, server_tls: ssl.SSLContext | None, ca_file: Path | None
+) -> dict[str, Any]:
     answers = Answers(args.workers)
     transports: list[asyncio.Transport] = []
     loop = asyncio.get_running_loop()

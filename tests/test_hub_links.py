@@ -379,9 +379,9 @@ async def test_a_message_the_hub_fails_on_closes_the_link_and_is_logged(tmp_path
 
 @pytest.mark.parametrize("ending", ["client-closes", "client-vanishes"])
 async def test_a_closed_link_is_freed_without_the_collector(tmp_path: Path, ending: str) -> None:
-    """Once a link is over, its socket, request and connection are freed as their last
-    reference goes: nothing ties them in a cycle that only the collector (rare in the
-    leader, by design) would free, with its TLS buffers."""
+    """Once a link is over, its socket and request (which hold the connection's protocol
+    and transport) are freed as their last reference goes: nothing ties them in a cycle
+    that only the collector, rare in the leader by design, would free."""
     freed: list[weakref.ref[object]] = []
     served = asyncio.Event()
 
