@@ -252,8 +252,10 @@ class Hub:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
-            await link.finish()
-            link.detach()
+            try:
+                await link.finish()
+            finally:
+                link.detach()  # on a stop's cancellation too
             if current:
                 self._touch(node)
             log.info("link.disconnected", node=node.name, code=ws.close_code, replaced=not current)
