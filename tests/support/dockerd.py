@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import tempfile
@@ -81,7 +82,30 @@ class Dockerd:
     def stop(self) -> None:
         if self.proc is not None:
             stop(self.proc, timeout=30)
-        subprocess.run(["umount", "-R", str(self.root / "x")], capture_output=True, check=False)
+        unmount_below(self.root)
         if self.log_path.exists():
             CANARY.keep(f"dockerd {self.sock} log", self.log_path.read_text(errors="replace"))
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def unmount_below(root: Path) -> None:
+    """Unmount whatever is mounted at or under `root`, deepest first. An engine leaves
+    a network namespace of a Swarm overlay bound to a file under its exec-root at times:
+    left mounted, the namespace outlives the test and the directory cannot be removed."""
+    for target in sorted(mounts_below(root), key=lambda p: len(p.parts), reverse=True):
+        subprocess.run(["umount", "--lazy", str(target)], capture_output=True, check=False)
+
+
+def mounts_below(root: Path) -> list[Path]:
+    """The mount points at or under `root`, from this process's mount table."""
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        target = Path(_unescape(line.split()[4]))
+        if target == root or root in target.parents:
+            found.append(target)
+    return found
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
