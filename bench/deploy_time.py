@@ -14,12 +14,12 @@ import argparse
 import asyncio
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 from agent.eventloop import daemon_loop
 from bench.common import docker, docker_login, fresh_context
+from bench.scratch import scratch_dir
 from tests.support.api import tar_of
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader, leader_config
@@ -53,10 +53,14 @@ async def _timed_cli(
 
 
 async def main(runs: int) -> None:
+    with scratch_dir("bench-deploy-") as work:
+        await _main(runs, work)
+
+
+async def _main(runs: int, work: Path) -> None:
     engine, registry = Dockerd(), Registry()
     engine.start()
     registry.start()
-    work = Path(tempfile.mkdtemp(prefix="bench-"))
     env = {**os.environ, "DOCKER_CONFIG": str(work / "docker-config"), "DOCKER_BUILDKIT": "0"}
     leader = InProcessLeader(leader_config(work / "state", engine.url))
     await leader.start()

@@ -14,12 +14,12 @@ import argparse
 import asyncio
 import os
 import statistics
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.common import docker, docker_login, fresh_context
+from bench.scratch import scratch_dir
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader, leader_config
 from tests.support.registry import Registry
@@ -27,12 +27,16 @@ from tests.support.worker import WorkerProcess
 
 
 async def main(runs: int) -> None:
+    with scratch_dir("bench-dist-") as work:
+        await _main(runs, work)
+
+
+async def _main(runs: int, work: Path) -> None:
     engines = [Dockerd(), Dockerd(), Dockerd()]
     with ThreadPoolExecutor(3) as pool:
         list(pool.map(Dockerd.start, engines))
     registry = Registry()
     registry.start()
-    work = Path(tempfile.mkdtemp(prefix="bench-dist-"))
     leader = InProcessLeader(
         leader_config(work / "state", engines[0].url, leader={"plain_http": None})
     )

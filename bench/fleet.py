@@ -29,6 +29,7 @@ from agent.leader.server import tune_collector
 from agent.logs import configure
 from agent.tls import new_secret
 from agent.worker.identity import enrol
+from bench.scratch import scratch_dir
 from bench.simworkers import FleetSpec, raise_fd_limit
 from tests.support.leader import InProcessLeader, leader_config
 from tests.support.procs import stop
@@ -177,23 +178,23 @@ async def connected_fleet(
     """A leader in this process (its log in a temporary dir) with `total` simulated
     workers connected and synced: its hub, the fleet and the node ids, in fleet order."""
     raise_fd_limit()
-    work = Path(tempfile.mkdtemp(prefix="bench-hub-"))
-    log_to_file(work / "leader.log")
-    enrolled = await ensure_enrolled(args.state, total)
-    leader = await InProcessLeader(raw_config(args.state, tls=args.tls)).start()
-    if gc_young:
-        tune_collector(gc_young)  # as `deploy-agent run` does once the leader is up
-    fleet = Fleet(work, leader.url, enrolled, total, args.procs)
-    try:
-        assert leader.leader.ctx is not None
-        hub = leader.leader.ctx.hub
-        fleet.start(tls=args.tls, stuck=stuck, stuck_for=stuck_for)
-        await wait_for(lambda: hub.connected_count >= total, 300, f"{total} workers connected")
-        await asyncio.sleep(1.0)  # let every Sync be answered
-        yield hub, fleet, [node_id for node_id, _ in enrolled.nodes[:total]]
-    finally:
-        fleet.stop()
-        await leader.stop()
+    with scratch_dir("bench-hub-") as work:
+        log_to_file(work / "leader.log")
+        enrolled = await ensure_enrolled(args.state, total)
+        leader = await InProcessLeader(raw_config(args.state, tls=args.tls)).start()
+        if gc_young:
+            tune_collector(gc_young)  # as `deploy-agent run` does once the leader is up
+        fleet = Fleet(work, leader.url, enrolled, total, args.procs)
+        try:
+            assert leader.leader.ctx is not None
+            hub = leader.leader.ctx.hub
+            fleet.start(tls=args.tls, stuck=stuck, stuck_for=stuck_for)
+            await wait_for(lambda: hub.connected_count >= total, 300, f"{total} workers connected")
+            await asyncio.sleep(1.0)  # let every Sync be answered
+            yield hub, fleet, [node_id for node_id, _ in enrolled.nodes[:total]]
+        finally:
+            fleet.stop()
+            await leader.stop()
 
 
 def bench_parser(doc: str | None, workers: int) -> argparse.ArgumentParser:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from bench.fleet import (
     wait_for,
 )
 from bench.leaderlog import count, links_up, rss_kib
+from bench.scratch import scratch_dir
 from bench.simworkers import raise_fd_limit
 from tests.support.leader import LeaderProcess
 
@@ -88,7 +88,11 @@ def _pid(leader: LeaderProcess) -> int:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     raise_fd_limit()
-    work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
+    with scratch_dir("bench-memory-") as work:
+        return await _run(args, work)
+
+
+async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     log_to_file(work / "bench.log")
     enrolled: Enrolled = await ensure_enrolled(args.state, max(args.workers, CHURN_CLIENTS))
     config = raw_config(args.state, tls=args.tls, memory_trim_interval=TRIM_INTERVAL_S)

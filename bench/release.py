@@ -15,12 +15,12 @@ import asyncio
 import json
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from bench.common import docker, fresh_context
+from bench.scratch import scratch_dir
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader, leader_config
 
@@ -29,9 +29,13 @@ SERVICES = [{"name": "web", "command": COMMAND, "replicas": 2, "update": {"monit
 
 
 async def main(runs: int) -> None:
+    with scratch_dir("bench-release-") as work:
+        await _main(runs, work)
+
+
+async def _main(runs: int, work: Path) -> None:
     engine = Dockerd()
     engine.start()
-    work = Path(tempfile.mkdtemp(prefix="bench-release-"))
     env = {**os.environ, "DOCKER_CONFIG": str(work / "docker-config"), "DOCKER_BUILDKIT": "0"}
     engine.init_swarm()
     leader = InProcessLeader(leader_config(work / "state", engine.url))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from bench.fleet import (
     wait_for,
 )
 from bench.leaderlog import event_times, links_up
+from bench.scratch import scratch_dir
 from bench.simworkers import raise_fd_limit
 from tests.support.leader import LeaderProcess
 
@@ -54,7 +54,11 @@ async def restart(raw: dict[str, Any], work: Path, first: LeaderProcess, kill: b
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     raise_fd_limit()
-    work = Path(tempfile.mkdtemp(prefix="bench-storm-"))
+    with scratch_dir("bench-storm-") as work:
+        return await _run(args, work)
+
+
+async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     log_to_file(work / "bench.log")
     enrolled = await ensure_enrolled(args.state, args.workers)
     raw = raw_config(args.state, tls=True)

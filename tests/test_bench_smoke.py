@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,19 +23,24 @@ def _bench(
     module: str, tmp_path: Path, *args: str, enrolled: bool = True
 ) -> tuple[dict[str, Any], str]:
     """Run `python -m module` on 20 workers in one process; its JSON figures and output.
-    `enrolled`: the bench's workers enrol with a leader (their cache goes in tmp_path)."""
+    `enrolled`: the bench's workers enrol with a leader (their cache goes in tmp_path).
+    The run must leave nothing in the temporary directory it was given."""
     out = tmp_path / "figures.json"
     common = ["--workers", "20", "--procs", "1", "--json", str(out)]
     if enrolled:
         common += ["--state", str(tmp_path)]
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     proc = subprocess.run(
         [sys.executable, "-m", module, *common, *args],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
+        env={**os.environ, "TMPDIR": str(scratch)},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert list(scratch.iterdir()) == [], "the bench left its run's directory behind"
     return json.loads(out.read_text()), proc.stdout
 
 
