@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from agent.leader import sources
 from tests.support.api import tar_of
@@ -257,3 +259,47 @@ async def test_an_upload_whose_services_pass_8_kib_of_query_is_taken(
     assert doc["services"] == [f"svc{i}" for i in range(20)]
     await leader.api.request("POST", f"/v1/deployments/{doc['id']}/cancel")
     await leader.api.wait_final(doc["id"])
+
+
+async def _raw_request(leader: InProcessLeader, request: bytes) -> tuple[int, dict[str, Any]]:
+    """Send `request` as bytes on a connection of its own; the status and the JSON body."""
+    host, _, port = leader.config.leader.listen.rpartition(":")  # type: ignore[union-attr]
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"application/json" in head, head
+    return int(head.split()[1]), json.loads(body)
+
+
+MALFORMED = {
+    "request-line-over-128-kib": b"GET /v1/deployments?q=" + b"SECRETISH" * 15_000 + b" HTTP/1.1"
+    b"\r\nHost: leader\r\n\r\n",
+    "header-over-8-kib": b"GET /v1/deployments HTTP/1.1\r\nHost: leader\r\nX-Note: "
+    + b"SECRETISH" * 1_000
+    + b"\r\n\r\n",
+    "header-without-colon": b"GET /v1/deployments HTTP/1.1\r\nHost: leader\r\nSECRETISH\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("request_bytes", MALFORMED.values(), ids=MALFORMED.keys())
+async def test_a_malformed_request_is_a_json_400_logged_without_its_content(
+    leader: InProcessLeader, request_bytes: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request that fails before any route (aiohttp's parser refuses it) is answered as
+    every refusal is, and logged as one warning that quotes none of the request."""
+    with capture_logs() as logs:
+        status, body = await _raw_request(leader, request_bytes)
+
+    assert status == 400
+    assert body["error"]["code"] == "invalid_request"
+    assert "SECRETISH" not in json.dumps(body)
+    refused = [e for e in logs if e["event"] == "http.bad_request"]
+    assert [e["log_level"] for e in refused] == ["warning"], logs
+    assert "SECRETISH" not in repr(logs)
+    assert not [e for e in logs if e["log_level"] in ("error", "critical")], logs
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

@@ -28,6 +28,7 @@ from agent.engine import Engine
 from agent.errors import AgentError, ConfigError, EngineError, RequestError
 from agent.leader.api import cluster, deployments, middleware, nodes, openapi, registry
 from agent.leader.api.keys import CONTEXT, SCHEDULER
+from agent.leader.api.malformed import ApiRunner
 from agent.leader.build_server import Builders
 from agent.leader.context import LeaderContext
 from agent.leader.hub import Hub, ProgressSink
@@ -168,7 +169,7 @@ class Leader:
 
     async def _serve(self, app: web.Application, tls: LeaderTLS | None) -> None:
         cfg = self.leader_config
-        self._runner = web.AppRunner(
+        self._runner = ApiRunner(
             app,
             handle_signals=False,
             access_log=None,
