@@ -303,3 +303,17 @@ async def test_a_malformed_request_is_a_json_400_logged_without_its_content(
     assert "SECRETISH" not in repr(logs)
     assert not [e for e in logs if e["log_level"] in ("error", "critical")], logs
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+async def test_a_tls_handshake_sent_to_a_plain_leader_is_refused_quietly(
+    leader: InProcessLeader,
+) -> None:
+    """A client speaking TLS to a plain-HTTP leader (or a scanner's probe) is answered
+    with the JSON 400 too, and logged at debug only: an open port sees it often."""
+    client_hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32) + b"\r\n\r\n"
+    with capture_logs() as logs:
+        status, body = await _raw_request(leader, client_hello)
+
+    assert (status, body["error"]["code"]) == (400, "invalid_request")
+    refused = [e for e in logs if e["event"] == "http.bad_request"]
+    assert [(e["log_level"], e["reason"]) for e in refused] == [("debug", "BadHttpMethod")]

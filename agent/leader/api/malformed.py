@@ -10,8 +10,6 @@ and the API tests send such requests.
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
@@ -46,8 +44,9 @@ class ApiRequestHandler(RequestHandler):
     ) -> web.StreamResponse:
         if not isinstance(exc, HttpProcessingError) or request.writer.output_size > 0:
             return super().handle_error(request, status, exc, message)
-        # Plain HTTP to a TLS port, or a scanner, as a connection's first request: as
-        # common on an open port as it is harmless, and aiohttp keeps it at debug too.
+        # A TLS handshake sent to a plain-HTTP leader, or a scanner's probe, as a
+        # connection's first bytes: common on an open port, harmless, and aiohttp keeps
+        # it at debug too.
         quiet = isinstance(exc, BadHttpMethod) and self._request_count == 1
         (log.debug if quiet else log.warning)(
             "http.bad_request", peer=request.remote, status=status, reason=type(exc).__name__
@@ -67,11 +66,10 @@ class ApiRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         made = await super()._make_server()
-        kwargs: dict[str, Any] = dict(made._kwargs)
         return ApiServer(
             made.request_handler,
             request_factory=made.request_factory,
             handler_cancellation=made.handler_cancellation,
             loop=made._loop,
-            **kwargs,
+            **made._kwargs,
         )
