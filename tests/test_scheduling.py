@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
 
 from agent.leader.store import IDEMPOTENCY_TTL_S
+from tests.support.canary import CANARY
 from tests.support.contexts import busybox_context, run_step
 from tests.support.dockerd import Dockerd
+from tests.support.git_http import git_http
 from tests.support.leader import InProcessLeader
 
 
@@ -212,3 +219,41 @@ async def test_unknown_git_ref_is_source_unavailable(
 
     assert final["error"]["code"] == "source_unavailable"
     assert "nope" in final["error"]["message"]
+
+
+GIT_TOKEN = f"canary-git-token-{CANARY.marker}"
+# (user, password) the git server expects, and the URL's credentials part
+GIT_CREDENTIALS = {
+    "token-as-user": ((GIT_TOKEN, ""), f"{GIT_TOKEN}@"),
+    "user-and-token": (("deploy", GIT_TOKEN), f"deploy:{GIT_TOKEN}@"),
+}
+
+
+@pytest.mark.parametrize("case", GIT_CREDENTIALS.keys())
+async def test_a_git_token_in_the_url_reaches_git_alone(
+    leader_factory: Any, tmp_path: Path, case: str
+) -> None:
+    """A private repository's token in the URL, as the user name or as the password:
+    git authenticates with it against a real git server, and the deployment, its events
+    and the leader's log show none of it (git is given the URL without credentials)."""
+    CANARY.issue(GIT_TOKEN)
+    (user, password), userinfo = GIT_CREDENTIALS[case]
+    _git_repo(tmp_path / "repos" / "repo")
+    leader: InProcessLeader = await leader_factory(leader={"git_allowed_schemes": ["http"]})
+    async for base, server in git_http(tmp_path / "repos", user, password):
+        host = base.removeprefix("http://")
+        url = f"http://{userinfo}{host}/repo"
+        with capture_logs() as logs:
+            status, dep = await leader.api.request(
+                "POST",
+                "/v1/deployments",
+                json={"app": "private", "git": {"url": url, "ref": "main"}},
+            )
+            assert status == 202, dep
+            final = await leader.api.wait_final(dep["id"])
+            events = await leader.api.events(dep["id"])
+
+        assert final["state"] == "succeeded", final
+        assert server.served > 0
+        assert final["source"]["url"] == f"http://***@{host}/repo"
+        assert GIT_TOKEN not in json.dumps([dep, final, events]) + repr(logs)

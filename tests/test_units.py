@@ -23,7 +23,7 @@ from agent.leader.metrics import PULL_BUCKETS, LoopHistogram
 from agent.leader.models import Deployment, DeploymentRequest, Mode, ServiceSpec
 from agent.leader.references import image_host, registry_host, repository_for
 from agent.leader.release import service_spec
-from agent.leader.sources import _git_env
+from agent.leader.sources import _git_env, _without_userinfo, redact_url
 from agent.retrying import scoped
 
 
@@ -217,6 +217,20 @@ def test_git_credentials_reach_git_decoded(tmp_path: Path) -> None:
     env = _git_env("https://deploy:glpat-s3cr%2Ft%40x@git.example.com/r.git", tmp_path)
     assert env["DEPLOY_AGENT_GIT_USERNAME"] == "deploy"
     assert env["DEPLOY_AGENT_GIT_PASSWORD"] == "glpat-s3cr/t@x"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://ghp_T0KEN@git.example.com:8443/r.git",
+        "https://deploy:ghp_T0KEN@git.example.com:8443/r.git",
+    ],
+)
+def test_git_is_given_the_url_without_credentials(url: str) -> None:
+    """git's argument list (which any local user can read) holds no credentials, and
+    the redacted URL shows none, whether the token is the user name or the password."""
+    assert _without_userinfo(url) == "https://git.example.com:8443/r.git"
+    assert redact_url(url) == "https://***@git.example.com:8443/r.git"
 
 
 def _noted(dep: Deployment, state: RetryCallState) -> None:

@@ -16,7 +16,7 @@ import tempfile
 import zlib
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 from aiohttp import web
 
@@ -161,13 +161,12 @@ def validate_git_url(url: str, allowed_schemes: tuple[str, ...]) -> None:
 
 
 def redact_url(url: str) -> str:
-    """The URL without a password: fit for logs and API responses."""
+    """The URL with its credentials masked, fit for logs and API responses. The user
+    name goes too: a token is often given as the user (`https://TOKEN@host/…`)."""
     parts = urlsplit(url)
-    if parts.password is None:
+    if parts.username is None and parts.password is None:
         return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return urlunsplit(parts._replace(netloc=f"***@{_host(parts)}"))
 
 
 async def clone_to_context(url: str, ref: str, dest: Path, deadline: float) -> str:
@@ -214,12 +213,17 @@ def _git_env(url: str, tmp: Path) -> dict[str, str]:
 
 
 def _without_userinfo(url: str) -> str:
+    """The URL git is given: no credentials, which a process list would show (the
+    askpass helper hands git the user name and the password)."""
     parts = urlsplit(url)
-    if not (parts.username or parts.password):
+    if parts.username is None and parts.password is None:
         return url
-    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-    netloc = f"{parts.username}@{host}" if parts.username else host
-    return urlunsplit(parts._replace(netloc=netloc))
+    return urlunsplit(parts._replace(netloc=_host(parts)))
+
+
+def _host(parts: SplitResult) -> str:
+    """The URL's host and port, as written (an IPv6 address keeps its brackets)."""
+    return parts.netloc.rpartition("@")[2]
 
 
 async def _git(env: dict[str, str], *args: str) -> str:
