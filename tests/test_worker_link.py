@@ -22,8 +22,12 @@ from tests.support.loopback import serving
 IMAGE = "registry.test/acme/web@sha256:" + "a" * 64
 
 
+DROP = -1  # no close frame: the connection is cut
+
+
 class ClosingLeader:
-    """Accepts each link, waits for the worker's hello, then closes it with `code`."""
+    """Accepts each link, waits for the worker's hello, then closes it with `code` (or
+    cuts the connection, for DROP)."""
 
     def __init__(self, code: int) -> None:
         self.code = code
@@ -34,7 +38,11 @@ class ClosingLeader:
         await ws.prepare(request)
         self.links += 1
         await ws.receive(timeout=5)
-        await ws.close(code=self.code)
+        if self.code == DROP:
+            assert request.transport is not None
+            request.transport.abort()
+        else:
+            await ws.close(code=self.code)
         return ws
 
 
@@ -75,10 +83,13 @@ async def test_a_link_closed_as_futile_waits_at_the_backoff_cap(code: int, tmp_p
     assert await _links_within(code, tmp_path, 3.0) == 1
 
 
-async def test_a_link_closed_at_once_does_not_start_the_backoff_over(tmp_path: Path) -> None:
-    """A leader that accepts each link and closes it at once gets tries at a doubling
-    delay (0.25-0.5 s, 0.5-1 s, 1-2 s...), not one every half second."""
-    assert 2 <= await _links_within(wire.CLOSE_SHUTDOWN, tmp_path, 2.5) <= 4
+@pytest.mark.parametrize("code", [wire.CLOSE_SHUTDOWN, DROP], ids=["closed", "dropped"])
+async def test_a_link_ended_at_once_does_not_start_the_backoff_over(
+    code: int, tmp_path: Path
+) -> None:
+    """A leader that accepts each link and closes it, or cuts it, at once gets tries at
+    a doubling delay (0.25-0.5 s, 0.5-1 s, 1-2 s...), not one every half second."""
+    assert 2 <= await _links_within(code, tmp_path, 2.5) <= 4
 
 
 async def test_the_worker_follows_the_leader_url_of_its_config(tmp_path: Path) -> None:
@@ -145,9 +156,10 @@ async def test_a_stopping_worker_finishes_the_pull_under_way_and_answers_it(
 @pytest.mark.parametrize(
     ("code", "up_s", "next_at_most"),
     [
-        (1006, 1.0, 0.5),  # lost (no close frame: a cut, a dead peer): try again at once
+        (1006, 6.0, 0.5),  # held, then lost (no close frame: a cut): try again at once
         (wire.CLOSE_SHUTDOWN, 6.0, 0.5),  # held, then closed: the leader restarts
         (wire.CLOSE_SHUTDOWN, 1.0, 30.0),  # closed by the leader at once: keep growing
+        (1006, 1.0, 30.0),  # cut at once (a leader dropping every link): keep growing
     ],
 )
 def test_what_a_close_does_to_the_pace_of_the_next_tries(

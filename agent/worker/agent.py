@@ -44,12 +44,12 @@ OFFLINE_RETRY_CAP = 4.0
 # (the unit's TimeoutStopSec is 30 s); what is left then is answered at the next Sync.
 STOP_DRAIN_SECONDS = 20.0
 _NO_ROUTE = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH})
-# A link the leader closed itself within this long of its start does not start the
-# backoff over: a leader that accepts each link and closes it at once would otherwise be
-# knocked on twice a second, forever. A link that held, or was lost (no close from the
-# leader: a network cut, a dead peer), does: the leader is worth trying again at once.
+# A link that ended within this long of its start does not start the backoff over,
+# whether the leader closed it or it was lost (no close frame: aiohttp says 1006): a
+# leader that accepts each link and closes or drops it at once would otherwise be
+# knocked on twice a second, forever. A link that held does: after a network cut or a
+# leader's restart, the leader is worth trying again at once.
 QUICK_CLOSE_SECONDS = 5.0
-_LOST = frozenset({None, 1006})  # no close frame came: aiohttp says 1006, abnormal closure
 # Closes that say the next try will fail the same way: it waits at the backoff's cap.
 _FUTILE_CLOSES = {
     wire.CLOSE_REPLACED: "another agent holds a link with this node's identity "
@@ -261,13 +261,13 @@ class Worker:
 
 
 def _pace_after_close(backoff: Backoff, code: int | None, up_s: float) -> None:
-    """Start the backoff over after a link that held or was lost; keep it growing after
-    one the leader closed at once; wait at its cap after a futile one."""
+    """Start the backoff over after a link that held; keep it growing after one that
+    ended at once; wait at its cap after a futile one."""
     futile = _FUTILE_CLOSES.get(code) if code is not None else None
     if futile is not None:
         log.error("link.refused", code=code, reason=futile)
         backoff.to_cap()
-    elif code in _LOST or up_s >= QUICK_CLOSE_SECONDS:
+    elif up_s >= QUICK_CLOSE_SECONDS:
         backoff.reset()
 
 
