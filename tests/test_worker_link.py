@@ -15,6 +15,8 @@ from agent import wire
 from agent.backoff import Backoff
 from agent.config import parse_config
 from agent.engine import Engine
+from agent.errors import AgentError
+from agent.tls import LeaderTLS, ensure_leader_tls
 from agent.worker.agent import Worker, _pace_after_close
 from agent.worker.identity import Identity
 from tests.support.loopback import serving
@@ -172,3 +174,86 @@ def test_what_a_close_does_to_the_pace_of_the_next_tries(
     delay = backoff.next()
     assert delay <= next_at_most
     assert next_at_most < 1 or delay >= 8  # kept growing: 16 to 32 s, capped at 30
+
+
+class ListeningLeader:
+    """Records the credentials each link attempt brings, and closes the link."""
+
+    def __init__(self) -> None:
+        self.authorizations: list[str] = []
+
+    async def handler(self, request: web.Request) -> web.WebSocketResponse:
+        self.authorizations.append(request.headers.get("Authorization", ""))
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.close(code=wire.CLOSE_SHUTDOWN)
+        return ws
+
+
+async def _tls_site(leader: ListeningLeader, tls: LeaderTLS) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app.router.add_get(wire.AGENT_PATH, leader.handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls.server_context())
+    await site.start()
+    return runner, f"https://127.0.0.1:{runner.addresses[0][1]}"
+
+
+async def _link_for(worker: Worker, identity: Identity, seconds: float) -> None:
+    """Run the worker's link loop for `seconds`; raise what ended it sooner."""
+    stop = asyncio.Event()
+    loop = asyncio.create_task(worker._link_loop(identity, stop))
+    try:
+        done, _ = await asyncio.wait([loop], timeout=seconds)
+        if done:
+            loop.result()
+    finally:
+        stop.set()
+        if not loop.done():
+            await asyncio.wait_for(loop, 5)
+        await worker.engine.close()
+
+
+async def test_an_https_leader_with_no_pinned_ca_is_verified_not_trusted(tmp_path: Path) -> None:
+    """A node enrolled over plain HTTP (nothing pinned) whose config now names an https
+    leader checks its certificate against the system's CAs: a leader with a certificate
+    of its own CA is refused, and never sees the node secret."""
+    leader = ListeningLeader()
+    runner, url = await _tls_site(leader, ensure_leader_tls(tmp_path / "tls", ["127.0.0.1"]))
+    try:
+        identity = Identity(node_id="n-1", secret="s3cret", leader_url="http://old", ca_pem=None)
+        await _link_for(_worker(tmp_path, url), identity, 1.5)
+    finally:
+        await runner.cleanup()
+    assert leader.authorizations == []
+
+
+async def test_a_pinned_ca_verifies_the_leader_it_names(tmp_path: Path) -> None:
+    """The CA pinned at enrolment verifies the leader: the link is made (the test above
+    is refused for its missing pin, not for a broken server)."""
+    leader = ListeningLeader()
+    tls = ensure_leader_tls(tmp_path / "tls", ["127.0.0.1"])
+    runner, url = await _tls_site(leader, tls)
+    try:
+        identity = Identity(
+            node_id="n-1", secret="s3cret", leader_url=url, ca_pem=tls.ca_file.read_text()
+        )
+        await _link_for(_worker(tmp_path, url), identity, 1.0)
+    finally:
+        await runner.cleanup()
+    assert leader.authorizations[:1] == ["Node n-1:s3cret"]
+
+
+async def test_a_node_enrolled_over_tls_refuses_a_plain_http_leader(tmp_path: Path) -> None:
+    """Its config moved to an http:// URL: the worker stops with an error that says so,
+    and the node secret is never sent in clear."""
+    leader = ListeningLeader()
+    tls = ensure_leader_tls(tmp_path / "tls", ["127.0.0.1"])
+    async for url in serving(leader.handler, wire.AGENT_PATH):
+        identity = Identity(
+            node_id="n-1", secret="s3cret", leader_url="https://old", ca_pem=tls.ca_file.read_text()
+        )
+        with pytest.raises(AgentError, match="plain HTTP"):
+            await _link_for(_worker(tmp_path, url), identity, 2.0)
+    assert leader.authorizations == []

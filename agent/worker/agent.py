@@ -90,6 +90,7 @@ class Worker:
                 return
             identity = await self._identity()
             redactor.add(identity.secret)
+            identity.ssl_for(self.leader_url(identity))  # a refused URL fails before ready
             notifier.ready(self.status_line())
             log.info("agent.ready", role="worker", node_id=identity.node_id)
             await self._link_loop(identity, stop)
@@ -155,7 +156,7 @@ class Worker:
                 ws = await session.ws_connect(
                     url,
                     headers=identity.auth_header(),
-                    ssl=identity.ssl_context(),
+                    ssl=identity.ssl_for(leader),
                     heartbeat=wire.HEARTBEAT_SECONDS,
                     timeout=aiohttp.ClientWSTimeout(ws_close=5),
                     max_msg_size=4 * 1024 * 1024,

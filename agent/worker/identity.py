@@ -35,10 +35,21 @@ class Identity(msgspec.Struct, frozen=True):
     leader_url: str
     ca_pem: str | None
 
-    def ssl_context(self) -> ssl.SSLContext | bool:
-        if self.ca_pem is None:
-            return False  # plain HTTP leader: there is nothing to verify
-        context = ssl.create_default_context(cadata=self.ca_pem)
+    def ssl_for(self, url: str) -> ssl.SSLContext | bool:
+        """How to verify the leader at `url`, whose config may have moved it since the
+        node enrolled: against the CA pinned at enrolment; against the system's trusted
+        CAs for an https leader enrolled with over plain HTTP (nothing pinned, yet the
+        node secret must not go to whoever answers); not at all for a plain-HTTP leader,
+        unless the node enrolled with a TLS one, which would send the secret in clear."""
+        if not url.startswith("https://"):
+            if self.ca_pem is not None:
+                raise AgentError(
+                    f"worker.leader_url: {url} is plain HTTP, but this node enrolled with "
+                    "a TLS leader (its CA is pinned); the node secret would cross the "
+                    "network in clear: use the leader's https:// URL"
+                )
+            return False
+        context = ssl.create_default_context(cadata=self.ca_pem)  # None: the system's CAs
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         return context
 
@@ -97,7 +108,7 @@ async def enrol(leader_url: str, token: str, name: str | None, secret: str) -> I
     body = {"token": token, "name": name or socket.gethostname(), "secret": secret}
     async with (
         aiohttp.ClientSession(timeout=CALL_TIMEOUT) as session,
-        session.post(f"{url}/v1/join", json=body, ssl=identity.ssl_context()) as response,
+        session.post(f"{url}/v1/join", json=body, ssl=identity.ssl_for(url)) as response,
     ):
         doc = await response.json(content_type=None)
         if response.status != 201:
