@@ -196,3 +196,27 @@ async def test_a_password_command_is_rerun_and_each_new_token_verified_and_versi
     assert rotated is not None
     dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "rotating")
     assert (await leader.api.wait_final(dep["id"]))["state"] == "succeeded"
+
+
+async def test_a_retry_is_replayed_though_the_request_would_now_be_refused(
+    leader: InProcessLeader, tmp_path: Path
+) -> None:
+    """A submission with an Idempotency-Key is accepted in local mode; a worker enrols
+    before the client's retry (the answer was lost, say): the identical retry gets the
+    deployment it made, not the 409 a new submission gets."""
+    assert leader.leader.ctx is not None
+    context = busybox_context(tmp_path / "c")
+    key = {"Idempotency-Key": "retry-after-enrolment"}
+    first_status, first = await leader.api.deploy_dir_raw(context, "app", headers=key)
+    node = NodeRecord(id="n-1", name="worker-1", enrolled_at=time.time())
+    await leader.leader.ctx.store.add_node(node, "not-a-real-secret-hash")
+
+    retry_status, retry = await leader.api.deploy_dir_raw(context, "app", headers=key)
+    replayed = leader.api.last_headers.get("Idempotent-Replayed")
+    new_status, new = await leader.api.deploy_dir_raw(context, "app")
+
+    assert (first_status, retry_status, replayed) == (202, 202, "true")
+    assert retry["id"] == first["id"]
+    assert (new_status, new["error"]["code"]) == (409, "registry_required")
+    await leader.api.request("POST", f"/v1/deployments/{first['id']}/cancel")
+    await leader.api.wait_final(first["id"])

@@ -157,19 +157,9 @@ class Store:
     ) -> tuple[Deployment, bool]:
         with self._tx() as db:
             if idempotency is not None:
-                db.execute(
-                    "DELETE FROM idempotency WHERE created_at < ?",
-                    (time.time() - IDEMPOTENCY_TTL_S,),
-                )
-                row = db.execute(
-                    "SELECT d.doc, i.fingerprint FROM idempotency i "
-                    "JOIN deployments d ON d.id = i.deployment_id WHERE i.key = ?",
-                    (idempotency[0],),
-                ).fetchone()
-                if row is not None:
-                    if row[1] != idempotency[1]:
-                        raise IdempotencyConflict(idempotency[0])
-                    return _decode_deployment(row[0]), False
+                earlier = self._replayed(db, idempotency)
+                if earlier is not None:
+                    return earlier, False
                 db.execute(
                     "INSERT INTO idempotency VALUES (?, ?, ?, ?)",
                     (idempotency[0], idempotency[1], dep.id, time.time()),
@@ -180,6 +170,32 @@ class Store:
             )
             self._insert_event(db, dep, {"type": "state", "state": dep.state.value})
         return dep, True
+
+    async def replayed(self, key: str, fingerprint: str) -> Deployment | None:
+        """The deployment an earlier request with `key` made, if the key is still held;
+        IdempotencyConflict if that request had another fingerprint."""
+        return await self._call(self._replayed_tx, (key, fingerprint))
+
+    def _replayed_tx(self, idempotency: tuple[str, str]) -> Deployment | None:
+        with self._tx() as db:
+            return self._replayed(db, idempotency)
+
+    @staticmethod
+    def _replayed(db: sqlite3.Connection, idempotency: tuple[str, str]) -> Deployment | None:
+        key, fingerprint = idempotency
+        db.execute(
+            "DELETE FROM idempotency WHERE created_at < ?", (time.time() - IDEMPOTENCY_TTL_S,)
+        )
+        row = db.execute(
+            "SELECT d.doc, i.fingerprint FROM idempotency i "
+            "JOIN deployments d ON d.id = i.deployment_id WHERE i.key = ?",
+            (key,),
+        ).fetchone()
+        if row is None:
+            return None
+        if row[1] != fingerprint:
+            raise IdempotencyConflict(key)
+        return _decode_deployment(row[0])
 
     async def save(self, dep: Deployment, event: dict[str, Any] | None = None) -> int | None:
         """Write `dep`, and with it `event` in the same transaction; return the event's seq."""

@@ -222,10 +222,15 @@ async def _create(
 ) -> tuple[Deployment, bool]:
     if key is not None and not 1 <= len(key) <= 255:
         raise RequestError(400, "invalid_request", "Idempotency-Key must be 1 to 255 characters")
-    if req.git is not None:
-        validate_git_url(req.git.url, ctx.config.git_allowed_schemes)
-    dep = await _new_deployment(ctx, req)
     try:
+        # A retry gets what its first request made, even once the request would be
+        # refused (a worker enrolled since, with no registry, say): checked first.
+        earlier = None if key is None else await ctx.store.replayed(key, fingerprint)
+        if earlier is not None:
+            return earlier, False
+        if req.git is not None:
+            validate_git_url(req.git.url, ctx.config.git_allowed_schemes)
+        dep = await _new_deployment(ctx, req)
         return await ctx.store.create(dep, None if key is None else (key, fingerprint))
     except IdempotencyConflict:
         raise RequestError(
