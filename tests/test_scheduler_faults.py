@@ -74,3 +74,40 @@ async def test_a_stop_waits_for_interrupted_work_only_so_long(
 
     assert time.monotonic() - started < 1.0
     task.cancel()
+
+
+class SlowRead:
+    """A store whose read of the unfinished deployments waits until let go."""
+
+    def __init__(self, deployments: list[Deployment]) -> None:
+        self.deployments = deployments
+        self.reading = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def unfinished(self) -> list[Deployment]:
+        self.reading.set()
+        await self.go.wait()
+        return self.deployments
+
+
+async def test_a_stop_during_a_scheduling_pass_leaves_nothing_running_undrained(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGTERM while the scheduler is reading what to start: the stop waits for that
+    pass, which starts nothing, so no deployment runs outside the drain."""
+    queued = cast(Deployment, SimpleNamespace(id="d-1", app="web"))
+    store = SlowRead([queued])
+    ctx = SimpleNamespace(store=store, config=SimpleNamespace(max_parallel_builds=1))
+    sched = scheduler.Scheduler(cast(LeaderContext, ctx))
+    started: list[str] = []
+    monkeypatch.setattr(sched, "_start", lambda dep: started.append(dep.id))
+    running = asyncio.create_task(sched.run())
+    await asyncio.wait_for(store.reading.wait(), 2)
+
+    stopping = asyncio.create_task(sched.shutdown(0.1))
+    await asyncio.sleep(0.05)
+    store.go.set()
+    await asyncio.wait_for(stopping, 2)
+    await asyncio.wait_for(running, 2)
+
+    assert started == []

@@ -57,7 +57,10 @@ class Scheduler:
                 seen_apps.add(dep.app)
                 if dep.id in self._running:
                     continue
-                if len(self._running) >= self._ctx.config.max_parallel_builds:
+                if (
+                    not self._accepting
+                    or len(self._running) >= self._ctx.config.max_parallel_builds
+                ):
                     return
                 self._start(dep)
 
@@ -112,7 +115,8 @@ class Scheduler:
         """Start nothing new; let running deployments finish until the deadline, then stop them."""
         self._accepting = False
         self.wake()
-        tasks = [task for _, task in self._running.values()]
+        async with self._lock:  # a scheduling pass under way ends first, starting nothing
+            tasks = [task for _, task in self._running.values()]
         if not tasks:
             return
         log.info("scheduler.draining", running=len(tasks), deadline_s=drain_timeout)
