@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from agent import wire
 from agent.backoff import Backoff
@@ -257,3 +258,29 @@ async def test_a_node_enrolled_over_tls_refuses_a_plain_http_leader(tmp_path: Pa
         with pytest.raises(AgentError, match="plain HTTP"):
             await _link_for(_worker(tmp_path, url), identity, 2.0)
     assert leader.authorizations == []
+
+
+class OversizeLeader:
+    """Sends one message over the worker's 4 MiB limit after its hello."""
+
+    async def handler(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.receive(timeout=5)
+        await ws.send_str("x" * (5 * 1024 * 1024))
+        await ws.receive(timeout=5)  # the worker's close
+        return ws
+
+
+async def test_a_link_the_worker_ends_for_a_fault_logs_why(tmp_path: Path) -> None:
+    """A message over the size limit ends the link (1009), and the log says what the
+    fault was, so flapping links can be told apart from network cuts."""
+    leader = OversizeLeader()
+    async for url in serving(leader.handler, wire.AGENT_PATH):
+        identity = Identity(node_id="n-1", secret="s", leader_url=url, ca_pem=None)
+        with capture_logs() as logs:
+            await _link_for(_worker(tmp_path, url), identity, 1.0)
+    faults = [e["error"] for e in logs if e["event"] == "link.fault"]
+    closed = [e["code"] for e in logs if e["event"] == "link.closed"]
+    assert closed[:1] == [1009], logs
+    assert faults and "size" in faults[0], logs

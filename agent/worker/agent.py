@@ -179,7 +179,8 @@ class Worker:
             finally:
                 self._ws = None
         up_s = time.monotonic() - connected_at
-        log.info("link.closed", code=ws.close_code, up_s=round(up_s, 1))
+        error = ws.exception()  # why it ended, when the worker saw a fault: no pong in time
+        log.info("link.closed", code=ws.close_code, up_s=round(up_s, 1), error=error and str(error))
         if ws.close_code == wire.CLOSE_REVOKED:
             raise NodeRevoked("the leader revoked this node")
         _pace_after_close(backoff, ws.close_code, up_s)
@@ -206,6 +207,9 @@ class Worker:
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         async for msg in ws:
+            if msg.type is aiohttp.WSMsgType.ERROR:  # a message over the limit, a bad frame
+                log.warning("link.fault", error=str(msg.data))
+                break
             if msg.type != aiohttp.WSMsgType.TEXT:
                 break
             try:
