@@ -4,6 +4,7 @@ knocks again after a leader closed the link, and what it sends back."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -17,9 +18,9 @@ from agent.backoff import Backoff
 from agent.config import parse_config
 from agent.engine import Engine
 from agent.errors import AgentError
-from agent.tls import LeaderTLS, ensure_leader_tls
+from agent.tls import LeaderTLS, ensure_leader_tls, make_join_token, new_secret
 from agent.worker.agent import Worker, _pace_after_close
-from agent.worker.identity import Identity
+from agent.worker.identity import IDENTITY_FILE, EnrolmentError, Identity, enrol, load_identity
 from tests.support.loopback import serving
 
 IMAGE = "registry.test/acme/web@sha256:" + "a" * 64
@@ -284,3 +285,57 @@ async def test_a_link_the_worker_ends_for_a_fault_logs_why(tmp_path: Path) -> No
     closed = [e["code"] for e in logs if e["event"] == "link.closed"]
     assert closed[:1] == [1009], logs
     assert faults and "size" in faults[0], logs
+
+
+JOIN_TOKEN = make_join_token("0" * 64, new_secret())
+
+
+def _answering(status: int, body: str, content_type: str) -> Any:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(status=status, text=body, content_type=content_type)
+
+    return handler
+
+
+JOIN_ANSWERS = {
+    "proxy-error-page": (
+        502,
+        "<html><body>502 Bad Gateway</body></html>",
+        "text/html",
+        "answered 502 Bad Gateway with no node identity",
+    ),
+    "refused-with-hint": (
+        401,
+        '{"error": {"code": "unauthorized", "message": "the join token is not valid",'
+        ' "hint": "get the current token with `deploy-agent join-token`"}}',
+        "application/json",
+        "the join token is not valid (get the current token",
+    ),
+    "not-an-identity": (201, '{"ok": true}', "application/json", "no node identity"),
+}
+
+
+@pytest.mark.parametrize("case", JOIN_ANSWERS.keys())
+async def test_a_join_that_fails_says_why(case: str) -> None:
+    """Whatever answers the join (a proxy's page, the leader refusing, something else),
+    enrolment fails with an error to act on, never a decoding traceback."""
+    status, body, content_type, says = JOIN_ANSWERS[case]
+    async for url in serving(_answering(status, body, content_type), "/v1/join"):
+        with pytest.raises(EnrolmentError, match=re.escape(says)):
+            await enrol(url, JOIN_TOKEN, "w-1", new_secret())
+
+
+async def test_an_unreachable_leader_fails_enrolment_with_its_address() -> None:
+    gone = "http://127.0.0.1:9"  # discard port: nothing listens
+    with pytest.raises(
+        EnrolmentError, match=re.escape(f"could not enrol with the leader at {gone}")
+    ):
+        await enrol(gone, JOIN_TOKEN, "w-1", new_secret())
+
+
+def test_a_damaged_identity_file_names_itself(tmp_path: Path) -> None:
+    """A node.json cut short (a full disk at the time, say) stops the worker with an
+    error naming the file and what to do, not a decoding traceback."""
+    (tmp_path / IDENTITY_FILE).write_text('{"node_id": "n-1", "sec')
+    with pytest.raises(AgentError, match=re.escape(f"{tmp_path / IDENTITY_FILE} does not hold")):
+        load_identity(tmp_path)

@@ -7,6 +7,7 @@ matches the token's pin; every later connection verifies against it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
@@ -61,7 +62,13 @@ def load_identity(state_dir: Path) -> Identity | None:
     path = state_dir / IDENTITY_FILE
     if not path.exists():
         return None
-    return msgspec.json.decode(path.read_bytes(), type=Identity)
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=Identity)
+    except msgspec.DecodeError as exc:
+        raise AgentError(
+            f"{path} does not hold this node's identity ({exc}): remove it and enrol the "
+            "node again with a join token"
+        ) from None
 
 
 class _Proposal(msgspec.Struct, frozen=True):
@@ -101,21 +108,50 @@ async def enrol(leader_url: str, token: str, name: str | None, secret: str) -> I
     return the identity to keep."""
     url = leader_url.rstrip("/")
     pinned, _ = parse_join_token(token)
-    ca_pem = await _fetch_pinned_ca(url, pinned) if url.startswith("https://") else None
-    if ca_pem is None:
-        log.warning("enrol.plain_http", leader=url)
-    identity = Identity(node_id="", secret="", leader_url=url, ca_pem=ca_pem)
-    body = {"token": token, "name": name or socket.gethostname(), "secret": secret}
-    async with (
-        aiohttp.ClientSession(timeout=CALL_TIMEOUT) as session,
-        session.post(f"{url}/v1/join", json=body, ssl=identity.ssl_for(url)) as response,
-    ):
+    try:
+        ca_pem = await _fetch_pinned_ca(url, pinned) if url.startswith("https://") else None
+        if ca_pem is None:
+            log.warning("enrol.plain_http", leader=url)
+        identity = Identity(node_id="", secret="", leader_url=url, ca_pem=ca_pem)
+        body = {"token": token, "name": name or socket.gethostname(), "secret": secret}
+        async with (
+            aiohttp.ClientSession(timeout=CALL_TIMEOUT) as session,
+            session.post(f"{url}/v1/join", json=body, ssl=identity.ssl_for(url)) as response,
+        ):
+            joined = await _joined(url, response)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise EnrolmentError(
+            f"could not enrol with the leader at {url}: {type(exc).__name__}: {exc}"
+        ) from None
+    log.info("enrol.done", node_id=joined.node_id)
+    return Identity(node_id=joined.node_id, secret=joined.secret, leader_url=url, ca_pem=ca_pem)
+
+
+class _Joined(msgspec.Struct):
+    node_id: str
+    secret: str
+
+
+async def _joined(url: str, response: aiohttp.ClientResponse) -> _Joined:
+    """The identity the leader's answer to a join gives, or an EnrolmentError that says
+    why there is none: the leader's refusal and its hint, or an answer that is no
+    leader's (a proxy's error page, a wrong URL)."""
+    try:
         doc = await response.json(content_type=None)
-        if response.status != 201:
-            message = doc.get("error", {}).get("message", response.reason)
-            raise EnrolmentError(f"the leader refused to enrol this node: {message}")
-    log.info("enrol.done", node_id=doc["node_id"])
-    return Identity(node_id=doc["node_id"], secret=doc["secret"], leader_url=url, ca_pem=ca_pem)
+    except ValueError:
+        doc = None
+    status = f"{response.status} {response.reason or ''}".strip()
+    if response.status != 201 and isinstance(doc, dict) and isinstance(doc.get("error"), dict):
+        error = doc["error"]
+        hint = f" ({error['hint']})" if error.get("hint") else ""
+        raise EnrolmentError(f"the leader refused to enrol this node: {error.get('message')}{hint}")
+    if response.status == 201:
+        with contextlib.suppress(msgspec.ValidationError):
+            return msgspec.convert(doc, _Joined)
+    raise EnrolmentError(
+        f"{url}/v1/join answered {status} with no node identity in it: is "
+        "worker.leader_url the leader's address?"
+    )
 
 
 async def _fetch_pinned_ca(url: str, pinned: str) -> str:
