@@ -14,6 +14,7 @@ import pytest
 
 from agent.leader.models import NodeRecord
 from tests.support.contexts import busybox_context
+from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader
 from tests.support.registry import Registry
 
@@ -220,3 +221,23 @@ async def test_a_retry_is_replayed_though_the_request_would_now_be_refused(
     assert (new_status, new["error"]["code"]) == (409, "registry_required")
     await leader.api.request("POST", f"/v1/deployments/{first['id']}/cancel")
     await leader.api.wait_final(first["id"])
+
+
+async def test_the_configs_registry_is_set_once_a_late_engine_answers(
+    leader_factory: Callable[..., Any], registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Docker starts after the leader: the config's [registry] cannot be checked at
+    start, and is set (version 1) once the engine answers, not left unset until the
+    leader restarts."""
+    monkeypatch.setenv(PASSWORD_VAR, registry.password)
+    seed = {"server": registry.host, "username": registry.username, "password_env": PASSWORD_VAR}
+    engine = Dockerd()  # started only once the leader runs
+    try:
+        leader = await leader_factory(engine={"url": engine.url}, registry=seed)
+        _, before = await leader.api.request("GET", "/v1/registry")
+        await asyncio.to_thread(engine.start)
+
+        assert before["registry"] is None
+        assert await _registry_version(leader, 0, within=30) == 1
+    finally:
+        await asyncio.to_thread(engine.stop)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import asyncio.sslproto
 import contextlib
-import dataclasses
 import fcntl
 import gc
 import os
@@ -23,9 +22,8 @@ from aiohttp import web
 
 from agent import wire
 from agent.config import Config, LeaderConfig
-from agent.credentials import RegistryCredentials
 from agent.engine import Engine
-from agent.errors import AgentError, ConfigError, EngineError, RequestError
+from agent.errors import AgentError, ConfigError
 from agent.leader.api import cluster, deployments, middleware, nodes, openapi, registry
 from agent.leader.api.keys import CONTEXT, SCHEDULER
 from agent.leader.api.malformed import ApiRunner
@@ -36,6 +34,7 @@ from agent.leader.journal import Journal
 from agent.leader.metrics import LeaderMetrics
 from agent.leader.password_command import PasswordRefresher
 from agent.leader.registry import RegistryService
+from agent.leader.registry_seed import seed_registry, seed_until_set
 from agent.leader.release import ensure_swarm
 from agent.leader.scheduler import INTERRUPT_GRACE_S, Scheduler
 from agent.leader.store import Store
@@ -98,6 +97,7 @@ class Leader:
         self._webhook_task: asyncio.Task[None] | None = None
         self._trim_task: asyncio.Task[None] | None = None
         self._password_task: asyncio.Task[None] | None = None
+        self._seed_task: asyncio.Task[None] | None = None
         self.ctx: LeaderContext | None = None
         self.scheduler: Scheduler | None = None
 
@@ -158,14 +158,8 @@ class Leader:
         seed = self.config.registry
         if seed is None or seed.password is None:  # a password_command is run once serving
             return
-        creds = RegistryCredentials(seed.server, seed.username, seed.password, seed.namespace)
-        current = reg.current
-        if current is not None and dataclasses.replace(current, version=0) == creds:
-            return
-        try:
-            await reg.set(creds)
-        except (RequestError, EngineError) as exc:  # refused, or the engine is not up yet
-            log.error("registry.config_rejected", server=seed.server, error=exc.message)
+        if not await seed_registry(seed, reg):
+            self._seed_task = asyncio.create_task(seed_until_set(seed, reg), name="registry-seed")
 
     async def _serve(self, app: web.Application, tls: LeaderTLS | None) -> None:
         cfg = self.leader_config
@@ -218,7 +212,7 @@ class Leader:
         if self._runner is not None:
             await self._runner.cleanup()
         tasks = (self._scheduler_task, self._lag_task, self._webhook_task, self._trim_task)
-        for task in (*tasks, self._password_task):
+        for task in (*tasks, self._password_task, self._seed_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
