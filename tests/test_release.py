@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.leader.models import NodeRecord
 from tests.support.contexts import busybox_context
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader, LeaderProcess
@@ -283,3 +285,26 @@ async def test_old_images_beyond_keep_images_are_removed(
         "image", "ls", "--filter", "label=deploy-agent.app=keeper", "--format", "{{.Tag}}"
     ).stdout.split()
     assert sorted(held) == sorted(f["id"] for f in finals[1:])
+
+
+async def test_a_local_deployment_is_placed_where_its_image_is_though_a_worker_enrolled(
+    leader_factory: Callable[..., Any], swarm_engine: Dockerd, tmp_path: Path
+) -> None:
+    """Accepted in local mode, a deployment whose release comes after a worker enrolled
+    runs its service on the leader, where its image is: it is not constrained to
+    workers, which cannot have an image that was never pushed."""
+    leader = await leader_factory(
+        engine={"url": swarm_engine.url}, leader={"stage_timeouts": {"releasing": 20}}
+    )
+    services = json.dumps([_service("web", replicas=1)])
+    dep = await leader.api.deploy_dir(
+        busybox_context(tmp_path / "c"), "latecomer", services=services
+    )
+    assert leader.leader.ctx is not None
+    node = NodeRecord(id="n-1", name="worker-1", enrolled_at=time.time())
+    await leader.leader.ctx.store.add_node(node, "not-a-real-secret-hash")
+
+    final = await leader.api.wait_final(dep["id"], timeout=60)
+
+    assert (dep["mode"], final["state"]) == ("local", "succeeded"), final
+    assert _tasks(swarm_engine, "latecomer_web") == [(final["image"], "Running")]

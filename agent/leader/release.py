@@ -34,7 +34,13 @@ _ROLLED_BACK = "rollback_completed"
 async def release(ctx: LeaderContext, dep: Deployment) -> None:
     engine = ctx.engine
     await _require_manager(engine)
-    constrain = not dep.request.allow_manager_placement and await ctx.store.enrolled_count() > 0
+    # A local image is on the leader's engine alone: its services stay placeable there,
+    # even when a worker enrolled after the deployment was accepted in local mode.
+    constrain = (
+        dep.mode is Mode.REGISTRY
+        and not dep.request.allow_manager_placement
+        and await ctx.store.enrolled_count() > 0
+    )
     existing = await app_services(engine, dep.app)
     changed = _Changed()
     try:
