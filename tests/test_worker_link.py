@@ -339,3 +339,28 @@ def test_a_damaged_identity_file_names_itself(tmp_path: Path) -> None:
     (tmp_path / IDENTITY_FILE).write_text('{"node_id": "n-1", "sec')
     with pytest.raises(AgentError, match=re.escape(f"{tmp_path / IDENTITY_FILE} does not hold")):
         load_identity(tmp_path)
+
+
+async def test_a_stop_does_not_wait_for_a_slow_handshake(tmp_path: Path) -> None:
+    """SIGTERM while the leader is slow to answer the upgrade (15 s are allowed): the
+    worker stops at once, instead of finishing the handshake and then draining, which
+    could outlast the unit's stop timeout."""
+
+    async def slow_upgrade(request: web.Request) -> web.WebSocketResponse:
+        await asyncio.sleep(3)
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        return ws
+
+    async for url in serving(slow_upgrade, wire.AGENT_PATH):
+        worker = _worker(tmp_path, url)
+        identity = Identity(node_id="n-1", secret="s", leader_url=url, ca_pem=None)
+        stop = asyncio.Event()
+        loop = asyncio.create_task(worker._link_loop(identity, stop))
+        await asyncio.sleep(0.5)
+        stop.set()
+        stopped_at = time.monotonic()
+        await asyncio.wait_for(loop, 12)
+        took = time.monotonic() - stopped_at
+        await worker.engine.close()
+    assert took < 1.0

@@ -11,8 +11,8 @@ import contextlib
 import errno
 import platform
 import time
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -59,6 +59,9 @@ _FUTILE_CLOSES = {
 }
 
 
+T = TypeVar("T")
+
+
 class NodeRevoked(AgentError):
     """The leader no longer accepts this node."""
 
@@ -88,7 +91,9 @@ class Worker:
         try:
             if await self.engine.wait_until_up(stop, notifier.waiting_for_engine) is None:
                 return
-            identity = await self._identity()
+            identity = await _unless_stopped(stop, self._identity())  # a join takes 60 s at most
+            if identity is None:
+                return
             redactor.add(identity.secret)
             identity.ssl_for(self.leader_url(identity))  # a refused URL fails before ready
             notifier.ready(self.status_line())
@@ -153,14 +158,17 @@ class Worker:
         url = leader.replace("http", "ws", 1) + wire.AGENT_PATH
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):  # TCP, TLS and the upgrade together
-                ws = await session.ws_connect(
-                    url,
-                    headers=identity.auth_header(),
-                    ssl=identity.ssl_for(leader),
-                    heartbeat=wire.HEARTBEAT_SECONDS,
-                    timeout=aiohttp.ClientWSTimeout(ws_close=5),
-                    max_msg_size=4 * 1024 * 1024,
-                    compress=0,
+                connected = await _unless_stopped(
+                    stop,
+                    session.ws_connect(
+                        url,
+                        headers=identity.auth_header(),
+                        ssl=identity.ssl_for(leader),
+                        heartbeat=wire.HEARTBEAT_SECONDS,
+                        timeout=aiohttp.ClientWSTimeout(ws_close=5),
+                        max_msg_size=4 * 1024 * 1024,
+                        compress=0,
+                    ),
                 )
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status in (401, 403):
@@ -169,8 +177,10 @@ class Worker:
                     f"clear {self.config.state_path} and enrol with a new join token"
                 ) from None
             raise
+        if connected is None:
+            return  # stopped while connecting: no link, nothing to drain
         connected_at = time.monotonic()
-        async with ws:
+        async with connected as ws:
             self._ws = ws
             log.info("link.connected", leader=leader)
             try:
@@ -281,6 +291,22 @@ def _no_route(exc: BaseException) -> bool:
     if isinstance(exc, aiohttp.ClientConnectorError):
         return exc.os_error.errno in _NO_ROUTE
     return isinstance(exc, OSError) and exc.errno in _NO_ROUTE
+
+
+async def _unless_stopped(stop: asyncio.Event, work: Awaitable[T]) -> T | None:
+    """What `work` gives, or None when `stop` is set first (the work is then cancelled):
+    a stop does not wait for a slow handshake or join before it can begin."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    return None if task.cancelled() else task.result()
 
 
 async def _until_closed_or(
