@@ -328,6 +328,27 @@ async def test_an_answer_that_is_not_json_is_reported_not_a_traceback() -> None:
     assert "Traceback" not in err
 
 
+async def test_a_redirecting_url_is_refused_without_following_or_showing_the_token() -> None:
+    """A proxy or ingress that redirects (here, to itself, forever): the command names
+    the redirect and exits 1; it neither follows it with the API token nor prints the
+    token (a client error's repr holds the request's headers)."""
+    token = "canary-cli-token-never-shown"
+    seen: list[str] = []
+
+    async def redirecting(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization", ""))
+        raise web.HTTPFound(str(request.url))
+
+    async for url in serving(redirecting, "/v1/deployments"):
+        code, out, err = await _cli(
+            None, "status", "--url", url, extra_env={"DEPLOY_AGENT_TOKEN": token}
+        )
+    assert code == 1, err
+    assert "redirects to" in err and "the leader's own URL" in err
+    assert token not in out + err
+    assert len(seen) == 1
+
+
 async def test_the_default_config_is_not_read_when_the_leader_is_given(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -97,7 +97,9 @@ class Client:
             data=data,
             headers=headers,
             timeout=limits,
+            allow_redirects=False,
         ) as response:
+            _refuse_redirect(response)
             doc = _decoded(response.status, await response.read())
             if response.status >= 400:
                 raise _api_error(response.status, doc)
@@ -105,12 +107,34 @@ class Client:
 
     async def events(self, dep_id: str) -> AsyncIterator[dict[str, Any]]:
         url = f"{self._target.url}/v1/deployments/{dep_id}/events"
-        async with self._session.get(url, timeout=FOLLOW_TIMEOUT) as response:
+        async with self._session.get(
+            url, timeout=FOLLOW_TIMEOUT, allow_redirects=False
+        ) as response:
+            _refuse_redirect(response)
             if response.status >= 400:
                 raise _api_error(response.status, _decoded(response.status, await response.read()))
             async for line in response.content:
                 if line.strip():
                     yield json.loads(line)
+
+
+def _refuse_redirect(response: aiohttp.ClientResponse) -> None:
+    """The leader never redirects: one that does is not the leader's own URL (a proxy,
+    an ingress), and following it would carry the API token elsewhere."""
+    if 300 <= response.status < 400:
+        to = response.headers.get("Location", "elsewhere")
+        raise ApiError(
+            response.status,
+            str(response.status),
+            f"{response.url} redirects to {to}",
+            "give the leader's own URL (--url, DEPLOY_AGENT_URL or the config's listen)",
+        )
+
+
+def describe(exc: BaseException) -> str:
+    """An exception for a person to read: its type and message. Not its repr: a client
+    error's repr can hold the request's headers, the API token among them."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _decoded(status: int, body: bytes) -> Any:

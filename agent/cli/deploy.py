@@ -21,7 +21,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import aiohttp
 
 from agent.backoff import Backoff
-from agent.cli.client import UPLOAD_TIMEOUT, Client
+from agent.cli.client import UPLOAD_TIMEOUT, Client, describe
 from agent.cli.commands import client_for
 from agent.cli.live import LivePrinter
 
@@ -159,7 +159,10 @@ async def follow(client: Client, dep_id: str, printer: EventSink) -> dict[str, A
             if now - lost_since > REFOLLOW_WITHIN_S:
                 raise
             delay = backoff.next()
-            print(f"lost the leader ({exc!r}); following again in {delay:.0f} s", file=sys.stderr)
+            print(
+                f"lost the leader ({describe(exc)}); following again in {delay:.0f} s",
+                file=sys.stderr,
+            )
             await asyncio.sleep(delay)
     dep: dict[str, Any] = await client.call("GET", f"/v1/deployments/{dep_id}")
     printer.summary(dep)

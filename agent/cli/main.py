@@ -15,7 +15,7 @@ from agent import __version__
 from agent.cli import bootstrap as bootstrap_cmd
 from agent.cli import commands
 from agent.cli import deploy as deploy_cmd
-from agent.cli.client import ApiError
+from agent.cli.client import ApiError, describe
 from agent.errors import ConfigError
 from agent.eventloop import daemon_loop
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(1) from None
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        print(f"deploy-agent: cannot reach the leader: {exc!r}", file=sys.stderr)
+        print(f"deploy-agent: cannot reach the leader: {describe(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
