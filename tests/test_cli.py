@@ -23,6 +23,7 @@ from agent.cli.deploy import _git_url, follow
 from agent.cli.main import _parser
 from agent.errors import ConfigError
 from tests.support.contexts import busybox_context, run_step
+from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader, LeaderProcess
 from tests.support.loopback import serving
 from tests.support.registry import Registry
@@ -326,6 +327,22 @@ async def test_an_answer_that_is_not_json_is_reported_not_a_traceback() -> None:
     assert code == 1, err
     assert "502: the answer is not JSON: <html><h1>502 Bad Gateway</h1></html>" in err
     assert "Traceback" not in err
+
+
+async def test_a_config_error_found_while_running_exits_2(dockerd: Dockerd, tmp_path: Path) -> None:
+    """A worker with no identity whose join token file is missing: `run` logs
+    agent.failed naming the key and exits 2, which its unit does not restart (a
+    restart every 5 s cannot mend a config)."""
+    config = tmp_path / "worker.toml"
+    config.write_text(
+        f'role = "worker"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[engine]\nurl = "{dockerd.url}"\n'
+        f'[worker]\nleader_url = "http://127.0.0.1:9"\n'
+        f'join_token_file = "{tmp_path / "missing-token"}"\n'
+    )
+    code, out, err = await _cli(None, "run", "-c", str(config))
+    assert code == 2, out + err
+    assert "agent.failed" in out and "worker.join_token_file" in out
 
 
 async def test_a_redirecting_url_is_refused_without_following_or_showing_the_token() -> None:

@@ -16,10 +16,11 @@ from agent.bootstrap.runner import bootstrap
 from agent.cli import bootstrap as bootstrap_cmd
 from agent.cli.client import Client, Target
 from agent.config import Config, load_config
-from agent.errors import AgentError, BootstrapError
+from agent.errors import AgentError, BootstrapError, ConfigError
 from agent.worker.agent import NodeRevoked
 
 DEFAULT_CONFIG = "/etc/deploy-agent/config.toml"
+EXIT_CONFIG = 2  # the config is wrong: restarting cannot help until someone fixes it
 EXIT_REVOKED = 3  # a revoked worker: restarting it cannot help
 
 
@@ -50,6 +51,9 @@ async def run(args: argparse.Namespace) -> int:
     except NodeRevoked as exc:
         logs.get_logger("agent").error("agent.revoked", error=exc.message)
         return EXIT_REVOKED
+    except ConfigError as exc:  # found once running (a join token file gone, say)
+        logs.get_logger("agent").error("agent.failed", error=exc.message)
+        return EXIT_CONFIG
     except AgentError as exc:
         logs.get_logger("agent").error("agent.failed", error=exc.message)
         return 1
