@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from agent.leader import stages
 from agent.leader.store import IDEMPOTENCY_TTL_S
 from tests.support.canary import CANARY
 from tests.support.contexts import busybox_context, run_step
@@ -67,6 +68,27 @@ async def test_cancel_stops_the_build_in_flight(
     busy = dockerd.cli("ps", "-q", "--filter", "status=running").stdout.split()
     await asyncio.sleep(0)
     assert busy == [] or await _containers_gone(dockerd)
+
+
+async def test_a_cancel_after_the_last_stage_leaves_the_deployment_succeeded(
+    leader: InProcessLeader, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel that arrives once every stage is done (here, while old images are
+    pruned) cannot undo the work: the deployment is recorded as succeeded, as what runs
+    is its image, and the cancel's answer says so."""
+    pruning = asyncio.Event()
+
+    async def slow_prune(ctx: object, dep: object) -> None:
+        pruning.set()
+        await asyncio.sleep(30)
+
+    monkeypatch.setattr(stages, "retain", slow_prune)
+    dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "latecancel")
+    await asyncio.wait_for(pruning.wait(), 60)
+
+    status, doc = await leader.api.request("POST", f"/v1/deployments/{dep['id']}/cancel")
+
+    assert (status, doc["state"], doc.get("error")) == (200, "succeeded", None)
 
 
 async def _containers_gone(dockerd: Dockerd) -> bool:

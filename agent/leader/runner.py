@@ -54,9 +54,13 @@ class Runner:
                 await self._interrupted()
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            await self.settle(
-                self._fail(DeploymentError("cancelled", "the deployment was cancelled"))
-            )
+            if self._every_stage_done():  # the work is all done: a cancel cannot undo it
+                log.info("deployment.cancel_too_late")
+                await self.settle(self._finish(State.SUCCEEDED, None))
+            else:
+                await self.settle(
+                    self._fail(DeploymentError("cancelled", "the deployment was cancelled"))
+                )
         except Exception as exc:
             log.exception("deployment.crashed")
             failed = DeploymentError(self._failure_code(), f"internal error: {exc!r}")
@@ -77,6 +81,14 @@ class Runner:
                 asyncio.current_task().uncancel()  # type: ignore[union-attr]
         task.result()
 
+    def _plan(self) -> tuple[State, ...]:
+        return plan(self.dep.mode, release=bool(self.dep.request.services))
+
+    def _every_stage_done(self) -> bool:
+        """Whether every stage has finished: what is left (pruning old images) changes
+        nothing a cancel could undo, so the deployment has succeeded."""
+        return all(self.dep.stage_done(stage) for stage in self._plan())
+
     async def _attempt(self) -> None:
         self.dep.attempts += 1
         if self.dep.attempts > self.ctx.config.max_attempts:
@@ -88,7 +100,7 @@ class Runner:
         if self.dep.attempts > 1:
             await self.ctx.journal.save(self.dep, "resumed", attempt=self.dep.attempts)
         await self._forget_lost_image()
-        for stage in plan(self.dep.mode, release=bool(self.dep.request.services)):
+        for stage in self._plan():
             if not self.dep.stage_done(stage):
                 await self._run_stage(stage)
         await stages.retain(self.ctx, self.dep)
