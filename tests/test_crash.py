@@ -50,6 +50,34 @@ async def test_sigkill_mid_build_then_restart_finishes_everything_once(
     assert [e["type"] for e in events].count("resumed") == 1
 
 
+async def test_a_restart_sweeps_what_a_kill_left_on_disk_and_keeps_what_is_to_run(
+    leader_process: Callable[..., LeaderProcess], tmp_path: Path
+) -> None:
+    """Killed with an upload cut short, a clone under way and a finished deployment's
+    context not yet removed: the next start removes those, keeps the context of the
+    deployment still queued, which then builds from it."""
+    leader = leader_process()
+    leader.start()
+    slow = busybox_context(tmp_path / "a", run_step("echo started; sleep 3"))
+    first = await leader.api.deploy_dir(slow, "sweep")
+    queued = await leader.api.deploy_dir(busybox_context(tmp_path / "b"), "sweep")
+    await leader.api.wait_state(first["id"], "building")
+    leader.kill()
+    contexts = Path(leader.raw["state_dir"]) / "contexts"
+    strays = [contexts / "upload-20260101000000-0000abcd.part", contexts / "clone-x1y2z3"]
+    strays[0].write_bytes(b"half an upload")
+    (strays[1] / "src").mkdir(parents=True)
+    strays.append(contexts / "20260101000000-feedbeef.tar")  # a deployment since finished
+    strays[2].write_bytes(b"done with")
+
+    leader.start()
+    final = await leader.api.wait_final(queued["id"])
+
+    assert [p.name for p in strays if p.exists()] == []
+    assert "contexts.swept" in leader.log_text()
+    assert final["state"] == "succeeded", final
+
+
 async def test_sigterm_drains_the_build_in_flight(
     leader_process: Callable[..., LeaderProcess], tmp_path: Path
 ) -> None:

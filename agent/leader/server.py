@@ -37,6 +37,7 @@ from agent.leader.registry import RegistryService
 from agent.leader.registry_seed import seed_registry, seed_until_set
 from agent.leader.release import ensure_swarm
 from agent.leader.scheduler import INTERRUPT_GRACE_S, Scheduler
+from agent.leader.sources import sweep_contexts
 from agent.leader.store import Store
 from agent.leader.webhooks import WebhookSender
 from agent.logs import get_logger
@@ -126,6 +127,7 @@ class Leader:
         )
         self.ctx = ctx
         ctx.contexts_dir.mkdir(mode=0o700, exist_ok=True)
+        await self._sweep_contexts(ctx)
         await self._check_engine(engine)
         await self._seed_registry(reg)
         self.scheduler = Scheduler(ctx)
@@ -143,6 +145,14 @@ class Leader:
         if seed is not None and seed.password_command is not None:
             refresher = PasswordRefresher(seed, reg)
             self._password_task = asyncio.create_task(refresher.run(), name="registry-password")
+
+    async def _sweep_contexts(self, ctx: LeaderContext) -> None:
+        """Before anything runs: free the disk a stop in the middle of an upload, a clone
+        or a deployment's end left taken."""
+        unfinished = {dep.id for dep in await ctx.store.unfinished()}
+        removed = await asyncio.to_thread(sweep_contexts, ctx.contexts_dir, unfinished)
+        if removed:
+            log.info("contexts.swept", removed=len(removed), names=removed[:20])
 
     async def _check_engine(self, engine: Engine) -> None:
         try:

@@ -257,6 +257,19 @@ def _pack_dir(src: Path, dest: Path) -> None:
                 archive.add(entry, arcname=entry.name)
 
 
+def sweep_contexts(directory: Path, unfinished: set[str]) -> list[str]:
+    """Remove what a stopped leader left in `directory`: uploads cut short, clones
+    under way, the contexts of deployments since finished; keep the contexts of the
+    deployments still to run. The names removed are returned."""
+    removed = []
+    for entry in sorted(directory.iterdir()):
+        if entry.suffix == ".tar" and entry.stem in unfinished:
+            continue
+        remove_quietly(entry)
+        removed.append(entry.name)
+    return removed
+
+
 def remove_quietly(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
