@@ -23,16 +23,25 @@ def _final_state_events(events: list[dict[str, Any]]) -> list[str]:
     return [e["state"] for e in events if e["type"] == "state" and e["state"] in FINAL]
 
 
+async def _building_with_one_queued(
+    leader: LeaderProcess, tmp_path: Path, app: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Start `leader` with a slow build under way and a second deployment of the same
+    app queued behind it; both deployments, once the first is building."""
+    leader.start()
+    slow = busybox_context(tmp_path / "a", run_step("echo started; sleep 3"))
+    first = await leader.api.deploy_dir(slow, app)
+    second = await leader.api.deploy_dir(busybox_context(tmp_path / "b"), app)
+    await leader.api.wait_state(first["id"], "building")
+    return first, second
+
+
 async def test_sigkill_mid_build_then_restart_finishes_everything_once(
     leader_process: Callable[..., LeaderProcess], tmp_path: Path
 ) -> None:
     """SIGKILL mid-build: after restart the build resumes, the queued one runs, each ends once."""
     leader = leader_process()
-    leader.start()
-    slow = busybox_context(tmp_path / "a", run_step("echo started; sleep 3"))
-    first = await leader.api.deploy_dir(slow, "crashy")
-    second = await leader.api.deploy_dir(busybox_context(tmp_path / "b"), "crashy")
-    await leader.api.wait_state(first["id"], "building")
+    first, second = await _building_with_one_queued(leader, tmp_path, "crashy")
     await asyncio.sleep(1)
 
     leader.kill()
@@ -57,11 +66,7 @@ async def test_a_restart_sweeps_what_a_kill_left_on_disk_and_keeps_what_is_to_ru
     context not yet removed: the next start removes those, keeps the context of the
     deployment still queued, which then builds from it."""
     leader = leader_process()
-    leader.start()
-    slow = busybox_context(tmp_path / "a", run_step("echo started; sleep 3"))
-    first = await leader.api.deploy_dir(slow, "sweep")
-    queued = await leader.api.deploy_dir(busybox_context(tmp_path / "b"), "sweep")
-    await leader.api.wait_state(first["id"], "building")
+    _, queued = await _building_with_one_queued(leader, tmp_path, "sweep")
     leader.kill()
     contexts = Path(leader.raw["state_dir"]) / "contexts"
     strays = [contexts / "upload-20260101000000-0000abcd.part", contexts / "clone-x1y2z3"]
