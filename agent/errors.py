@@ -11,7 +11,8 @@
     │       └── RegistryTransientError  connection, timeout, 5xx, 429, cut stream (retried)
     ├── DeploymentError           a deployment failed: SPEC error code, message, hint
     ├── SshError                  an SSH connection, command or file transfer failed
-    │   └── HostKeyRejected           the host's key is not the one known_hosts holds
+    │   └── SshRefused                the host or this login was refused: never retried
+    │       └── HostKeyRejected           the host's key is not the one known_hosts holds
     └── BootstrapError            a bootstrap step failed: which step, and why
 
 Nothing here may hold a secret: messages end up in logs and API responses.
@@ -91,7 +92,12 @@ class SshError(AgentError):
     """The SSH connection, a remote command or a file transfer failed."""
 
 
-class HostKeyRejected(SshError):
+class SshRefused(SshError):
+    """The connection was refused for what it is, not for a fault that passes: the host's
+    key, the user or the key it logs in with. Trying again fails the same way."""
+
+
+class HostKeyRejected(SshRefused):
     """The host's key is missing from known_hosts or differs from it: never connected."""
 
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import asyncssh
 
-from agent.errors import HostKeyRejected, SshError
+from agent.errors import HostKeyRejected, SshError, SshRefused
 
 CONNECT_TIMEOUT = 20.0
 # asyncssh logs every channel, command and file at INFO: a bootstrap reports its own steps.
@@ -110,6 +110,11 @@ class SshHost:
                 f"{target}: the host key is not trusted ({exc.reason}); known_hosts is "
                 f"{known_hosts}. If the host was reinstalled, check its new key and update "
                 "that file"
+            ) from None
+        except asyncssh.PermissionDenied as exc:
+            raise SshRefused(
+                f"{target}: the host refused the login ({exc.reason}): check the user and "
+                "that the host authorizes the key"
             ) from None
         except TimeoutError:
             raise SshError(f"{target}: no SSH connection within {deadline:.0f} s") from None

@@ -135,12 +135,8 @@ async def test_a_push_whose_tunnel_cannot_open_is_retried_through_a_new_one(
     await leader.api.put_registry(registry.host, registry.username, registry.password)
     context = busybox_context(tmp_path / "c", run_step("sleep 2"))
     dep = await leader.api.deploy_dir(context, "retunnel")
-    await leader.api.wait_state(dep["id"], "building")
-    # The build's RUN step running on the build server's engine: its SSH connection is up
-    # (stopping sshd earlier would fail the build, not the push).
-    async with asyncio.timeout(30):
-        while not worker_engines[1].cli("ps", "-q").stdout.strip():
-            await asyncio.sleep(0.1)
+    # Stopping sshd before the build's connection is up would fail the build, not the push.
+    await _build_running_on(worker_engines[1], leader, dep["id"])
     sshd.stop()  # the build's own connection goes on
     await leader.api.wait_state(dep["id"], "pushing")
     await asyncio.sleep(2)
@@ -150,6 +146,44 @@ async def test_a_push_whose_tunnel_cannot_open_is_retried_through_a_new_one(
 
     assert final["state"] == "succeeded", final.get("error")
     assert final["push_retries"] >= 1
+
+
+async def test_a_push_the_build_server_refuses_is_not_retried(
+    leader_factory: Callable[..., Any],
+    sshd: Sshd,
+    worker_engines: list[Dockerd],
+    registry: Registry,
+    tmp_path: Path,
+) -> None:
+    """The build server's host key changes during the build (known_hosts no longer
+    holds it): the push fails at once as push_failed, naming the key, instead of being
+    retried for the whole push budget against a host that refuses the same way."""
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(sshd.known_hosts.read_text())
+    server = {**_build_server(sshd, worker_engines[1]), "known_hosts": str(known_hosts)}
+    leader = await leader_factory(leader={"build_server": server, "push_retry_budget": 30})
+    await leader.api.put_registry(registry.host, registry.username, registry.password)
+    context = busybox_context(tmp_path / "c", run_step("sleep 2"))
+    dep = await leader.api.deploy_dir(context, "refused")
+    await _build_running_on(worker_engines[1], leader, dep["id"])
+    known_hosts.write_text(sshd.impostor_known_hosts().read_text())
+    changed_at = asyncio.get_running_loop().time()
+
+    final = await leader.api.wait_final(dep["id"])
+
+    assert final["error"]["code"] == "push_failed", final
+    assert "host key" in final["error"]["message"]
+    assert final["push_retries"] == 0
+    assert asyncio.get_running_loop().time() - changed_at < 15  # the 2 s build, then at once
+
+
+async def _build_running_on(builder: Dockerd, leader: Any, dep_id: str) -> None:
+    """Wait for the deployment's RUN step to run on the build server's engine: the
+    build's SSH connection is up from then on."""
+    await leader.api.wait_state(dep_id, "building")
+    async with asyncio.timeout(30):
+        while not builder.cli("ps", "-q").stdout.strip():
+            await asyncio.sleep(0.1)
 
 
 def test_a_tunnel_goes_to_the_temporary_directory_when_its_socket_path_would_be_too_long() -> None:

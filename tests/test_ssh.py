@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import SshError
+from agent.errors import HostKeyRejected, SshError, SshRefused
 from agent.ssh import SshHost, SshTarget
-from tests.support.sshd import Sshd
+from tests.support.sshd import Sshd, keygen
 
 
 async def _host(sshd: Sshd) -> SshHost:
@@ -49,3 +49,23 @@ async def test_a_failed_write_leaves_no_temporary_copy(sshd: Sshd, tmp_path: Pat
         with pytest.raises(SshError, match="writing"):
             await host.write_file(str(target), b"secret\n", mode=0o600, deadline=10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked"]
+
+
+async def test_a_login_the_host_refuses_is_told_from_a_fault_that_passes(
+    sshd: Sshd, tmp_path: Path
+) -> None:
+    """A key the host does not authorize, or a host key known_hosts does not hold, is
+    SshRefused (what retries leave alone); a host that does not answer is not."""
+    stranger = tmp_path / "stranger_ed25519"
+    keygen(stranger)
+    target = SshTarget.parse(sshd.url)
+    with pytest.raises(SshRefused, match="refused the login"):
+        await SshHost.connect(target, known_hosts=sshd.known_hosts, identity=stranger)
+    with pytest.raises(HostKeyRejected):
+        await SshHost.connect(
+            target, known_hosts=sshd.impostor_known_hosts(), identity=sshd.identity
+        )
+    silent = SshTarget.parse("ssh://root@127.0.0.1:9")  # discard port: nothing listens
+    with pytest.raises(SshError) as raised:
+        await SshHost.connect(silent, known_hosts=sshd.known_hosts, identity=sshd.identity)
+    assert not isinstance(raised.value, SshRefused)

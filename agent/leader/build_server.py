@@ -16,7 +16,7 @@ from pathlib import Path
 
 from agent.config import BuildServerConfig
 from agent.engine import Engine
-from agent.errors import EngineError, SshError
+from agent.errors import EngineError, SshError, SshRefused
 from agent.logs import get_logger
 from agent.ssh import SshHost, SshTarget
 
@@ -28,6 +28,11 @@ SOCKET_PATH_MAX = 108  # sun_path on Linux, with its terminating NUL
 
 class BuildServerUnreachable(SshError):
     """The build server could not be reached or its Docker socket not forwarded."""
+
+
+class BuildServerRefused(BuildServerUnreachable, SshRefused):
+    """The build server refused the leader (its host key, the login) or cannot be named
+    as configured: the next attempt would fail the same way."""
 
 
 class Builders:
@@ -106,6 +111,6 @@ async def _connect(config: BuildServerConfig) -> SshHost:
         )
     except (SshError, ValueError) as exc:
         message = exc.message if isinstance(exc, SshError) else str(exc)
-        raise BuildServerUnreachable(
-            f"the build server {config.ssh} is unreachable: {message}"
-        ) from None
+        refused = not isinstance(exc, SshError) or isinstance(exc, SshRefused)
+        kind = BuildServerRefused if refused else BuildServerUnreachable
+        raise kind(f"the build server {config.ssh} is unreachable: {message}") from None

@@ -12,7 +12,7 @@ from pathlib import Path
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_before_delay,
     wait_exponential_jitter,
 )
@@ -28,6 +28,7 @@ from agent.errors import (
     RegistryTransientError,
     RequestError,
     SshError,
+    SshRefused,
 )
 from agent.leader.context import LeaderContext
 from agent.leader.hub import Unanswered
@@ -39,10 +40,17 @@ from agent.retention import APP_LABEL, prune_app_images
 from agent.retrying import scoped
 from agent.wire import PullResult
 
-# What a push is tried again after (a build server's tunnel that broke is opened again for
-# the next attempt). Made once: it holds a method of its own, a cycle the collector would
-# otherwise find after every push.
-PUSH_RETRIED = retry_if_exception_type((RegistryTransientError, SshError))
+
+def _push_retried(exc: BaseException) -> bool:
+    """What a push is tried again after: a registry's passing failure, or a build
+    server's tunnel that broke (opened again for the next attempt), but not a build
+    server that refused the leader, which would refuse it again."""
+    return isinstance(exc, (RegistryTransientError, SshError)) and not isinstance(exc, SshRefused)
+
+
+# Made once: it holds a method of its own, a cycle the collector would otherwise find
+# after every push.
+PUSH_RETRIED = retry_if_exception(_push_retried)
 
 log = get_logger(__name__)
 BUILD_SERVER_HINT = (
