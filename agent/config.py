@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from agent.errors import ConfigError
+from agent.ssh import SshTarget
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -62,6 +63,13 @@ class BuildServerConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only
     known_hosts: str
     identity_file: str | None = None
     docker_socket: str = "/var/run/docker.sock"
+
+    def __post_init__(self) -> None:
+        SshTarget.parse(self.ssh)  # a port out of range, say: at start, not at the first build
+        for key in ("known_hosts", "identity_file"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{key}: {path} is not a file")
 
 
 class LeaderConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -46,11 +46,13 @@ class SshTarget:
         if parts.password is not None or parts.path not in ("", "/"):
             raise ValueError(f"{url!r}: only ssh://user@host[:port], no password or path")
         try:
-            port = parts.port or 22
+            port = 22 if parts.port is None else parts.port
         except ValueError:
             raise ValueError(
                 f"{url!r}: the port must be 1 to 65535 in ssh://user@host:port"
             ) from None
+        if port == 0:
+            raise ValueError(f"{url!r}: the port must be 1 to 65535 in ssh://user@host:port")
         return cls(parts.username, parts.hostname, port)
 
     def __str__(self) -> str:

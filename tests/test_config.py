@@ -45,6 +45,30 @@ def test_errors_name_the_key(leader: dict[str, Any], key: str) -> None:
     assert caught.value.message.startswith(key + ":"), caught.value.message
 
 
+@pytest.mark.parametrize(
+    ("ssh", "known_hosts", "says"),
+    [
+        ("ssh://builder@build.example:99999", True, "the port must be 1 to 65535"),
+        ("ssh://builder@build.example:0", True, "the port must be 1 to 65535"),
+        ("ssh://builder@build.example", False, "known_hosts: "),
+    ],
+    ids=["port-too-large", "port-zero", "no-known-hosts-file"],
+)
+def test_a_build_server_that_cannot_work_is_refused_at_start(
+    tmp_path: Path, ssh: str, known_hosts: bool, says: str
+) -> None:
+    """check-config and the start find what the first build would otherwise fail on:
+    a port out of range, a known_hosts file that is not there."""
+    path = tmp_path / "known_hosts"
+    if known_hosts:
+        path.write_text("build.example ssh-ed25519 AAAA\n")
+    server = {"ssh": ssh, "known_hosts": str(path)}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(_raw(build_server=server))
+    assert caught.value.message.startswith("leader.build_server:"), caught.value.message
+    assert says in caught.value.message
+
+
 def test_missing_token_is_named() -> None:
     """Without api_token the error names it."""
     with pytest.raises(ConfigError, match="api_token"):
