@@ -105,7 +105,8 @@ class LeaderConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True
 
     @property
     def host(self) -> str:
-        return self.listen.rpartition(":")[0]
+        """The address to listen on; an IPv6 one may be written in brackets, [::]:7443."""
+        return self.listen.rpartition(":")[0].removeprefix("[").removesuffix("]")
 
     @property
     def port(self) -> int:

@@ -26,6 +26,7 @@ from tests.support.contexts import busybox_context, run_step
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader, LeaderProcess
 from tests.support.loopback import serving
+from tests.support.procs import free_port
 from tests.support.registry import Registry
 
 SCRIPT = str(Path(sys.executable).parent / "deploy-agent")
@@ -364,6 +365,22 @@ async def test_a_redirecting_url_is_refused_without_following_or_showing_the_tok
     assert "redirects to" in err and "the leader's own URL" in err
     assert token not in out + err
     assert len(seen) == 1
+
+
+@pytest.mark.parametrize("listen", ["[::1]", "::"], ids=["ipv6-loopback", "ipv6-wildcard"])
+async def test_the_config_finds_a_leader_listening_on_ipv6(
+    leader_factory: Callable[..., Any], listen: str
+) -> None:
+    """A leader whose listen is an IPv6 address (in brackets or not) or the IPv6
+    wildcard is reached through -c: the URL brackets the address, and a wildcard maps to
+    ::1, since an IPv6 listener takes no IPv4 connection."""
+    leader = await leader_factory(leader={"listen": f"{listen}:{free_port()}"})
+    target = Target.resolve(None, None, leader.config, None)
+    assert target.url.startswith("http://[::1]:")
+
+    async with Client(target) as client:
+        cluster = await client.call("GET", "/v1/cluster")
+    assert cluster["mode"] == "local"
 
 
 async def test_the_default_config_is_not_read_when_the_leader_is_given(

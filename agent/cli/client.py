@@ -48,8 +48,7 @@ class Target:
         if config is not None and config.leader is not None:
             lc = config.leader
             scheme = "http" if lc.plain_http else "https"
-            host = "127.0.0.1" if lc.host in ("0.0.0.0", "::") else lc.host  # noqa: S104
-            url = url or f"{scheme}://{host}:{lc.port}"
+            url = url or f"{scheme}://{_reachable(lc.host)}:{lc.port}"
             token = token or lc.api_token
             if not lc.plain_http and ca is None:
                 ca = lc.tls.ca_file if lc.tls else str(config.state_path / "tls" / "ca.pem")
@@ -59,6 +58,14 @@ class Target:
                 "DEPLOY_AGENT_TOKEN (or --token-file)"
             )
         return cls(url.rstrip("/"), token, ca)
+
+
+def _reachable(listen_host: str) -> str:
+    """Where this machine reaches a leader listening on `listen_host`: a wildcard by its
+    loopback address of the same family (an IPv6 listener takes no IPv4), an IPv6
+    address in brackets, as a URL writes it."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listen_host, listen_host)  # noqa: S104
+    return f"[{host}]" if ":" in host else host
 
 
 class Client:
