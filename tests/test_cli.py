@@ -346,6 +346,31 @@ async def test_a_config_error_found_while_running_exits_2(dockerd: Dockerd, tmp_
     assert "agent.failed" in out and "worker.join_token_file" in out
 
 
+FILE_MISTAKES = {
+    "token-file-missing": ("status", "--token-file", None, "No such file or directory"),
+    "services-not-json": ("deploy", "--services", "[{not json", "not JSON"),
+    "git-password-file-empty": ("deploy", "--git-password-file", "", "the file is empty"),
+    "ca-file-not-a-certificate": ("status", "--ca-file", "not a certificate", "--ca-file"),
+}
+
+
+@pytest.mark.parametrize("case", FILE_MISTAKES.keys())
+async def test_a_file_a_flag_names_that_cannot_be_used_is_named(case: str, tmp_path: Path) -> None:
+    """A missing, empty or malformed file given to a flag: exit 2 with the flag and the
+    file named, not "cannot reach the leader" and not a traceback."""
+    command, flag, content, says = FILE_MISTAKES[case]
+    path = tmp_path / "given"
+    if content is not None:
+        path.write_text(content)
+    args = [command, "--url", "https://127.0.0.1:9", flag, str(path)]
+    if command == "deploy":
+        args += ["--app", "web", "--git", "https://git.example/r.git"]
+    code, _, err = await _cli(None, *args, extra_env={"DEPLOY_AGENT_TOKEN": "t"})
+    assert code == 2, err
+    assert f"{flag} {path}" in err and says in err, err
+    assert "Traceback" not in err and "cannot reach the leader" not in err
+
+
 async def test_a_redirecting_url_is_refused_without_following_or_showing_the_token() -> None:
     """A proxy or ingress that redirects (here, to itself, forever): the command names
     the redirect and exits 1; it neither follows it with the API token nor prints the

@@ -7,12 +7,12 @@ import os
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import aiohttp
 
+from agent.cli.inputs import InputError, first_line
 from agent.config import Config
 
 CALL_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
@@ -41,7 +41,7 @@ class Target:
         cls, url: str | None, token_file: str | None, config: Config | None, ca: str | None
     ) -> Target:
         """URL, token and CA from flags, then the environment, then the leader's config."""
-        token = Path(token_file).read_text().strip() if token_file else None
+        token = first_line("--token-file", token_file) if token_file else None
         token = token or os.environ.get("DEPLOY_AGENT_TOKEN")
         url = url or os.environ.get("DEPLOY_AGENT_URL")
         ca = ca or os.environ.get("DEPLOY_AGENT_CA")
@@ -60,6 +60,16 @@ class Target:
         return cls(url.rstrip("/"), token, ca)
 
 
+def _verifying(ca_file: str) -> ssl.SSLContext:
+    """A context that verifies the leader against `ca_file` (from --ca-file,
+    DEPLOY_AGENT_CA or the config)."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise InputError(f"--ca-file {ca_file}: {reason}") from None
+
+
 def _reachable(listen_host: str) -> str:
     """Where this machine reaches a leader listening on `listen_host`: a wildcard by its
     loopback address of the same family (an IPv6 listener takes no IPv4), an IPv6
@@ -71,7 +81,7 @@ def _reachable(listen_host: str) -> str:
 class Client:
     def __init__(self, target: Target) -> None:
         self._target = target
-        ssl_ctx = ssl.create_default_context(cafile=target.ca_file) if target.ca_file else None
+        ssl_ctx = _verifying(target.ca_file) if target.ca_file else None
         self._session = aiohttp.ClientSession(
             headers={"Authorization": f"Bearer {target.token}"},
             connector=aiohttp.TCPConnector(ssl=ssl_ctx if ssl_ctx else True),

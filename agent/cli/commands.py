@@ -15,6 +15,7 @@ from agent import daemon, logs
 from agent.bootstrap.runner import bootstrap
 from agent.cli import bootstrap as bootstrap_cmd
 from agent.cli.client import Client, Target
+from agent.cli.inputs import read_text
 from agent.config import Config, load_config
 from agent.errors import AgentError, BootstrapError, ConfigError
 from agent.worker.agent import NodeRevoked
@@ -105,7 +106,7 @@ async def registry_set(args: argparse.Namespace) -> int:
 
 def _read_password(path: str | None) -> str:
     if path:
-        return Path(path).read_text().strip()
+        return read_text("--password-file", path).strip()
     if sys.stdin.isatty():  # typed: asked for, and not echoed to the screen
         return getpass.getpass("registry password or token: ").strip()
     return sys.stdin.readline().strip()

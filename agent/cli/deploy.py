@@ -23,6 +23,7 @@ import aiohttp
 from agent.backoff import Backoff
 from agent.cli.client import UPLOAD_TIMEOUT, Client, describe
 from agent.cli.commands import client_for
+from agent.cli.inputs import InputError, first_line, read_text
 from agent.cli.live import LivePrinter
 
 SKIP = frozenset({".git"})
@@ -235,7 +236,10 @@ async def _follow_until_done_or_detached(
 def _services(args: argparse.Namespace) -> list[Any] | None:
     if args.services is None:
         return None
-    services = json.loads(args.services.read_text())
+    try:
+        services = json.loads(read_text("--services", args.services))
+    except ValueError as exc:
+        raise InputError(f"--services {args.services}: not JSON ({exc})") from None
     if not isinstance(services, list):
         raise SystemExit(f"deploy-agent: {args.services} must hold a JSON list of services")
     return services
@@ -264,7 +268,7 @@ def _git_url(url: str, password_file: str | None) -> str:
         )
         return url
     password = (
-        Path(password_file).read_text().strip().splitlines()[0]
+        first_line("--git-password-file", password_file)
         if password_file
         else os.environ.get("DEPLOY_AGENT_GIT_PASSWORD", "").strip()
     )

@@ -16,6 +16,7 @@ from agent.cli import bootstrap as bootstrap_cmd
 from agent.cli import commands
 from agent.cli import deploy as deploy_cmd
 from agent.cli.client import ApiError, describe
+from agent.cli.inputs import InputError
 from agent.errors import ConfigError
 from agent.eventloop import daemon_loop
 
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(130) from None
     except ConfigError as exc:
         print(f"deploy-agent: config error: {exc.message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except InputError as exc:
+        print(f"deploy-agent: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     except ApiError as exc:
         print(f"deploy-agent: {exc}", file=sys.stderr)
