@@ -180,37 +180,50 @@ _NEEDED_ONCE = frozenset({"worker.join_token"})
 _SECRET_KEYS = {"leader": ("api_token",), "registry": ("password",), "worker": ("join_token",)}
 
 
-def load_config(path: str | Path) -> Config:
-    """Read, resolve secrets in and validate the config file at `path`."""
+# In place of a secret the caller does not need (the command line reading a leader's
+# config needs its API token at most): long enough for any secret's minimum length.
+UNREAD_SECRET = "(not read: not needed here)"  # noqa: S105 (a placeholder, no secret)
+
+
+def load_config(path: str | Path, *, needed: frozenset[str] | None = None) -> Config:
+    """Read, resolve secrets in and validate the config file at `path`. With `needed`,
+    only the secrets named there (`leader.api_token`, say) are read; the others, which
+    may come from the service's own environment, are left unread."""
     try:
         raw = tomllib.loads(Path(path).read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    return parse_config(raw)
+    return parse_config(raw, needed=needed)
 
 
-def parse_config(raw: dict[str, Any]) -> Config:
+def parse_config(raw: dict[str, Any], *, needed: frozenset[str] | None = None) -> Config:
     for table, keys in _SECRET_KEYS.items():
         section = raw.get(table)
         if isinstance(section, dict):
             for key in keys:
-                _resolve_secret(section, key, f"{table}.{key}")
+                _resolve_secret(section, key, f"{table}.{key}", needed)
     hooks = raw.get("leader", {}).get("webhooks") if isinstance(raw.get("leader"), dict) else None
     for index, hook in enumerate(hooks if isinstance(hooks, list) else []):
         if isinstance(hook, dict):
-            _resolve_secret(hook, "secret", f"leader.webhooks[{index}].secret")
+            _resolve_secret(hook, "secret", f"leader.webhooks[{index}].secret", needed)
     try:
         return msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
 
 
-def _resolve_secret(section: dict[str, Any], key: str, name: str) -> None:
+def _resolve_secret(
+    section: dict[str, Any], key: str, name: str, needed: frozenset[str] | None
+) -> None:
     given = [k for k in (key, f"{key}_file", f"{key}_env") if k in section]
     if len(given) > 1:
         raise ConfigError(f"{name}: give only one of {', '.join(given)}")
+    if given and needed is not None and name not in needed:
+        section.pop(given[0])
+        section[key] = UNREAD_SECRET
+        return
     if f"{key}_file" in section:
         path = section[f"{key}_file"]
         if name in _NEEDED_ONCE and isinstance(path, str) and not Path(path).exists():

@@ -21,7 +21,6 @@ from agent.cli import commands
 from agent.cli.client import Client, Target
 from agent.cli.deploy import _git_url, follow
 from agent.cli.main import _parser
-from agent.errors import ConfigError
 from tests.support.contexts import busybox_context, run_step
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader, LeaderProcess
@@ -408,14 +407,40 @@ async def test_the_config_finds_a_leader_listening_on_ipv6(
     assert cluster["mode"] == "local"
 
 
+async def test_a_config_whose_secrets_come_from_the_service_environment_serves_the_cli(
+    leader: InProcessLeader, tmp_path: Path
+) -> None:
+    """`-c` a leader config whose API token and registry password come from variables
+    set only in the service's environment: with DEPLOY_AGENT_TOKEN given, the command
+    line reads the config for the leader's address and calls it, instead of failing on
+    secrets it does not need."""
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'role = "leader"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[leader]\nlisten = "{leader.config.leader.listen}"\nplain_http = true\n'  # type: ignore[union-attr]
+        'api_token_env = "ONLY_IN_THE_SERVICE_ENVIRONMENT"\n'
+        '[registry]\nserver = "r.example"\nusername = "u"\n'
+        'password_env = "ONLY_IN_THE_SERVICE_ENVIRONMENT_TOO"\n'
+    )
+    code, out, err = await _cli(
+        None, "status", "-c", str(config), extra_env={"DEPLOY_AGENT_TOKEN": leader.api.token}
+    )
+    assert code == 0, out + err
+
+    code, _, err = await _cli(None, "status", "-c", str(config))
+    assert code == 2 and "leader.api_token_env" in err, err  # no token given: it is needed
+
+
 async def test_the_default_config_is_not_read_when_the_leader_is_given(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With --url and DEPLOY_AGENT_TOKEN, an installed leader config that cannot load here
-    (its token comes from the service's own environment) is left alone."""
+    """With --url and DEPLOY_AGENT_TOKEN, an installed leader config is left alone;
+    without --url it is read for the leader's address, and the token given stands (the
+    config's own comes from the service's environment, not set here)."""
     installed = tmp_path / "config.toml"
     installed.write_text(
-        'role = "leader"\n[leader]\napi_token_env = "ONLY_IN_THE_SERVICE_ENVIRONMENT"\n'
+        'role = "leader"\n[leader]\nlisten = "0.0.0.0:7070"\nplain_http = true\n'
+        'api_token_env = "ONLY_IN_THE_SERVICE_ENVIRONMENT"\n'
     )
     monkeypatch.setattr(commands, "DEFAULT_CONFIG", str(installed))
     monkeypatch.setenv("DEPLOY_AGENT_TOKEN", "t")
@@ -424,8 +449,8 @@ async def test_the_default_config_is_not_read_when_the_leader_is_given(
 
     async with commands.client_for(flags):
         pass
-    with pytest.raises(ConfigError, match="ONLY_IN_THE_SERVICE_ENVIRONMENT"):
-        commands.client_for(argparse.Namespace(**{**vars(flags), "url": None}))
+    async with commands.client_for(argparse.Namespace(**{**vars(flags), "url": None})) as client:
+        assert (client._target.url, client._target.token) == ("http://127.0.0.1:7070", "t")
 
 
 async def test_a_password_typed_at_a_terminal_is_asked_for_and_not_echoed(

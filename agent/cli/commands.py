@@ -31,10 +31,14 @@ def client_for(args: argparse.Namespace) -> Client:
     may be unreadable here (0640 to the service's group) or take its token from the
     service's own environment."""
     config: Config | None = None
+    # The config's API token only if the flags and the environment give none: it may
+    # come from the service's environment, as may every other secret, never needed here.
+    token_given = bool(args.token_file or os.environ.get("DEPLOY_AGENT_TOKEN"))
+    needed = frozenset() if token_given else frozenset({"leader.api_token"})
     if args.config:
-        config = load_config(args.config)
+        config = load_config(args.config, needed=needed)
     elif not _leader_given(args) and Path(DEFAULT_CONFIG).exists():
-        config = load_config(DEFAULT_CONFIG)
+        config = load_config(DEFAULT_CONFIG, needed=needed)
     return Client(Target.resolve(args.url, args.token_file, config, args.ca_file))
 
 
