@@ -1,8 +1,8 @@
 """Image retention: keep an app's newest images, remove the rest that nothing uses.
 
 Shared by leader and workers. An image a running container uses (a service's task, or
-anything else) is never removed; stopped containers, such as Swarm's task history, do
-not keep an image.
+anything else), or that a Swarm service's spec names, is never removed; stopped
+containers, such as Swarm's task history, do not keep an image.
 """
 
 from __future__ import annotations
@@ -38,9 +38,35 @@ async def prune_app_images(engine: Engine, app: str, keep: int) -> list[str]:
 
 
 async def _images_in_use(engine: Engine) -> set[str]:
-    """Images of running containers. Stopped ones (Swarm's task history) do not pin."""
+    """Images of running containers, and those the Swarm services name (to run now, or
+    to roll back to): a service scaled to zero, or whose task is restarting, runs none,
+    yet still needs its image, which in local mode no registry could give back. Stopped
+    containers (Swarm's task history) do not pin."""
     containers = await engine.request("GET", "containers/json")
-    return {c["ImageID"] for c in containers}
+    used = {c["ImageID"] for c in containers}
+    for ref in await _service_images(engine):
+        image_id = await engine.image_id(ref)
+        if image_id is not None:
+            used.add(image_id)
+    return used
+
+
+async def _service_images(engine: Engine) -> set[str]:
+    """The image references of the Swarm services' specs, current and previous; none
+    when the engine is no Swarm manager (a worker's: it has no services to ask about)."""
+    try:
+        services: list[dict[str, Any]] = await engine.request("GET", "services")
+    except EngineApiError as exc:
+        if exc.status == 503:  # not a manager
+            return set()
+        raise
+    refs = set()
+    for service in services:
+        for spec in (service.get("Spec"), service.get("PreviousSpec")):
+            container = ((spec or {}).get("TaskTemplate") or {}).get("ContainerSpec") or {}
+            if container.get("Image"):
+                refs.add(str(container["Image"]))
+    return refs
 
 
 async def _remove(engine: Engine, image_id: str) -> bool:

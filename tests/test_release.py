@@ -287,6 +287,31 @@ async def test_old_images_beyond_keep_images_are_removed(
     assert sorted(held) == sorted(f["id"] for f in finals[1:])
 
 
+async def test_an_image_a_service_still_names_is_kept_though_no_task_runs_it(
+    leader_factory: Callable[..., Any], swarm_engine: Dockerd, tmp_path: Path
+) -> None:
+    """A service scaled to zero, left by releases that no longer list it, still names
+    its image: retention keeps it past keep_images (a local image could not be pulled
+    back), while the images nothing names go."""
+    leader = await leader_factory(
+        engine={"url": swarm_engine.url}, leader={**RELEASE, "keep_images": 1}
+    )
+    services = [_service("cron", replicas=0), _service("web", replicas=1)]
+    first = await _release(leader, busybox_context(tmp_path / "c0"), "dormant", services)
+    later = [
+        await _release(leader, busybox_context(tmp_path / f"c{i}"), "dormant", services[1:])
+        for i in (1, 2, 3)
+    ]
+    assert all(f["state"] == "succeeded" for f in (first, *later))
+
+    held = swarm_engine.cli(
+        "image", "ls", "--filter", "label=deploy-agent.app=dormant", "--format", "{{.Tag}}"
+    ).stdout.split()
+    assert _service_image(swarm_engine, "dormant_cron") == first["image"]
+    # cron's image, web's (and the one web would roll back to); not the one in between
+    assert sorted(held) == sorted([first["id"], later[1]["id"], later[2]["id"]])
+
+
 async def test_a_local_deployment_is_placed_where_its_image_is_though_a_worker_enrolled(
     leader_factory: Callable[..., Any], swarm_engine: Dockerd, tmp_path: Path
 ) -> None:
