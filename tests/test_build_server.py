@@ -32,6 +32,18 @@ def _build_server(sshd: Sshd, engine: Dockerd) -> dict[str, Any]:
     }
 
 
+async def _leader_building_on(
+    leader_factory: Callable[..., Any],
+    server: dict[str, Any],
+    registry: Registry,
+    **leader: Any,
+) -> Any:
+    """A leader whose builds go to `server`, with `registry`'s credentials set."""
+    made = await leader_factory(leader={"build_server": server, **leader})
+    await made.api.put_registry(registry.host, registry.username, registry.password)
+    return made
+
+
 async def test_deployment_builds_on_the_build_server_and_pushes_from_there(
     leader_factory: Callable[..., Any],
     sshd: Sshd,
@@ -82,8 +94,9 @@ async def test_unreachable_build_server_fails_the_deployment_not_the_leader(
     tmp_path: Path,
 ) -> None:
     """With the build server's sshd stopped, the build fails naming it; the leader serves on."""
-    leader = await leader_factory(leader={"build_server": _build_server(sshd, worker_engines[1])})
-    await leader.api.put_registry(registry.host, registry.username, registry.password)
+    leader = await _leader_building_on(
+        leader_factory, _build_server(sshd, worker_engines[1]), registry
+    )
     sshd.cleanup()
 
     dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "stranded")
@@ -109,8 +122,7 @@ async def test_a_build_server_without_that_docker_socket_is_named_not_the_docker
     """SSH works but the forwarded socket does not exist there: the failure names the build
     server's socket and points at SSH, not at the Dockerfile."""
     server = {**_build_server(sshd, worker_engines[1]), "docker_socket": "/nonexistent.sock"}
-    leader = await leader_factory(leader={"build_server": server})
-    await leader.api.put_registry(registry.host, registry.username, registry.password)
+    leader = await _leader_building_on(leader_factory, server, registry)
 
     dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "socketless")
     final = await leader.api.wait_final(dep["id"])
@@ -131,8 +143,9 @@ async def test_a_push_whose_tunnel_cannot_open_is_retried_through_a_new_one(
     """The build server's sshd goes away during the build and comes back 2 s into the
     push stage: the push is retried within its budget, each attempt through a tunnel of its
     own, and the deployment succeeds."""
-    leader = await leader_factory(leader={"build_server": _build_server(sshd, worker_engines[1])})
-    await leader.api.put_registry(registry.host, registry.username, registry.password)
+    leader = await _leader_building_on(
+        leader_factory, _build_server(sshd, worker_engines[1]), registry
+    )
     context = busybox_context(tmp_path / "c", run_step("sleep 2"))
     dep = await leader.api.deploy_dir(context, "retunnel")
     # Stopping sshd before the build's connection is up would fail the build, not the push.
@@ -161,8 +174,7 @@ async def test_a_push_the_build_server_refuses_is_not_retried(
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text(sshd.known_hosts.read_text())
     server = {**_build_server(sshd, worker_engines[1]), "known_hosts": str(known_hosts)}
-    leader = await leader_factory(leader={"build_server": server, "push_retry_budget": 30})
-    await leader.api.put_registry(registry.host, registry.username, registry.password)
+    leader = await _leader_building_on(leader_factory, server, registry, push_retry_budget=30)
     context = busybox_context(tmp_path / "c", run_step("sleep 2"))
     dep = await leader.api.deploy_dir(context, "refused")
     await _build_running_on(worker_engines[1], leader, dep["id"])
@@ -175,6 +187,30 @@ async def test_a_push_the_build_server_refuses_is_not_retried(
     assert "host key" in final["error"]["message"]
     assert final["push_retries"] == 0
     assert asyncio.get_running_loop().time() - changed_at < 15  # the 2 s build, then at once
+
+
+async def test_old_images_are_removed_on_the_build_server_too(
+    leader_factory: Callable[..., Any],
+    sshd: Sshd,
+    worker_engines: list[Dockerd],
+    registry: Registry,
+    tmp_path: Path,
+) -> None:
+    """Every build leaves its image on the build server: retention removes those past
+    keep_images there too, or they would fill its disk."""
+    builder = worker_engines[1]
+    server = _build_server(sshd, builder)
+    leader = await _leader_building_on(leader_factory, server, registry, keep_images=1)
+    finals = []
+    for i in range(2):
+        dep = await leader.api.deploy_dir(busybox_context(tmp_path / f"c{i}"), "piles")
+        finals.append(await leader.api.wait_final(dep["id"]))
+    assert [f["state"] for f in finals] == ["succeeded"] * 2
+
+    held = builder.cli(
+        "image", "ls", "--filter", "label=deploy-agent.app=piles", "--format", "{{.Tag}}"
+    ).stdout.split()
+    assert held == [finals[1]["id"]]
 
 
 async def _build_running_on(builder: Dockerd, leader: Any, dep_id: str) -> None:

@@ -265,7 +265,8 @@ def _node_result(node_id: str, result: PullResult | Unanswered, within: float) -
 
 async def retain(ctx: LeaderContext, dep: Deployment) -> None:
     """Once a deployment has succeeded, the app's images beyond the newest
-    `keep_images` go, here and on every connected worker (unless a container runs one)."""
+    `keep_images` go, here, on the build server and on every connected worker (unless
+    something still uses one)."""
     keep = ctx.config.keep_images
     ctx.hub.broadcast(wire.Retain(app=dep.app, keep=keep))
     try:
@@ -274,3 +275,19 @@ async def retain(ctx: LeaderContext, dep: Deployment) -> None:
         log.warning("retention.failed", app=dep.app, error=exc.message)
         return
     await ctx.journal.record(dep.id, "retention", removed=len(removed), kept=keep)
+    if ctx.builders.remote:
+        await _retain_on_build_server(ctx, dep, keep)
+
+
+async def _retain_on_build_server(ctx: LeaderContext, dep: Deployment, keep: int) -> None:
+    """Every build leaves its image on the build server: without this, they pile up
+    there until its disk is full. Best effort: the deployment has succeeded."""
+    try:
+        async with ctx.builders.engine() as engine:
+            removed = await prune_app_images(engine, dep.app, keep)
+    except (EngineError, SshError) as exc:
+        log.warning("retention.build_server_failed", app=dep.app, error=exc.message)
+        return
+    await ctx.journal.record(
+        dep.id, "retention", removed=len(removed), kept=keep, where=ctx.builders.describe()
+    )
