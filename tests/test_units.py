@@ -9,6 +9,8 @@ import time
 import weakref
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 import structlog
@@ -19,6 +21,8 @@ from agent import logs
 from agent.credentials import RegistryCredentials
 from agent.engine import classify_registry_error
 from agent.errors import RegistryAuthError, RegistryError, RegistryTransientError, RequestError
+from agent.leader import stages
+from agent.leader.context import LeaderContext
 from agent.leader.metrics import PULL_BUCKETS, LoopHistogram
 from agent.leader.models import Deployment, DeploymentRequest, Mode, ServiceSpec
 from agent.leader.references import image_host, registry_host, repository_for
@@ -186,18 +190,7 @@ def test_service_spec_rolls_start_first_with_rollback_and_places_on_workers() ->
     """The spec carries the image, labels, rollback on failure and the worker constraint."""
     svc = ServiceSpec(name="web", command=["run"], replicas=3, env={"A": "1"})
     req = DeploymentRequest(app="shop", services=[svc])
-    dep = Deployment(
-        id="d1",
-        app="shop",
-        mode=Mode.REGISTRY,
-        request=req,
-        source="upload",
-        created_at=time.time(),
-        updated_at=time.time(),
-        repository="r.io/a/shop",
-        tag="d1",
-        digest="sha256:" + "1" * 64,
-    )
+    dep = _deployment(request=req, digest="sha256:" + "1" * 64)
     spec = service_spec(dep, svc, "shop_web", constrain=True)
     container = spec["TaskTemplate"]["ContainerSpec"]
     assert container["Image"] == "r.io/a/shop@sha256:" + "1" * 64
@@ -242,17 +235,7 @@ async def test_a_retrying_loop_leaves_no_reference_cycle_behind() -> None:
     tenacity's retrying state (cycles only the collector could free, and the leader
     makes its full passes rare) no longer keeps itself, and a deployment its callback
     holds, until the next full pass."""
-    dep = Deployment(
-        id="d1",
-        app="shop",
-        mode=Mode.REGISTRY,
-        request=DeploymentRequest(app="shop"),
-        source="upload",
-        created_at=time.time(),
-        updated_at=time.time(),
-        repository="r.io/a/shop",
-        tag="d1",
-    )
+    dep = _deployment()
     held_before = sys.getrefcount(dep)
     gc.disable()
     try:
@@ -287,3 +270,31 @@ def test_the_loop_histogram_reads_as_prometheus_clients_own() -> None:
 
     assert series(ours) == series(theirs)
     assert f'{name}_bucket{{le="0.1"}} 2.0' in series(ours)
+
+
+def _deployment(**fields: Any) -> Deployment:
+    """A registry-mode deployment d1 of the app shop, as the store would hold it."""
+    now = time.time()
+    base: dict[str, Any] = {
+        "id": "d1",
+        "app": "shop",
+        "mode": Mode.REGISTRY,
+        "request": DeploymentRequest(app="shop"),
+        "source": "upload",
+        "created_at": now,
+        "updated_at": now,
+        "repository": "r.io/a/shop",
+        "tag": "d1",
+    }
+    return Deployment(**(base | fields))
+
+
+async def test_a_push_resumed_with_its_digest_recorded_is_not_redone() -> None:
+    """A stop that came after the push recorded its digest, before the stage was marked
+    done: the resumed push stage reaches for neither the registry nor an engine."""
+    dep = _deployment(digest="sha256:" + "2" * 64)
+    nothing = cast(LeaderContext, SimpleNamespace())  # any use of it would raise
+
+    await stages.push(nothing, dep)
+
+    assert dep.digest == "sha256:" + "2" * 64

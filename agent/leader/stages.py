@@ -123,6 +123,8 @@ async def _prepare_context(ctx: LeaderContext, dep: Deployment) -> Path:
 
 
 async def push(ctx: LeaderContext, dep: Deployment) -> None:
+    if dep.digest is not None:
+        return  # resumed after a stop that came once the push was recorded: not redone
     creds = ctx.registry.current
     if creds is None:
         raise DeploymentError(
@@ -156,7 +158,9 @@ async def push(ctx: LeaderContext, dep: Deployment) -> None:
         raise DeploymentError("push_failed", message, BUILD_SERVER_HINT) from None
     except (RegistryError, EngineError) as exc:
         raise DeploymentError("push_failed", f"the push failed: {exc.message}") from None
-    await ctx.journal.record(dep.id, "push", status="pushed", digest=dep.digest)
+    # The digest and its event in one transaction: a stop between two writes would
+    # leave the event saying pushed and the record not knowing it.
+    await ctx.journal.save(dep, "push", status="pushed", digest=dep.digest)
 
 
 def _exhausted(ctx: LeaderContext, dep: Deployment, exc: RegistryTransientError) -> DeploymentError:
