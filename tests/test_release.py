@@ -316,8 +316,8 @@ async def test_a_local_deployment_is_placed_where_its_image_is_though_a_worker_e
     leader_factory: Callable[..., Any], swarm_engine: Dockerd, tmp_path: Path
 ) -> None:
     """Accepted in local mode, a deployment whose release comes after a worker enrolled
-    runs its service on the leader, where its image is: it is not constrained to
-    workers, which cannot have an image that was never pushed."""
+    runs its service on the leader's own node, where its image is: not on workers,
+    which cannot have an image that was never pushed, nor on any other node."""
     leader = await leader_factory(
         engine={"url": swarm_engine.url}, leader={"stage_timeouts": {"releasing": 20}}
     )
@@ -333,3 +333,8 @@ async def test_a_local_deployment_is_placed_where_its_image_is_though_a_worker_e
 
     assert (dep["mode"], final["state"]) == ("local", "succeeded"), final
     assert _tasks(swarm_engine, "latecomer_web") == [(final["image"], "Running")]
+    node_id = swarm_engine.cli("info", "--format", "{{.Swarm.NodeID}}").stdout.strip()
+    placement = swarm_engine.cli(
+        "service", "inspect", "latecomer_web", "--format", "{{json .Spec.TaskTemplate.Placement}}"
+    ).stdout
+    assert json.loads(placement)["Constraints"] == [f"node.id == {node_id}"]

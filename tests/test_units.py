@@ -191,7 +191,7 @@ def test_service_spec_rolls_start_first_with_rollback_and_places_on_workers() ->
     svc = ServiceSpec(name="web", command=["run"], replicas=3, env={"A": "1"})
     req = DeploymentRequest(app="shop", services=[svc])
     dep = _deployment(request=req, digest="sha256:" + "1" * 64)
-    spec = service_spec(dep, svc, "shop_web", constrain=True)
+    spec = service_spec(dep, svc, "shop_web", constraints=["node.role == worker"])
     container = spec["TaskTemplate"]["ContainerSpec"]
     assert container["Image"] == "r.io/a/shop@sha256:" + "1" * 64
     assert container["Args"] == ["run"] and container["Env"] == ["A=1"]
@@ -199,7 +199,7 @@ def test_service_spec_rolls_start_first_with_rollback_and_places_on_workers() ->
     assert spec["UpdateConfig"]["Order"] == "start-first"
     assert spec["UpdateConfig"]["FailureAction"] == "rollback"
     assert spec["TaskTemplate"]["Placement"]["Constraints"] == ["node.role == worker"]
-    assert service_spec(dep, svc, "shop_web", constrain=False)["TaskTemplate"]["Placement"] == {
+    assert service_spec(dep, svc, "shop_web", constraints=[])["TaskTemplate"]["Placement"] == {
         "Constraints": []
     }
 

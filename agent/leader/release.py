@@ -34,17 +34,11 @@ _ROLLED_BACK = "rollback_completed"
 async def release(ctx: LeaderContext, dep: Deployment) -> None:
     engine = ctx.engine
     await _require_manager(engine)
-    # A local image is on the leader's engine alone: its services stay placeable there,
-    # even when a worker enrolled after the deployment was accepted in local mode.
-    constrain = (
-        dep.mode is Mode.REGISTRY
-        and not dep.request.allow_manager_placement
-        and await ctx.store.enrolled_count() > 0
-    )
+    constraints = await _placement(ctx, dep)
     existing = await app_services(engine, dep.app)
     changed = _Changed()
     try:
-        await _apply(ctx, dep, existing, changed, constrain=constrain)
+        await _apply(ctx, dep, existing, changed, constraints=constraints)
         await _converge(ctx, dep)
     except ServiceFailed as exc:
         # A service Swarm rolled back is back already; every other one goes back here.
@@ -73,13 +67,13 @@ async def _apply(
     existing: dict[str, dict[str, Any]],
     changed: _Changed,
     *,
-    constrain: bool,
+    constraints: list[str],
 ) -> None:
     """Create or update each service on the new image, noting each as it changes."""
     headers = _auth_headers(ctx, dep)
     for svc in dep.request.services:
         name = f"{dep.app}_{svc.name}"
-        spec = service_spec(dep, svc, name, constrain=constrain)
+        spec = service_spec(dep, svc, name, constraints=constraints)
         if name in existing and _applied_before(existing[name], dep.id, changed):
             await ctx.journal.record(dep.id, "release", service=name, action="applied_already")
             continue
@@ -127,7 +121,7 @@ async def _roll_back_and_remove(
 
 
 def service_spec(
-    dep: Deployment, svc: ServiceSpec, name: str, *, constrain: bool
+    dep: Deployment, svc: ServiceSpec, name: str, *, constraints: list[str]
 ) -> dict[str, Any]:
     """The Engine API service spec for one service of `dep`."""
     labels = {**svc.labels, APP_LABEL: dep.app, DEPLOYMENT_LABEL: dep.id, SERVICE_LABEL: svc.name}
@@ -160,7 +154,7 @@ def service_spec(
         "Labels": labels,
         "TaskTemplate": {
             "ContainerSpec": container,
-            "Placement": {"Constraints": ["node.role == worker"] if constrain else []},
+            "Placement": {"Constraints": constraints},
             "RestartPolicy": {"Condition": "any", "Delay": NS},
         },
         "Mode": {"Replicated": {"Replicas": svc.replicas}},
@@ -184,6 +178,19 @@ async def ensure_swarm(engine: Engine, listen_addr: str, advertise_addr: str | N
         body["AdvertiseAddr"] = advertise_addr
     node_id = await engine.request("POST", "swarm/init", body=body)
     log.info("swarm.initialised", node_id=node_id, advertise_addr=advertise_addr)
+
+
+async def _placement(ctx: LeaderContext, dep: Deployment) -> list[str]:
+    """Where the services may run. A local image is on the leader's engine alone: they
+    run on the leader's own node, whatever other nodes the Swarm has (workers enrolled
+    since the deployment was accepted, nodes with no agent). An image in the registry
+    runs on workers while any is enrolled, unless the deployment allows managers."""
+    if dep.mode is Mode.LOCAL:
+        info = await _call(ctx.engine, "GET", "info")
+        return [f"node.id == {info['Swarm']['NodeID']}"]
+    if not dep.request.allow_manager_placement and await ctx.store.enrolled_count() > 0:
+        return ["node.role == worker"]
+    return []
 
 
 async def _require_manager(engine: Engine) -> None:
