@@ -241,3 +241,23 @@ async def test_the_configs_registry_is_set_once_a_late_engine_answers(
         assert await _registry_version(leader, 0, within=30) == 1
     finally:
         await asyncio.to_thread(engine.stop)
+
+
+async def test_the_configs_registry_is_set_once_a_late_registry_answers(
+    leader_factory: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry is not up when the leader starts (the network comes later): the
+    config's credentials are tried again, and set once it answers, not taken for
+    refused."""
+    late = Registry()  # started only once the leader runs
+    monkeypatch.setenv(PASSWORD_VAR, late.password)
+    seed = {"server": late.host, "username": late.username, "password_env": PASSWORD_VAR}
+    try:
+        leader = await leader_factory(registry=seed)
+        _, before = await leader.api.request("GET", "/v1/registry")
+        await asyncio.to_thread(late.start)
+
+        assert before["registry"] is None
+        assert await _registry_version(leader, 0, within=30) == 1
+    finally:
+        late.cleanup()

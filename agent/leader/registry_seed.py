@@ -1,9 +1,10 @@
 """The registry credentials of the config file, set at start as `PUT /v1/registry` sets
 them: verified against the registry through the engine, stored, sent to the workers.
 
-An engine that is not up yet cannot verify them (Docker started after the agent, say):
-they are tried again with backoff until it answers, unless credentials were set through
-the API meanwhile, which are newer. Credentials the registry refuses are not tried again.
+An engine that is not up yet cannot verify them (Docker started after the agent, say),
+nor a registry that does not answer (the network not up yet): they are tried again with
+backoff until both answer, unless credentials were set through the API meanwhile,
+which are newer. Credentials the registry refuses are not tried again.
 """
 
 from __future__ import annotations
@@ -33,9 +34,12 @@ async def seed_registry(seed: RegistryConfig, reg: RegistryService) -> bool:
         return True
     try:
         await reg.set(creds)
-    except RequestError as exc:  # the registry refused them: trying again cannot help
+    except RequestError as exc:
+        if exc.code == "registry_unreachable":  # it did not answer: it may yet
+            log.warning("registry.config_not_set", server=seed.server, error=exc.message)
+            return False
         log.error("registry.config_rejected", server=seed.server, error=exc.message)
-    except EngineError as exc:  # the engine is not up yet, or the registry did not answer
+    except EngineError as exc:  # the engine is not up yet
         log.warning("registry.config_not_set", server=seed.server, error=exc.message)
         return False
     return True
