@@ -66,10 +66,18 @@ class BuildServerConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only
 
     def __post_init__(self) -> None:
         SshTarget.parse(self.ssh)  # a port out of range, say: at start, not at the first build
+
+    def check_files(self) -> None:
+        """The files it names are there: checked by the leader at start and by
+        check-config, not by every reader of the config (the command line needs none)."""
         for key in ("known_hosts", "identity_file"):
             path = getattr(self, key)
-            if path is not None and not Path(path).is_file():
-                raise ValueError(f"{key}: {path} is not a file")
+            try:
+                found = path is None or Path(path).is_file()
+            except OSError as exc:  # a directory this user may not search
+                raise ConfigError(f"leader.build_server.{key}: {path}: {exc.strerror}") from None
+            if not found:
+                raise ConfigError(f"leader.build_server.{key}: {path} is not a file")
 
 
 class LeaderConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):

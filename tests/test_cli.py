@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import pty
+import re
 import signal
 import socket
 import sys
@@ -20,6 +21,7 @@ from aiohttp import web
 from agent.cli import commands
 from agent.cli.client import Client, Target
 from agent.cli.deploy import _git_url, follow
+from agent.cli.inputs import InputError
 from agent.cli.main import _parser
 from tests.support.contexts import busybox_context, run_step
 from tests.support.dockerd import Dockerd
@@ -348,6 +350,7 @@ async def test_a_config_error_found_while_running_exits_2(dockerd: Dockerd, tmp_
 FILE_MISTAKES = {
     "token-file-missing": ("status", "--token-file", None, "No such file or directory"),
     "services-not-json": ("deploy", "--services", "[{not json", "not JSON"),
+    "services-not-a-list": ("deploy", "--services", '{"name": "web"}', "a JSON list"),
     "git-password-file-empty": ("deploy", "--git-password-file", "", "the file is empty"),
     "ca-file-not-a-certificate": ("status", "--ca-file", "not a certificate", "--ca-file"),
 }
@@ -368,6 +371,18 @@ async def test_a_file_a_flag_names_that_cannot_be_used_is_named(case: str, tmp_p
     assert code == 2, err
     assert f"{flag} {path}" in err and says in err, err
     assert "Traceback" not in err and "cannot reach the leader" not in err
+
+
+def test_a_ca_file_that_cannot_be_used_is_named_as_it_was_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CA from DEPLOY_AGENT_CA is named so, not as a --ca-file nobody gave."""
+    missing = tmp_path / "ca.pem"
+    monkeypatch.setenv("DEPLOY_AGENT_CA", str(missing))
+    monkeypatch.setenv("DEPLOY_AGENT_TOKEN", "t")
+    target = Target.resolve("https://leader:7443", None, None, None)
+    with pytest.raises(InputError, match=re.escape(f"DEPLOY_AGENT_CA {missing}: No such file")):
+        Client(target)
 
 
 async def test_a_redirecting_url_is_refused_without_following_or_showing_the_token() -> None:

@@ -17,7 +17,7 @@ from agent import wire
 from agent.backoff import Backoff
 from agent.config import parse_config
 from agent.engine import Engine
-from agent.errors import AgentError
+from agent.errors import ConfigError
 from agent.tls import LeaderTLS, ensure_leader_tls, make_join_token, new_secret
 from agent.worker.agent import Worker, _pace_after_close
 from agent.worker.identity import IDENTITY_FILE, EnrolmentError, Identity, enrol, load_identity
@@ -256,7 +256,7 @@ async def test_a_node_enrolled_over_tls_refuses_a_plain_http_leader(tmp_path: Pa
         identity = Identity(
             node_id="n-1", secret="s3cret", leader_url="https://old", ca_pem=tls.ca_file.read_text()
         )
-        with pytest.raises(AgentError, match="plain HTTP"):
+        with pytest.raises(ConfigError, match="plain HTTP"):
             await _link_for(_worker(tmp_path, url), identity, 2.0)
     assert leader.authorizations == []
 
@@ -337,7 +337,7 @@ def test_a_damaged_identity_file_names_itself(tmp_path: Path) -> None:
     """A node.json cut short (a full disk at the time, say) stops the worker with an
     error naming the file and what to do, not a decoding traceback."""
     (tmp_path / IDENTITY_FILE).write_text('{"node_id": "n-1", "sec')
-    with pytest.raises(AgentError, match=re.escape(f"{tmp_path / IDENTITY_FILE} does not hold")):
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / IDENTITY_FILE} does not hold")):
         load_identity(tmp_path)
 
 

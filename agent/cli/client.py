@@ -35,6 +35,7 @@ class Target:
     url: str
     token: str
     ca_file: str | None = None
+    ca_from: str = "--ca-file"  # where ca_file was given, for an error about it
 
     @classmethod
     def resolve(
@@ -44,6 +45,7 @@ class Target:
         token = first_line("--token-file", token_file) if token_file else None
         token = token or os.environ.get("DEPLOY_AGENT_TOKEN")
         url = url or os.environ.get("DEPLOY_AGENT_URL")
+        ca_from = "--ca-file" if ca else "DEPLOY_AGENT_CA"
         ca = ca or os.environ.get("DEPLOY_AGENT_CA")
         if config is not None and config.leader is not None:
             lc = config.leader
@@ -52,22 +54,23 @@ class Target:
             token = token or lc.api_token
             if not lc.plain_http and ca is None:
                 ca = lc.tls.ca_file if lc.tls else str(config.state_path / "tls" / "ca.pem")
+                ca_from = "the leader config's CA"
         if not url or not token:
             raise SystemExit(
                 "deploy-agent: say where the leader is: -c CONFIG, or --url and "
                 "DEPLOY_AGENT_TOKEN (or --token-file)"
             )
-        return cls(url.rstrip("/"), token, ca)
+        return cls(url.rstrip("/"), token, ca, ca_from)
 
 
-def _verifying(ca_file: str) -> ssl.SSLContext:
-    """A context that verifies the leader against `ca_file` (from --ca-file,
-    DEPLOY_AGENT_CA or the config)."""
+def _verifying(ca_file: str, given_as: str) -> ssl.SSLContext:
+    """A context that verifies the leader against `ca_file`, named in an error as it
+    was given (--ca-file, DEPLOY_AGENT_CA or the leader config)."""
     try:
         return ssl.create_default_context(cafile=ca_file)
     except (OSError, ssl.SSLError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise InputError(f"--ca-file {ca_file}: {reason}") from None
+        raise InputError(f"{given_as} {ca_file}: {reason}") from None
 
 
 def _reachable(listen_host: str) -> str:
@@ -81,7 +84,7 @@ def _reachable(listen_host: str) -> str:
 class Client:
     def __init__(self, target: Target) -> None:
         self._target = target
-        ssl_ctx = _verifying(target.ca_file) if target.ca_file else None
+        ssl_ctx = _verifying(target.ca_file, target.ca_from) if target.ca_file else None
         self._session = aiohttp.ClientSession(
             headers={"Authorization": f"Bearer {target.token}"},
             connector=aiohttp.TCPConnector(ssl=ssl_ctx if ssl_ctx else True),

@@ -70,6 +70,8 @@ async def run(args: argparse.Namespace) -> int:
 
 async def check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    if config.leader is not None and config.leader.build_server is not None:
+        config.leader.build_server.check_files()
     print(f"{args.config}: ok (role {config.role})")
     return 0
 

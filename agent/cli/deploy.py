@@ -241,7 +241,7 @@ def _services(args: argparse.Namespace) -> list[Any] | None:
     except ValueError as exc:
         raise InputError(f"--services {args.services}: not JSON ({exc})") from None
     if not isinstance(services, list):
-        raise SystemExit(f"deploy-agent: {args.services} must hold a JSON list of services")
+        raise InputError(f"--services {args.services}: must hold a JSON list of services")
     return services
 
 

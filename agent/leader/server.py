@@ -103,6 +103,8 @@ class Leader:
         self.scheduler: Scheduler | None = None
 
     async def start(self) -> None:
+        if self.leader_config.build_server is not None:
+            self.leader_config.build_server.check_files()
         state = self.config.state_path
         state.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock_file = _lock_state_dir(state)
@@ -260,7 +262,9 @@ def _leader_tls(cfg: LeaderConfig, state: Path) -> LeaderTLS | None:
     try:
         tls.server_context()
         tls.fingerprint()
-    except (OSError, ssl.SSLError, ValueError) as exc:
+    except OSError as exc:  # not there yet, say: a restart may find it (exit 1, restarted)
+        raise AgentError(f"leader.tls: cannot read the certificate: {exc}") from None
+    except (ssl.SSLError, ValueError) as exc:  # there, and wrong: a config error
         raise ConfigError(f"leader.tls: cannot load the certificate: {exc}") from None
     return tls
 
@@ -288,6 +292,7 @@ def _lock_state_dir(state: Path) -> IO[str]:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise ConfigError(f"state_dir: another deploy-agent holds {state}/lock") from None
+        # Not a config error: the other one may be on its way out (exit 1, restarted).
+        raise AgentError(f"state_dir: another deploy-agent holds {state}/lock") from None
     os.chmod(lock.name, 0o600)
     return lock

@@ -53,6 +53,9 @@ def _push_retried(exc: BaseException) -> bool:
 PUSH_RETRIED = retry_if_exception(_push_retried)
 
 log = get_logger(__name__)
+# The build server's prune delays the deployment's end: bounded, the deployment has
+# succeeded (the build server answered its build and push moments before).
+BUILD_SERVER_RETAIN_S = 30.0
 BUILD_SERVER_HINT = (
     "check the build server's SSH access and its Docker socket (leader.build_server)"
 )
@@ -275,10 +278,9 @@ async def retain(ctx: LeaderContext, dep: Deployment) -> None:
     ctx.hub.broadcast(wire.Retain(app=dep.app, keep=keep))
     try:
         removed = await prune_app_images(ctx.engine, dep.app, keep)
+        await ctx.journal.record(dep.id, "retention", removed=len(removed), kept=keep)
     except EngineError as exc:
         log.warning("retention.failed", app=dep.app, error=exc.message)
-        return
-    await ctx.journal.record(dep.id, "retention", removed=len(removed), kept=keep)
     if ctx.builders.remote:
         await _retain_on_build_server(ctx, dep, keep)
 
@@ -287,8 +289,11 @@ async def _retain_on_build_server(ctx: LeaderContext, dep: Deployment, keep: int
     """Every build leaves its image on the build server: without this, they pile up
     there until its disk is full. Best effort: the deployment has succeeded."""
     try:
-        async with ctx.builders.engine() as engine:
+        async with asyncio.timeout(BUILD_SERVER_RETAIN_S), ctx.builders.engine() as engine:
             removed = await prune_app_images(engine, dep.app, keep)
+    except TimeoutError:
+        log.warning("retention.build_server_failed", app=dep.app, error="took too long")
+        return
     except (EngineError, SshError) as exc:
         log.warning("retention.build_server_failed", app=dep.app, error=exc.message)
         return

@@ -217,7 +217,7 @@ class Worker:
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         async for msg in ws:
-            if msg.type is aiohttp.WSMsgType.ERROR:  # a message over the limit, a bad frame
+            if msg.type is aiohttp.WSMsgType.ERROR:  # no pong in time, a message too big…
                 log.warning("link.fault", error=str(msg.data))
                 break
             if msg.type != aiohttp.WSMsgType.TEXT:

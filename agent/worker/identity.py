@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import msgspec
 
-from agent.errors import AgentError
+from agent.errors import AgentError, ConfigError
 from agent.logs import get_logger
 from agent.tls import ca_fingerprint, new_secret, parse_join_token
 
@@ -44,7 +44,7 @@ class Identity(msgspec.Struct, frozen=True):
         unless the node enrolled with a TLS one, which would send the secret in clear."""
         if not url.startswith("https://"):
             if self.ca_pem is not None:
-                raise AgentError(
+                raise ConfigError(
                     f"worker.leader_url: {url} is plain HTTP, but this node enrolled with "
                     "a TLS leader (its CA is pinned); the node secret would cross the "
                     "network in clear: use the leader's https:// URL"
@@ -64,8 +64,8 @@ def load_identity(state_dir: Path) -> Identity | None:
         return None
     try:
         return msgspec.json.decode(path.read_bytes(), type=Identity)
-    except msgspec.DecodeError as exc:
-        raise AgentError(
+    except msgspec.DecodeError as exc:  # restarting cannot mend it: a config error (exit 2)
+        raise ConfigError(
             f"{path} does not hold this node's identity ({exc}): remove it and enrol the "
             "node again with a join token"
         ) from None
