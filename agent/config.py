@@ -193,29 +193,41 @@ _SECRET_KEYS = {"leader": ("api_token",), "registry": ("password",), "worker": (
 UNREAD_SECRET = "(not read: not needed here)"  # noqa: S105 (a placeholder, no secret)
 
 
-def load_config(path: str | Path, *, needed: frozenset[str] | None = None) -> Config:
+def load_config(
+    path: str | Path,
+    *,
+    needed: frozenset[str] | None = None,
+    unset_env: list[str] | None = None,
+) -> Config:
     """Read, resolve secrets in and validate the config file at `path`. With `needed`,
     only the secrets named there (`leader.api_token`, say) are read; the others, which
-    may come from the service's own environment, are left unread."""
+    may come from the service's own environment, are left unread. With `unset_env`, a
+    secret whose environment variable is not set here is noted there, not an error."""
     try:
         raw = tomllib.loads(Path(path).read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    return parse_config(raw, needed=needed)
+    return parse_config(raw, needed=needed, unset_env=unset_env)
 
 
-def parse_config(raw: dict[str, Any], *, needed: frozenset[str] | None = None) -> Config:
+def parse_config(
+    raw: dict[str, Any],
+    *,
+    needed: frozenset[str] | None = None,
+    unset_env: list[str] | None = None,
+) -> Config:
     for table, keys in _SECRET_KEYS.items():
         section = raw.get(table)
         if isinstance(section, dict):
             for key in keys:
-                _resolve_secret(section, key, f"{table}.{key}", needed)
+                _resolve_secret(section, key, f"{table}.{key}", needed, unset_env)
     hooks = raw.get("leader", {}).get("webhooks") if isinstance(raw.get("leader"), dict) else None
     for index, hook in enumerate(hooks if isinstance(hooks, list) else []):
         if isinstance(hook, dict):
-            _resolve_secret(hook, "secret", f"leader.webhooks[{index}].secret", needed)
+            name = f"leader.webhooks[{index}].secret"
+            _resolve_secret(hook, "secret", name, needed, unset_env)
     try:
         return msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
@@ -223,7 +235,11 @@ def parse_config(raw: dict[str, Any], *, needed: frozenset[str] | None = None) -
 
 
 def _resolve_secret(
-    section: dict[str, Any], key: str, name: str, needed: frozenset[str] | None
+    section: dict[str, Any],
+    key: str,
+    name: str,
+    needed: frozenset[str] | None,
+    unset_env: list[str] | None,
 ) -> None:
     given = [k for k in (key, f"{key}_file", f"{key}_env") if k in section]
     if len(given) > 1:
@@ -238,7 +254,12 @@ def _resolve_secret(
             return  # kept as a path: the worker reports it only if it has to enrol
         section[key] = _read_secret_file(section.pop(f"{key}_file"), f"{name}_file")
     elif f"{key}_env" in section:
-        section[key] = _read_secret_env(section.pop(f"{key}_env"), f"{name}_env")
+        var = section.pop(f"{key}_env")
+        if unset_env is not None and isinstance(var, str) and not os.environ.get(var, "").strip():
+            unset_env.append(f"{name}_env: {var}")
+            section[key] = UNREAD_SECRET
+            return
+        section[key] = _read_secret_env(var, f"{name}_env")
 
 
 def _read_secret_file(path: object, name: str) -> str:

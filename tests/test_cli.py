@@ -71,6 +71,27 @@ async def test_version_and_check_config(tmp_path: Path) -> None:
     assert "leader.max_parallel_builds" in err
 
 
+async def test_check_config_notes_a_secret_set_only_in_the_services_environment(
+    tmp_path: Path,
+) -> None:
+    """api_token_env names a variable this shell lacks (the unit's environment sets it):
+    check-config passes and says which variable the service must have; a secret file
+    that is not there is still an error."""
+    config = tmp_path / "leader.toml"
+    config.write_text(
+        'role = "leader"\n[leader]\nplain_http = true\napi_token_env = "SET_ONLY_IN_THE_UNIT"\n'
+    )
+    code, out, err = await _cli(None, "check-config", "-c", str(config))
+    assert code == 0, out + err
+    assert "leader.api_token_env: SET_ONLY_IN_THE_UNIT is not set here" in err
+
+    config.write_text(
+        f'role = "leader"\n[leader]\nplain_http = true\napi_token_file = "{tmp_path / "missing"}"\n'
+    )
+    code, _, err = await _cli(None, "check-config", "-c", str(config))
+    assert code == 2 and "leader.api_token_file" in err, err
+
+
 async def test_deploy_follows_the_build_to_success(leader: InProcessLeader, tmp_path: Path) -> None:
     """`deploy --context` streams the stages and build log, ends with a summary and exit 0."""
     context = busybox_context(tmp_path / "app", run_step("echo cli-build-line"))

@@ -69,9 +69,17 @@ async def run(args: argparse.Namespace) -> int:
 
 
 async def check_config(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    # A secret from an environment variable is set in the service's environment, which
+    # this shell need not have: noted, not an error.
+    unset: list[str] = []
+    config = load_config(args.config, unset_env=unset)
     if config.leader is not None and config.leader.build_server is not None:
         config.leader.build_server.check_files()
+    for entry in unset:
+        print(
+            f"deploy-agent: {entry} is not set here; the service's environment must set it",
+            file=sys.stderr,
+        )
     print(f"{args.config}: ok (role {config.role})")
     return 0
 
