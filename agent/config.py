@@ -255,11 +255,13 @@ def _resolve_secret(
         section[key] = _read_secret_file(section.pop(f"{key}_file"), f"{name}_file")
     elif f"{key}_env" in section:
         var = section.pop(f"{key}_env")
-        if unset_env is not None and isinstance(var, str) and not os.environ.get(var, "").strip():
-            unset_env.append(f"{name}_env: {var}")
+        try:
+            section[key] = _read_secret_env(var, f"{name}_env")
+        except ConfigError:
+            if unset_env is None or not isinstance(var, str):
+                raise
+            unset_env.append(f"{name}_env: {var}")  # unset here: noted, not an error
             section[key] = UNREAD_SECRET
-            return
-        section[key] = _read_secret_env(var, f"{name}_env")
 
 
 def _read_secret_file(path: object, name: str) -> str:

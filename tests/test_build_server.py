@@ -8,6 +8,7 @@ import asyncio
 import stat
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +33,38 @@ def _build_server(sshd: Sshd, engine: Dockerd) -> dict[str, Any]:
     }
 
 
-async def _leader_building_on(
+@dataclass
+class Rig:
+    """A build server (an sshd forwarding a second engine's socket), a registry, and
+    leaders that build there."""
+
+    leader_factory: Callable[..., Any]
+    sshd: Sshd
+    builder: Dockerd
+    registry: Registry
+
+    def server(self) -> dict[str, Any]:
+        return _build_server(self.sshd, self.builder)
+
+    async def leader(self, server: dict[str, Any] | None = None, **leader: Any) -> Any:
+        """A leader whose builds go to `server` (this rig's by default), with the
+        registry's credentials set."""
+        server = server or self.server()
+        made = await self.leader_factory(leader={"build_server": server, **leader})
+        await made.api.put_registry(
+            self.registry.host, self.registry.username, self.registry.password
+        )
+        return made
+
+
+@pytest.fixture
+def rig(
     leader_factory: Callable[..., Any],
-    server: dict[str, Any],
+    sshd: Sshd,
+    worker_engines: list[Dockerd],
     registry: Registry,
-    **leader: Any,
-) -> Any:
-    """A leader whose builds go to `server`, with `registry`'s credentials set."""
-    made = await leader_factory(leader={"build_server": server, **leader})
-    await made.api.put_registry(registry.host, registry.username, registry.password)
-    return made
+) -> Rig:
+    return Rig(leader_factory, sshd, worker_engines[1], registry)
 
 
 async def test_deployment_builds_on_the_build_server_and_pushes_from_there(
@@ -87,17 +110,11 @@ async def _tunnel_modes_while_building(leader: Any, dep_id: str, state_dir: Path
 
 
 async def test_unreachable_build_server_fails_the_deployment_not_the_leader(
-    leader_factory: Callable[..., Any],
-    sshd: Sshd,
-    worker_engines: list[Dockerd],
-    registry: Registry,
-    tmp_path: Path,
+    rig: Rig, tmp_path: Path
 ) -> None:
     """With the build server's sshd stopped, the build fails naming it; the leader serves on."""
-    leader = await _leader_building_on(
-        leader_factory, _build_server(sshd, worker_engines[1]), registry
-    )
-    sshd.cleanup()
+    leader = await rig.leader()
+    rig.sshd.cleanup()
 
     dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "stranded")
     final = await leader.api.wait_final(dep["id"])
@@ -113,16 +130,12 @@ async def test_unreachable_build_server_fails_the_deployment_not_the_leader(
 
 
 async def test_a_build_server_without_that_docker_socket_is_named_not_the_dockerfile(
-    leader_factory: Callable[..., Any],
-    sshd: Sshd,
-    worker_engines: list[Dockerd],
-    registry: Registry,
-    tmp_path: Path,
+    rig: Rig, tmp_path: Path
 ) -> None:
     """SSH works but the forwarded socket does not exist there: the failure names the build
     server's socket and points at SSH, not at the Dockerfile."""
-    server = {**_build_server(sshd, worker_engines[1]), "docker_socket": "/nonexistent.sock"}
-    leader = await _leader_building_on(leader_factory, server, registry)
+    server = {**rig.server(), "docker_socket": "/nonexistent.sock"}
+    leader = await rig.leader(server)
 
     dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "socketless")
     final = await leader.api.wait_final(dep["id"])
@@ -134,26 +147,20 @@ async def test_a_build_server_without_that_docker_socket_is_named_not_the_docker
 
 
 async def test_a_push_whose_tunnel_cannot_open_is_retried_through_a_new_one(
-    leader_factory: Callable[..., Any],
-    sshd: Sshd,
-    worker_engines: list[Dockerd],
-    registry: Registry,
-    tmp_path: Path,
+    rig: Rig, tmp_path: Path
 ) -> None:
     """The build server's sshd goes away during the build and comes back 2 s into the
     push stage: the push is retried within its budget, each attempt through a tunnel of its
     own, and the deployment succeeds."""
-    leader = await _leader_building_on(
-        leader_factory, _build_server(sshd, worker_engines[1]), registry
-    )
+    leader = await rig.leader()
     context = busybox_context(tmp_path / "c", run_step("sleep 2"))
     dep = await leader.api.deploy_dir(context, "retunnel")
     # Stopping sshd before the build's connection is up would fail the build, not the push.
-    await _build_running_on(worker_engines[1], leader, dep["id"])
-    sshd.stop()  # the build's own connection goes on
+    await _build_running_on(rig.builder, leader, dep["id"])
+    rig.sshd.stop()  # the build's own connection goes on
     await leader.api.wait_state(dep["id"], "pushing")
     await asyncio.sleep(2)
-    sshd.start()
+    rig.sshd.start()
 
     final = await leader.api.wait_final(dep["id"])
 
@@ -161,24 +168,18 @@ async def test_a_push_whose_tunnel_cannot_open_is_retried_through_a_new_one(
     assert final["push_retries"] >= 1
 
 
-async def test_a_push_the_build_server_refuses_is_not_retried(
-    leader_factory: Callable[..., Any],
-    sshd: Sshd,
-    worker_engines: list[Dockerd],
-    registry: Registry,
-    tmp_path: Path,
-) -> None:
+async def test_a_push_the_build_server_refuses_is_not_retried(rig: Rig, tmp_path: Path) -> None:
     """The build server's host key changes during the build (known_hosts no longer
     holds it): the push fails at once as push_failed, naming the key, instead of being
     retried for the whole push budget against a host that refuses the same way."""
     known_hosts = tmp_path / "known_hosts"
-    known_hosts.write_text(sshd.known_hosts.read_text())
-    server = {**_build_server(sshd, worker_engines[1]), "known_hosts": str(known_hosts)}
-    leader = await _leader_building_on(leader_factory, server, registry, push_retry_budget=30)
+    known_hosts.write_text(rig.sshd.known_hosts.read_text())
+    server = {**rig.server(), "known_hosts": str(known_hosts)}
+    leader = await rig.leader(server, push_retry_budget=30)
     context = busybox_context(tmp_path / "c", run_step("sleep 2"))
     dep = await leader.api.deploy_dir(context, "refused")
-    await _build_running_on(worker_engines[1], leader, dep["id"])
-    known_hosts.write_text(sshd.impostor_known_hosts().read_text())
+    await _build_running_on(rig.builder, leader, dep["id"])
+    known_hosts.write_text(rig.sshd.impostor_known_hosts().read_text())
     changed_at = asyncio.get_running_loop().time()
 
     final = await leader.api.wait_final(dep["id"])
@@ -189,18 +190,11 @@ async def test_a_push_the_build_server_refuses_is_not_retried(
     assert asyncio.get_running_loop().time() - changed_at < 15  # the 2 s build, then at once
 
 
-async def test_old_images_are_removed_on_the_build_server_too(
-    leader_factory: Callable[..., Any],
-    sshd: Sshd,
-    worker_engines: list[Dockerd],
-    registry: Registry,
-    tmp_path: Path,
-) -> None:
+async def test_old_images_are_removed_on_the_build_server_too(rig: Rig, tmp_path: Path) -> None:
     """Every build leaves its image on the build server: retention removes those past
     keep_images there too, or they would fill its disk."""
-    builder = worker_engines[1]
-    server = _build_server(sshd, builder)
-    leader = await _leader_building_on(leader_factory, server, registry, keep_images=1)
+    builder = rig.builder
+    leader = await rig.leader(keep_images=1)
     finals = []
     for i in range(2):
         dep = await leader.api.deploy_dir(busybox_context(tmp_path / f"c{i}"), "piles")

@@ -33,8 +33,8 @@ _ROLLED_BACK = "rollback_completed"
 
 async def release(ctx: LeaderContext, dep: Deployment) -> None:
     engine = ctx.engine
-    await _require_manager(engine)
-    constraints = await _placement(ctx, dep)
+    leader_node = await _require_manager(engine)
+    constraints = await _placement(ctx, dep, leader_node)
     existing = await app_services(engine, dep.app)
     changed = _Changed()
     try:
@@ -163,15 +163,17 @@ def service_spec(
     }
 
 
-async def _is_manager(engine: Engine) -> bool:
+async def _manager_node(engine: Engine) -> str | None:
+    """The engine's Swarm node id, if it is an active manager."""
     info = await engine.request("GET", "info")
     swarm = info.get("Swarm") or {}
-    return swarm.get("LocalNodeState") == "active" and bool(swarm.get("ControlAvailable"))
+    manager = swarm.get("LocalNodeState") == "active" and bool(swarm.get("ControlAvailable"))
+    return str(swarm["NodeID"]) if manager else None
 
 
 async def ensure_swarm(engine: Engine, listen_addr: str, advertise_addr: str | None) -> None:
     """Make the leader's engine a single-node Swarm manager, unless it is in a Swarm."""
-    if await _is_manager(engine):
+    if await _manager_node(engine) is not None:
         return
     body: dict[str, Any] = {"ListenAddr": listen_addr, "ForceNewCluster": False}
     if advertise_addr:
@@ -180,32 +182,33 @@ async def ensure_swarm(engine: Engine, listen_addr: str, advertise_addr: str | N
     log.info("swarm.initialised", node_id=node_id, advertise_addr=advertise_addr)
 
 
-async def _placement(ctx: LeaderContext, dep: Deployment) -> list[str]:
+async def _placement(ctx: LeaderContext, dep: Deployment, leader_node: str) -> list[str]:
     """Where the services may run. A local image is on the leader's engine alone: they
     run on the leader's own node, whatever other nodes the Swarm has (workers enrolled
     since the deployment was accepted, nodes with no agent). An image in the registry
     runs on workers while any is enrolled, unless the deployment allows managers."""
     if dep.mode is Mode.LOCAL:
-        info = await _call(ctx.engine, "GET", "info")
-        return [f"node.id == {info['Swarm']['NodeID']}"]
+        return [f"node.id == {leader_node}"]
     if not dep.request.allow_manager_placement and await ctx.store.enrolled_count() > 0:
         return ["node.role == worker"]
     return []
 
 
-async def _require_manager(engine: Engine) -> None:
+async def _require_manager(engine: Engine) -> str:
+    """The leader's Swarm node id; a DeploymentError when its engine is no manager."""
     try:
-        manager = await _is_manager(engine)
+        node = await _manager_node(engine)
     except EngineError as exc:
         raise DeploymentError(
             "release_failed", f"the engine did not answer: {exc.message}"
         ) from None
-    if not manager:
+    if node is None:
         raise DeploymentError(
             "release_failed",
             "the leader's Docker Engine is not a Swarm manager, so services cannot be released",
             hint="run `docker swarm init` on the leader, or set leader.swarm_init = true",
         )
+    return node
 
 
 def _auth_headers(ctx: LeaderContext, dep: Deployment) -> dict[str, str]:
