@@ -5,9 +5,10 @@ deployment with its reason and the leader stays up."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,15 @@ class Rig:
 
 
 @pytest.fixture
+def short_state_dir() -> Iterator[Path]:
+    """A state directory short enough for the tunnels' sockets to go in it: a test's own
+    temporary directory is too deep, and the system's is shared with other processes."""
+    path = Path(tempfile.mkdtemp(prefix="bs-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
 def rig(
     leader_factory: Callable[..., Any],
     sshd: Sshd,
@@ -74,14 +84,18 @@ async def test_deployment_builds_on_the_build_server_and_pushes_from_there(
     dockerd: Dockerd,
     registry: Registry,
     tmp_path: Path,
+    short_state_dir: Path,
 ) -> None:
     """The image is built by the second engine (not the leader's) and the registry serves it."""
     builder = worker_engines[1]
-    leader = await leader_factory(leader={"build_server": _build_server(sshd, builder)})
+    leader = await leader_factory(
+        state_dir=short_state_dir, leader={"build_server": _build_server(sshd, builder)}
+    )
     _, cluster = await leader.api.request("GET", "/v1/cluster")
     assert cluster["mode"] == "registry" and "build server" in cluster["reason"]
     await leader.api.put_registry(registry.host, registry.username, registry.password)
     state_dir = tunnel_parent(Path(leader.config.state_dir))
+    assert state_dir == short_state_dir  # this leader's tunnels only, not the shared /tmp
     dep = await leader.api.deploy_dir(
         busybox_context(tmp_path / "c", run_step("echo on-the-build-server; sleep 2")), "remote"
     )
