@@ -10,23 +10,32 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
-import os
 import secrets
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.errors import AgentError
+from agent.files import write_private
+from agent.logs import get_logger
 
+log = get_logger(__name__)
 TOKEN_PREFIX = "DAT1"  # noqa: S105 (a format marker, not a secret)
 CA_DAYS = 3650
 SERVER_DAYS = 825
+RENEW_BEFORE = datetime.timedelta(days=30)
+# Certificates start an hour in the past: a node whose clock lags the leader's (a new VM
+# before NTP has run) still accepts one just made.
+BACKDATE = datetime.timedelta(hours=1)
+SERVER_NAME = "deploy-agent leader"  # the certificate's names are in its SAN
 
 
 class JoinTokenError(AgentError):
@@ -49,6 +58,20 @@ class LeaderTLS:
         return context
 
 
+def pinned_context(*, cafile: str | None = None, cadata: str | None = None) -> ssl.SSLContext:
+    """A client context that trusts the CA given, and only it.
+
+    Python 3.13 turns on OpenSSL's strict X.509 checks in its default contexts, and
+    those require key identifiers that a CA made by an earlier leader does not carry. It
+    cannot be given them without changing its fingerprint, which enrolled nodes pin; the
+    pin is what this context trusts, so the strict checks are left off.
+    """
+    context = ssl.create_default_context(cafile=cafile, cadata=cadata)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_flags &= ~ssl.VERIFY_X509_STRICT
+    return context
+
+
 def ca_fingerprint(ca_pem: bytes) -> str:
     """The SHA-256 of the CA certificate's DER bytes, in hex."""
     cert = x509.load_pem_x509_certificate(ca_pem)
@@ -58,16 +81,30 @@ def ca_fingerprint(ca_pem: bytes) -> str:
 def ensure_leader_tls(directory: Path, names: list[str]) -> LeaderTLS:
     """Load the CA and server certificate from `directory`, creating them on first start.
 
-    A server certificate whose names no longer cover `names` is issued again from the
-    same CA, so join tokens stay valid.
+    A server certificate that no longer does (its names do not cover `names`, it
+    expires within 30 days, another CA issued it, it lacks the key identifiers strict
+    clients require) is issued again from the same CA, so join tokens stay valid.
     """
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     tls = LeaderTLS(directory / "ca.pem", directory / "server.pem", directory / "server.key")
     ca_key_file = directory / "ca.key"
     if not tls.ca_file.exists():
         _write_ca(tls.ca_file, ca_key_file)
-    if not tls.cert_file.exists() or not _covers(tls.cert_file, names):
-        _write_server(tls, ca_key_file, names)
+        log.warning(
+            "tls.ca_created",
+            ca_file=str(tls.ca_file),
+            fingerprint=tls.fingerprint(),
+            note="nodes enrolled with an earlier CA must be enrolled again",
+        )
+    reason = _reissue_reason(tls, names)
+    if reason is not None:
+        cert = _write_server(tls, ca_key_file, names)
+        log.info(
+            "tls.server_certificate_issued",
+            reason=reason,
+            names=names,
+            expires=cert.not_valid_after_utc.isoformat(),
+        )
     return tls
 
 
@@ -86,9 +123,7 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    write_private(path, data)
 
 
 def _write_ca(ca_file: Path, key_file: Path) -> None:
@@ -101,9 +136,10 @@ def _write_ca(ca_file: Path, key_file: Path) -> None:
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_before(now - BACKDATE)
         .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -121,7 +157,7 @@ def _write_ca(ca_file: Path, key_file: Path) -> None:
         .sign(key, hashes.SHA256())
     )
     _write_key(key_file, key)
-    ca_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_private(ca_file, cert.public_bytes(serialization.Encoding.PEM))
 
 
 def _san(names: list[str]) -> x509.SubjectAlternativeName:
@@ -134,14 +170,52 @@ def _san(names: list[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(entries)
 
 
-def _covers(cert_file: Path, names: list[str]) -> bool:
-    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+def _reissue_reason(tls: LeaderTLS, names: list[str]) -> str | None:
+    """Why the server certificate must be issued again, or None if it serves as it is."""
+    if not tls.cert_file.exists():
+        return "none yet"
+    cert = x509.load_pem_x509_certificate(tls.cert_file.read_bytes())
+    left = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+    checks: tuple[tuple[str, Callable[[], bool]], ...] = (
+        ("key", lambda: _holds_key_of(cert, tls.key_file)),  # a crash between the two writes
+        ("names", lambda: _names_cover(cert, names)),
+        ("expiry", lambda: left > RENEW_BEFORE),
+        ("another CA", lambda: _issued_by(cert, tls.ca_file)),
+        ("key identifiers", lambda: _has_authority_key_id(cert)),
+    )
+    return next((reason for reason, holds in checks if not holds()), None)
+
+
+def _names_cover(cert: x509.Certificate, names: list[str]) -> bool:
     have = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    expires = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
-    return set(_san(names)) <= set(have) and expires > datetime.timedelta(days=30)
+    return set(_san(names)) <= set(have)
 
 
-def _write_server(tls: LeaderTLS, ca_key_file: Path, names: list[str]) -> None:
+def _issued_by(cert: x509.Certificate, ca_file: Path) -> bool:
+    try:
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_file.read_bytes()))
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _has_authority_key_id(cert: x509.Certificate) -> bool:
+    try:
+        cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+    except x509.ExtensionNotFound:
+        return False
+    return True
+
+
+def _holds_key_of(cert: x509.Certificate, key_file: Path) -> bool:
+    try:
+        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    except (OSError, ValueError):
+        return False
+    return key.public_key() == cert.public_key()
+
+
+def _write_server(tls: LeaderTLS, ca_key_file: Path, names: list[str]) -> x509.Certificate:
     ca_cert = x509.load_pem_x509_certificate(tls.ca_file.read_bytes())
     ca_key = serialization.load_pem_private_key(ca_key_file.read_bytes(), password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
@@ -149,19 +223,25 @@ def _write_server(tls: LeaderTLS, ca_key_file: Path, names: list[str]) -> None:
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SERVER_NAME)]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_before(now - BACKDATE)
         .not_valid_after(now + datetime.timedelta(days=SERVER_DAYS))
         .add_extension(_san(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
         .sign(ca_key, hashes.SHA256())
     )
     _write_key(tls.key_file, key)
-    tls.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_private(tls.cert_file, cert.public_bytes(serialization.Encoding.PEM))
+    return cert
 
 
 def new_secret() -> str:

@@ -14,6 +14,7 @@ import aiohttp
 
 from agent.cli.inputs import InputError, first_line
 from agent.config import Config
+from agent.tls import pinned_context
 
 CALL_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
 UPLOAD_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_read=600)
@@ -67,7 +68,7 @@ def _verifying(ca_file: str, given_as: str) -> ssl.SSLContext:
     """A context that verifies the leader against `ca_file`, named in an error as it
     was given (--ca-file, DEPLOY_AGENT_CA or the leader config)."""
     try:
-        return ssl.create_default_context(cafile=ca_file)
+        return pinned_context(cafile=ca_file)
     except (OSError, ssl.SSLError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise InputError(f"{given_as} {ca_file}: {reason}") from None

@@ -258,7 +258,7 @@ def _leader_tls(cfg: LeaderConfig, state: Path) -> LeaderTLS | None:
     if cfg.tls is not None:
         tls = LeaderTLS(Path(cfg.tls.ca_file), Path(cfg.tls.cert_file), Path(cfg.tls.key_file))
     else:
-        tls = ensure_leader_tls(state / "tls", default_names(list(cfg.tls_names)))
+        tls = _own_tls(cfg, state / "tls")
     try:
         tls.server_context()
         tls.fingerprint()
@@ -267,6 +267,20 @@ def _leader_tls(cfg: LeaderConfig, state: Path) -> LeaderTLS | None:
     except (ssl.SSLError, ValueError) as exc:  # there, and wrong: a config error
         raise ConfigError(f"leader.tls: cannot load the certificate: {exc}") from None
     return tls
+
+
+def _own_tls(cfg: LeaderConfig, directory: Path) -> LeaderTLS:
+    """The leader's own CA and a server certificate for its names, made as needed."""
+    try:
+        return ensure_leader_tls(directory, default_names(list(cfg.tls_names)))
+    except OSError as exc:
+        raise AgentError(
+            f"state_dir: cannot keep the leader's certificate in {directory}: {exc}"
+        ) from None
+    except ValueError as exc:  # a name no certificate can hold, a damaged file of ours
+        raise ConfigError(
+            f"leader.tls_names: cannot make the leader's certificate in {directory}: {exc}"
+        ) from None
 
 
 def _pull_progress(journal: Journal) -> ProgressSink:

@@ -8,7 +8,6 @@ matches the token's pin; every later connection verifies against it.
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import ssl
 from pathlib import Path
@@ -17,8 +16,9 @@ import aiohttp
 import msgspec
 
 from agent.errors import AgentError, ConfigError
+from agent.files import write_private
 from agent.logs import get_logger
-from agent.tls import ca_fingerprint, new_secret, parse_join_token
+from agent.tls import ca_fingerprint, new_secret, parse_join_token, pinned_context
 
 log = get_logger(__name__)
 CALL_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=10)
@@ -50,7 +50,9 @@ class Identity(msgspec.Struct, frozen=True):
                     "network in clear: use the leader's https:// URL"
                 )
             return False
-        context = ssl.create_default_context(cadata=self.ca_pem)  # None: the system's CAs
+        if self.ca_pem is not None:
+            return pinned_context(cadata=self.ca_pem)
+        context = ssl.create_default_context()  # the system's CAs
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         return context
 
@@ -76,7 +78,7 @@ class _Proposal(msgspec.Struct, frozen=True):
 
 
 def save_identity(state_dir: Path, identity: Identity) -> None:
-    _write_private(state_dir / IDENTITY_FILE, msgspec.json.encode(identity))
+    write_private(state_dir / IDENTITY_FILE, msgspec.json.encode(identity))
     (state_dir / PROPOSAL_FILE).unlink(missing_ok=True)
 
 
@@ -87,20 +89,8 @@ def proposed_secret(state_dir: Path) -> str:
     if path.exists():
         return msgspec.json.decode(path.read_bytes(), type=_Proposal).secret
     secret = new_secret()
-    _write_private(path, msgspec.json.encode(_Proposal(secret)))
+    write_private(path, msgspec.json.encode(_Proposal(secret)))
     return secret
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write `data` to `path` whole or not at all, readable by its owner only."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 async def enrol(leader_url: str, token: str, name: str | None, secret: str) -> Identity:
