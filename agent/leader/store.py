@@ -135,14 +135,16 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        assert self._db is not None, "store is not open"
-        self._db.execute("BEGIN IMMEDIATE")
+        db = self._db
+        assert db is not None, "store is not open"
+        db.execute("BEGIN IMMEDIATE")
         try:
-            yield self._db
+            yield db
+            db.execute("COMMIT")  # may fail too (disk full, I/O): then it rolls back
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if db.in_transaction:  # left open, every later BEGIN would fail
+                db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
 
     # deployments
 
