@@ -110,6 +110,9 @@ class LeaderConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True
             raise ValueError("api_token must be at least 16 characters")
         if self.stage_timeouts.pushing <= self.push_retry_budget:
             raise ValueError("stage_timeouts.pushing must exceed push_retry_budget")
+        urls = [hook.url for hook in self.webhooks]
+        if len(set(urls)) < len(urls):  # each event would go twice, signed with one secret
+            raise ValueError("webhooks lists one url twice: give each receiver once")
 
     @property
     def host(self) -> str:

@@ -36,6 +36,10 @@ def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"listen": "nohost"}, "leader"),
         ({"stage_timeouts": {"pushing": 10}}, "leader"),
         ({"stage_timeouts": {"brewing": 10}}, "leader.stage_timeouts"),
+        (  # each event would be sent twice, both signed with the second secret
+            {"webhooks": [{"url": "https://cp.test/h", "secret": s * 16} for s in "ab"]},
+            "leader",
+        ),
     ],
 )
 def test_errors_name_the_key(leader: dict[str, Any], key: str) -> None:

@@ -27,8 +27,9 @@ from agent.leader.metrics import PULL_BUCKETS, LoopHistogram
 from agent.leader.models import Deployment, DeploymentRequest, Mode, ServiceSpec
 from agent.leader.references import image_host, registry_host, repository_for
 from agent.leader.release import service_spec
-from agent.leader.sources import _git_env, _without_userinfo, redact_url
+from agent.leader.sources import _git_env
 from agent.retrying import scoped
+from agent.urls import redact_url, without_userinfo
 
 
 @pytest.mark.parametrize(
@@ -222,8 +223,18 @@ def test_git_credentials_reach_git_decoded(tmp_path: Path) -> None:
 def test_git_is_given_the_url_without_credentials(url: str) -> None:
     """git's argument list (which any local user can read) holds no credentials, and
     the redacted URL shows none, whether the token is the user name or the password."""
-    assert _without_userinfo(url) == "https://git.example.com:8443/r.git"
+    assert without_userinfo(url) == "https://git.example.com:8443/r.git"
     assert redact_url(url) == "https://***@git.example.com:8443/r.git"
+
+
+def test_a_shown_url_hides_its_query_string() -> None:
+    """Tokens travel in query strings too (`?access_token=`): a URL shown in a log line
+    or an API answer keeps its host and path, for the operator to tell which it is."""
+    url = "https://hooks.example.com/in/deploys?access_token=T0KEN&x=1"
+    assert redact_url(url) == "https://hooks.example.com/in/deploys?***"
+    assert redact_url("https://u:T0KEN@h.example.com/p?k=T0KEN#f") == (
+        "https://***@h.example.com/p?***#f"
+    )
 
 
 def _noted(dep: Deployment, state: RetryCallState) -> None:

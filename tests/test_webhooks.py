@@ -7,13 +7,18 @@ import asyncio
 import hashlib
 import hmac
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
+from agent.config import WebhookConfig
+from agent.leader.store import Store, WebhookRow
+from agent.leader.webhooks import WebhookSender
 from tests.support.contexts import busybox_context
 from tests.support.procs import free_port
 
@@ -168,3 +173,120 @@ async def test_deliveries_to_a_url_removed_from_the_config_are_dropped_unsent(
         await retired.stop()
     assert retired.seen == [] and retired.bad_signatures == 0
     assert all("no longer" in d["last_error"] for d in doc["webhooks"])
+
+
+class Redirecting(Receiver):
+    """A receiver that sends every delivery on to another path of its own, as an
+    http-to-https or moved-endpoint redirect would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.landed: list[str] = []  # the methods that reached the redirect's target
+
+    async def handle(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("/landing")
+
+    async def landing(self, request: web.Request) -> web.Response:
+        self.landed.append(request.method)
+        return web.Response(status=200)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        app.router.add_route("*", "/landing", self.landing)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+
+async def test_a_redirect_is_not_followed_nor_counted_as_delivered(
+    leader_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A 302 turns a POST into a bodyless GET: followed, the event was lost yet recorded
+    as delivered, and its signature went to whatever host the redirect named."""
+    receiver = Redirecting()
+    await receiver.start()
+    try:
+        hooks = [{"url": receiver.url, "secret": SECRET}]
+        leader = await leader_factory(leader={"webhooks": hooks})
+        dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "moved")
+        await leader.api.wait_final(dep["id"])
+        async with asyncio.timeout(20):
+            while True:
+                _, doc = await leader.api.request("GET", f"/v1/deployments/{dep['id']}/webhooks")
+                first = doc["webhooks"][0]
+                if first["attempts"] >= 1:
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        await receiver.stop()
+
+    assert first["state"] == "pending"
+    assert first["last_status"] == 302
+    assert "redirected to /landing" in first["last_error"]
+    assert receiver.landed == []
+
+
+async def test_a_webhook_url_credentials_are_not_shown(
+    leader_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A receiver's URL may carry a credential (user and password, a token in the query
+    string): neither the retry's log line nor the API's answer shows it."""
+    receiver = Receiver(fail_first=1)
+    await receiver.start()
+    url = receiver.url.replace("http://", "http://hook:PW-S3CRET@") + "?token=Q-S3CRET"
+    try:
+        leader = await leader_factory(leader={"webhooks": [{"url": url, "secret": SECRET}]})
+        with capture_logs() as logs:
+            dep = await leader.api.deploy_dir(busybox_context(tmp_path / "c"), "masked")
+            await leader.api.wait_final(dep["id"])
+            await receiver.wait_for(3)
+        _, doc = await leader.api.request("GET", f"/v1/deployments/{dep['id']}/webhooks")
+    finally:
+        await receiver.stop()
+
+    retries = [e for e in logs if e["event"] == "webhook.retry"]
+    assert retries
+    shown = json.dumps([retries, doc])
+    assert "S3CRET" not in shown
+    assert f"http://***@127.0.0.1:{receiver.port}/hook?***" in shown
+
+
+class FailingStore:
+    """The sender's side of the store, failing as a full disk would: its first poll,
+    then every result it is given to save (the row therefore stays due)."""
+
+    def __init__(self, row: WebhookRow) -> None:
+        self.row = row
+        self.polls = 0
+
+    async def due_webhooks(self, now: float) -> list[WebhookRow]:
+        self.polls += 1
+        if self.polls == 1:
+            raise sqlite3.OperationalError("disk I/O error")
+        return [self.row]
+
+    async def webhook_result(self, row_id: int, **_: Any) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+
+async def test_a_store_that_fails_neither_stops_the_sender_nor_makes_it_resend_at_once() -> None:
+    """A failed poll is tried again; a result that could not be saved leaves its row
+    due, and the URL then waits a retry's delay (16 s or more after 5 attempts) instead
+    of being sent the same delivery at every 1 s poll."""
+    receiver = Receiver()
+    await receiver.start()
+    row = WebhookRow(1, "d-1", receiver.url, b'{"state": "queued"}', attempts=5, next_at=0.0)
+    store = FailingStore(row)
+    sender = WebhookSender(cast(Store, store), (WebhookConfig(url=receiver.url, secret=SECRET),))
+    task = asyncio.create_task(sender.run())
+    try:
+        await receiver.wait_for(1, timeout=5)
+        await asyncio.sleep(3.5)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await receiver.stop()
+
+    assert store.polls >= 3  # it went on polling after the first one failed
+    assert len(receiver.seen) == 1

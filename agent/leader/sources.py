@@ -16,12 +16,13 @@ import tempfile
 import zlib
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
 from agent.errors import DeploymentError, RequestError
 from agent.procs import communicate_within
+from agent.urls import redact_url, without_userinfo
 
 CHUNK = 1024 * 1024
 # An upload never leaves less than this free on the state directory's filesystem: the
@@ -160,21 +161,12 @@ def validate_git_url(url: str, allowed_schemes: tuple[str, ...]) -> None:
         )
 
 
-def redact_url(url: str) -> str:
-    """The URL with its credentials masked, fit for logs and API responses. The user
-    name goes too: a token is often given as the user (`https://TOKEN@host/…`)."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    return urlunsplit(parts._replace(netloc=f"***@{_host(parts)}"))
-
-
 async def clone_to_context(url: str, ref: str, dest: Path, deadline: float) -> str:
     """Clone `ref` of `url` shallow and pack it (without .git) into `dest`; return the commit."""
     with tempfile.TemporaryDirectory(prefix="clone-", dir=dest.parent) as tmp:
         work = Path(tmp) / "src"
         env = _git_env(url, Path(tmp))
-        clean_url = _without_userinfo(url)
+        clean_url = without_userinfo(url)
         try:
             async with asyncio.timeout(deadline):
                 await _git(env, "init", "-q", str(work))
@@ -210,20 +202,6 @@ def _git_env(url: str, tmp: Path) -> dict[str, str]:
             "DEPLOY_AGENT_GIT_PASSWORD": unquote(parts.password or ""),
         }
     return env
-
-
-def _without_userinfo(url: str) -> str:
-    """The URL git is given: no credentials, which a process list would show (the
-    askpass helper hands git the user name and the password)."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    return urlunsplit(parts._replace(netloc=_host(parts)))
-
-
-def _host(parts: SplitResult) -> str:
-    """The URL's host and port, as written (an IPv6 address keeps its brackets)."""
-    return parts.netloc.rpartition("@")[2]
 
 
 async def _git(env: dict[str, str], *args: str) -> str:

@@ -33,11 +33,12 @@ from agent.errors import (
 from agent.leader.context import LeaderContext
 from agent.leader.hub import Unanswered
 from agent.leader.models import Deployment
-from agent.leader.sources import check_context, clone_to_context, redact_url
+from agent.leader.sources import check_context, clone_to_context
 from agent.logs import get_logger
 from agent.progress import LayerThrottle
 from agent.retention import APP_LABEL, prune_app_images
 from agent.retrying import scoped
+from agent.urls import redact_url
 from agent.wire import PullResult
 
 

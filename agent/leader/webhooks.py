@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import hmac
 import random
+import sqlite3
 import time
 
 import aiohttp
@@ -22,6 +23,7 @@ import aiohttp
 from agent.config import WebhookConfig
 from agent.leader.store import Store, WebhookRow
 from agent.logs import get_logger
+from agent.urls import redact_url
 
 log = get_logger(__name__)
 TIMEOUT = aiohttp.ClientTimeout(total=10, connect=5)
@@ -49,6 +51,9 @@ class WebhookSender:
         self._store = store
         self._secrets = {hook.url: hook.secret for hook in hooks}
         self._wake = asyncio.Event()
+        # A URL whose last result could not be saved waits here, not on its row: without
+        # this, the row still due would be sent again at every poll.
+        self._not_before: dict[str, float] = {}
 
     def wake(self) -> None:
         self._wake.set()
@@ -61,7 +66,7 @@ class WebhookSender:
             try:
                 while True:
                     self._wake.clear()
-                    for row in await self._store.due_webhooks(time.time()):
+                    for row in await self._due():
                         if row.url not in sending:
                             sending[row.url] = self._start(session, row, sending)
                     with contextlib.suppress(TimeoutError):
@@ -71,6 +76,15 @@ class WebhookSender:
                 for task in sending.values():
                     task.cancel()
                 await asyncio.gather(*sending.values(), return_exceptions=True)
+
+    async def _due(self) -> list[WebhookRow]:
+        now = time.time()
+        try:
+            rows = await self._store.due_webhooks(now)
+        except sqlite3.Error as exc:  # the next poll asks again
+            log.error("webhook.poll_failed", error=repr(exc))
+            return []
+        return [row for row in rows if self._not_before.get(row.url, 0.0) <= now]
 
     def _start(
         self,
@@ -105,21 +119,23 @@ class WebhookSender:
         }
         status, error = None, None
         try:
-            async with session.post(row.url, data=row.body, headers=headers) as response:
+            async with session.post(
+                row.url, data=row.body, headers=headers, allow_redirects=False
+            ) as response:
                 status = response.status
+                if 300 <= status < 400:  # a POST redirected may arrive as a GET, or elsewhere
+                    error = _redirect_error(response)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            error = repr(exc)[:300]
+            error = _error_text(exc, row.url)
         if status is not None and 200 <= status < 300:
-            await self._store.webhook_result(
-                row.id, state="delivered", next_at=time.time(), status=status, error=None
-            )
+            await self._save(row, state="delivered", next_at=time.time(), status=status)
             return
         attempts = row.attempts + 1
         state = "failed" if attempts >= MAX_ATTEMPTS else "pending"
         delay = retry_delay(attempts)
         log.warning(
             "webhook.retry",
-            url=row.url,
+            url=redact_url(row.url),
             delivery=row.id,
             status=status,
             error=error,
@@ -127,9 +143,36 @@ class WebhookSender:
             wait_s=round(delay, 1),
             gave_up=state == "failed",
         )
-        await self._store.webhook_result(
-            row.id, state=state, next_at=time.time() + delay, status=status, error=error
-        )
+        await self._save(row, state=state, next_at=time.time() + delay, status=status, error=error)
+
+    async def _save(
+        self,
+        row: WebhookRow,
+        *,
+        state: str,
+        next_at: float,
+        status: int | None,
+        error: str | None = None,
+    ) -> None:
+        """Record a delivery's result. If the store fails, the URL waits out a retry's
+        delay before its next try (the same delivery, sent again: receivers tell a
+        repeat by its X-Deploy-Agent-Delivery)."""
+        try:
+            await self._store.webhook_result(
+                row.id, state=state, next_at=next_at, status=status, error=error
+            )
+        except sqlite3.Error as exc:
+            wait = retry_delay(row.attempts + 1)
+            self._not_before[row.url] = time.time() + wait
+            log.error(
+                "webhook.result_not_saved",
+                url=redact_url(row.url),
+                delivery=row.id,
+                error=repr(exc),
+                wait_s=round(wait, 1),
+            )
+        else:
+            self._not_before.pop(row.url, None)
 
     async def abandon_removed(self) -> None:
         """Deliveries queued for a URL the config no longer lists are not sent: the operator
@@ -137,3 +180,18 @@ class WebhookSender:
         dropped = await self._store.abandon_webhooks(list(self._secrets), NOT_CONFIGURED)
         if dropped:
             log.warning("webhook.dropped", deliveries=dropped, reason="url_not_configured")
+
+
+def _redirect_error(response: aiohttp.ClientResponse) -> str:
+    target = response.headers.get("Location", "")
+    return (
+        f"redirected to {redact_url(target)}: webhooks are not sent on to another URL "
+        "(a POST may arrive as a GET there); configure the URL it names"
+    )
+
+
+def _error_text(exc: BaseException, url: str) -> str:
+    """What went wrong, for the delivery's record and the log: with the URL's
+    credentials masked, should the error quote it."""
+    text = f"{type(exc).__name__}: {exc}"
+    return text.replace(url, redact_url(url))[:300]

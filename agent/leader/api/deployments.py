@@ -29,11 +29,11 @@ from agent.leader.registry import registry_required
 from agent.leader.sources import (
     check_context,
     receive_upload,
-    redact_url,
     remove_quietly,
     validate_git_url,
 )
 from agent.leader.store import IdempotencyConflict
+from agent.urls import redact_url
 
 routes = web.RouteTableDef()
 TAR_TYPES = frozenset(
@@ -313,7 +313,8 @@ async def events(request: web.Request) -> web.StreamResponse:
 async def webhooks(request: web.Request) -> web.Response:
     dep = await _load(request)
     deliveries = await request.app[CONTEXT].store.webhooks_of(dep.id)
-    return web.json_response({"webhooks": deliveries})
+    shown = [{**delivery, "url": redact_url(delivery["url"])} for delivery in deliveries]
+    return web.json_response({"webhooks": shown})
 
 
 @routes.post("/v1/deployments/{id}/cancel")

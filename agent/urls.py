@@ -1,0 +1,30 @@
+"""URLs as they may be shown: in logs, API responses and error messages."""
+
+from __future__ import annotations
+
+from urllib.parse import SplitResult, urlsplit, urlunsplit
+
+
+def redact_url(url: str) -> str:
+    """The URL with what may be a credential masked: its user name and password (a
+    token is often given as the user, `https://TOKEN@host/…`) and its query string
+    (`?access_token=…`)."""
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        parts = parts._replace(netloc=f"***@{host_of(parts)}")
+    if parts.query:
+        parts = parts._replace(query="***")
+    return urlunsplit(parts)
+
+
+def without_userinfo(url: str) -> str:
+    """The URL without its credentials."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=host_of(parts)))
+
+
+def host_of(parts: SplitResult) -> str:
+    """The URL's host and port, as written (an IPv6 address keeps its brackets)."""
+    return parts.netloc.rpartition("@")[2]
