@@ -194,6 +194,47 @@ async def test_a_round_settles_once_every_node_answered_or_dropped() -> None:
     assert not orders.owed("c", "dep-1")
 
 
+async def test_an_answer_on_a_new_link_replaces_the_drop_while_the_round_is_open() -> None:
+    """A worker whose link blipped mid-pull goes on pulling and answers on its new link:
+    a failure must fail the distribution by name, not leave the node pending as if it
+    were away (the release would then go ahead)."""
+    orders = OrdersInFlight()
+    pull_round = PullRound("dep-1", {"a", "b"}, "img@sha256:" + "0" * 64)
+    orders.open(pull_round)
+    orders.drop("a")
+    assert pull_round.answers["a"] is None and not pull_round.settled.done()
+    assert orders.owed("a", "dep-1")  # its progress on the new link is still wanted
+
+    orders.answer("a", _result("dep-1", ok=False))
+
+    failed = pull_round.answers["a"]
+    assert failed is not None and not failed.ok
+    orders.answer("a", _result("dep-1"))  # once answered, a later answer changes nothing
+    assert pull_round.answers["a"] is failed
+    assert not pull_round.settled.done()  # b still owes its answer
+
+
+async def test_a_restarted_node_answers_through_its_sync_pull_of_the_same_image() -> None:
+    """A node restarted mid-pull has forgotten the order; its Sync names the image, and
+    the pull it makes of it answers for the node. The Sync pull of another image does
+    not, nor does it settle a node that still owes its answer on its link."""
+    image = "img@sha256:" + "0" * 64
+    orders = OrdersInFlight()
+    pull_round = PullRound("dep-1", {"a", "b"}, image)
+    orders.open(pull_round)
+    orders.drop("a")
+    sync = wire.SYNC_ORDER
+
+    orders.answer("a", wire.PullResult(order=sync, image="other@sha256:" + "1" * 64, ok=True))
+    assert pull_round.answers["a"] is None
+    orders.answer("b", wire.PullResult(order=sync, image=image, ok=True))
+    assert orders.owed("b", "dep-1")
+    orders.answer("a", wire.PullResult(order=sync, image=image, ok=True, seconds=1.5))
+
+    answered = pull_round.answers["a"]
+    assert answered is not None and answered.ok and answered.seconds == 1.5
+
+
 async def test_rounds_sharing_an_order_id_settle_independently() -> None:
     orders = OrdersInFlight()
     first, second = PullRound("dep-1", {"a"}), PullRound("dep-1", {"a", "b"})
@@ -240,6 +281,48 @@ async def _served_by(links: Hub) -> AsyncIterator[str]:
 
     async for url in serving(handler):
         yield url
+
+
+async def test_a_failed_pull_reported_on_a_new_link_fails_the_round_by_name(
+    tmp_path: Path,
+) -> None:
+    """Real links: node a's link is replaced by a new one mid-pull (a blip, the worker
+    reconnecting), and the pull's failure comes on the new link while b still pulls. The
+    round records a's failure, not a drop that would leave it pending."""
+    nodes = {name: NodeRecord(id=f"n-{name}", name=name, enrolled_at=0.0) for name in "ab"}
+    image = "registry.test/app@sha256:" + "0" * 64
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = LinkSocket(compress=False)
+        await ws.prepare(request)
+        await links.serve(nodes[request.query["node"]], ws, request)
+        return ws
+
+    async with _hub(tmp_path) as links, aiohttp.ClientSession() as session:
+        async for url in serving(handler):
+            a1 = await session.ws_connect(f"{url}/?node=a")
+            b = await session.ws_connect(f"{url}/?node=b")
+            for ws in (a1, b):
+                await ws.receive(timeout=10)  # the Sync
+            pulling = asyncio.create_task(
+                links.pull_everywhere("dep-1", image, list(nodes.values()), within=10)
+            )
+            for ws in (a1, b):
+                assert wire.decode_for_worker((await ws.receive(timeout=10)).data)
+            a2 = await session.ws_connect(f"{url}/?node=a")
+            await a2.receive(timeout=10)  # the Sync: a2 is a's link now
+            failure = wire.PullResult(order="dep-1", image=image, ok=False, error="no space")
+            await a2.send_str(wire.encode(failure))
+            async with asyncio.timeout(10):  # the hub has taken it: b answers after
+                while nodes["a"].info.last_pull is None:
+                    await asyncio.sleep(0.01)
+            await b.send_str(wire.encode(wire.PullResult(order="dep-1", image=image, ok=True)))
+            results = await pulling
+            for ws in (a1, a2, b):
+                await ws.close()
+
+    assert results["n-a"] == failure
+    assert isinstance(results["n-b"], wire.PullResult) and results["n-b"].ok
 
 
 async def test_a_link_set_up_after_its_node_was_revoked_is_refused(tmp_path: Path) -> None:

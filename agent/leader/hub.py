@@ -233,7 +233,7 @@ class Hub:
         previous = self._links.get(node.id)
         if previous is not None:
             previous.kick(wire.CLOSE_REPLACED, "replaced by a newer connection")
-            self._orders.drop(node.id)  # sent on the old link: no answer will come back
+            self._orders.drop(node.id)  # its answer, if any, comes on the new link
         self._links[node.id] = link
         pump = asyncio.create_task(link.pump(), name=f"link-pump-{node.name}")
         log.info("link.connected", node=node.name)
@@ -383,7 +383,7 @@ class Hub:
             )
         )
         linked = [link for node in nodes if (link := self._links.get(node.id)) is not None]
-        pull_round = PullRound(order, {link.node.id for link in linked})
+        pull_round = PullRound(order, {link.node.id for link in linked}, image)
         self._orders.open(pull_round)
         try:
             for link in linked:

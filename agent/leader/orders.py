@@ -3,6 +3,12 @@
 One round per call to the hub's pull_everywhere. An answer, or a link dropping, settles
 a node; the round's future resolves when no node owes an answer, so a round of a thousand
 nodes wakes its waiter once, not once per node.
+
+A node whose link dropped no longer holds the round up, yet its pull may go on: a worker
+that reconnects sends the order's answer on its new link, or, restarted, pulls the image
+from the Sync it is sent, and either answer, arriving while the round is still open,
+takes the place of the drop (a failed pull then fails the distribution by name, instead
+of leaving the node pending as if it were away).
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ from agent import wire
 
 
 class PullRound:
-    def __init__(self, order: str, owed: set[str]) -> None:
+    def __init__(self, order: str, owed: set[str], image: str = "") -> None:
         self.order = order
+        self.image = image
         self.ordered = frozenset(owed)
         self._owed = owed
         self.answers: dict[str, wire.PullResult | None] = {}  # None: the link dropped
@@ -24,12 +31,19 @@ class PullRound:
     def owes(self, node_id: str) -> bool:
         return node_id in self._owed
 
+    def expects(self, node_id: str) -> bool:
+        """Whether an answer of the node would count: it owes one, or its link dropped."""
+        return node_id in self._owed or (node_id in self.answers and not self.answers[node_id])
+
     def settle(self, node_id: str, answer: wire.PullResult | None) -> None:
-        """Record a node's answer (None: its link dropped first); later ones are ignored."""
+        """Record a node's answer (None: its link dropped first). An answer after a drop
+        replaces it; any other later answer is ignored."""
         if node_id in self._owed:
             self._owed.discard(node_id)
             self.answers[node_id] = answer
             self._check()
+        elif answer is not None and self.expects(node_id):
+            self.answers[node_id] = answer
 
     def _check(self) -> None:
         if not self._owed and not self.settled.done():
@@ -53,11 +67,17 @@ class OrdersInFlight:
             self._rounds.pop(pull_round.order, None)
 
     def owed(self, node_id: str, order: str) -> bool:
-        return any(r.owes(node_id) for r in self._rounds.get(order, ()))
+        """Whether the node's progress on `order` is wanted: a round expects its answer."""
+        return any(r.expects(node_id) for r in self._rounds.get(order, ()))
 
     def answer(self, node_id: str, result: wire.PullResult) -> None:
         for pull_round in self._rounds.get(result.order, ()):
             pull_round.settle(node_id, result)
+        if result.order == wire.SYNC_ORDER:  # a restarted node pulled it from its Sync
+            for rounds in self._rounds.values():
+                for pull_round in rounds:
+                    if pull_round.image == result.image and node_id in pull_round.answers:
+                        pull_round.settle(node_id, result)
 
     def drop(self, node_id: str) -> None:
         """A node's link is gone: it owes nothing more to any round."""
