@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client import generate_latest
 from structlog.testing import capture_logs
 
 from agent import wire
@@ -329,13 +330,35 @@ async def test_a_link_set_up_after_its_node_was_revoked_is_refused(tmp_path: Pat
     """A revocation that lands between a worker's authentication and its link being
     served finds no link to close; the link is refused when it reaches the hub."""
     async with _hub(tmp_path) as links:
-        links.revoke("n-1")  # the node's link was authenticated, not yet served
+        links.revoke("n-1", "w1")  # the node's link was authenticated, not yet served
         async for url in _served_by(links):
             async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
                 msg = await ws.receive(timeout=10)
     assert msg.type == aiohttp.WSMsgType.CLOSE
     assert msg.data == wire.CLOSE_REVOKED
     assert not links.connected("n-1")
+
+
+async def test_a_revoked_node_leaves_no_metric_series_behind(tmp_path: Path) -> None:
+    """Its failure counter goes with it: nodes come and go under names of their own,
+    and every name kept would be a series served for good."""
+    image = "registry.test/app@sha256:" + "0" * 64
+    failed = wire.PullResult(order=wire.SYNC_ORDER, image=image, ok=False, error="no space")
+    async with _hub(tmp_path) as links:
+        async for url in _served_by(links):
+            async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+                await ws.receive(timeout=10)  # the Sync
+                await ws.send_str(wire.encode(failed))
+                async with asyncio.timeout(10):
+                    while 'node="w1"' not in _metrics_text(links):
+                        await asyncio.sleep(0.01)
+                links.revoke("n-1", "w1")
+                await ws.receive(timeout=10)  # the close
+        assert 'node="w1"' not in _metrics_text(links)
+
+
+def _metrics_text(links: Hub) -> str:
+    return generate_latest(links._metrics.registry).decode()
 
 
 async def test_text_taken_on_arrival_skips_the_queue_and_keeps_its_order() -> None:

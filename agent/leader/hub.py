@@ -212,11 +212,15 @@ class Hub:
         for link in list(self._links.values()):
             link.send(frame)
 
-    def revoke(self, node_id: str) -> None:
+    def revoke(self, node_id: str, name: str) -> None:
         """Close the node's link, and refuse any link of it still being set up: its
-        revocation may land between that link's authentication and its first message."""
+        revocation may land between that link's authentication and its first message.
+        Its failure count goes from the metrics: nodes come and go under their own
+        names (autoscaled hosts), and each name kept would be a series for good."""
         self._revoked.add(node_id)
         self.kick(node_id, wire.CLOSE_REVOKED, "this node was revoked")
+        with contextlib.suppress(KeyError):
+            self._metrics.pull_failures.remove(name)
 
     def kick(self, node_id: str, code: int, reason: str) -> None:
         link = self._links.get(node_id)

@@ -487,16 +487,19 @@ class Store:
                     updated += 1
         return updated
 
-    async def revoke_node(self, node_id: str) -> bool:
+    async def revoke_node(self, node_id: str) -> str | None:
+        """Revoke an enrolled node; return its name, or None if no such node is enrolled."""
         return await self._call(self._revoke_node, node_id)
 
-    def _revoke_node(self, node_id: str) -> bool:
+    def _revoke_node(self, node_id: str) -> str | None:
         with self._tx() as db:
-            cursor = db.execute(
-                "UPDATE nodes SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-                (time.time(), node_id),
-            )
-            return cursor.rowcount == 1
+            row = db.execute(
+                "SELECT name FROM nodes WHERE id = ? AND revoked_at IS NULL", (node_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE nodes SET revoked_at = ? WHERE id = ?", (time.time(), node_id))
+            return str(row[0])
 
     async def set_join_token(self, secret_hash: str) -> None:
         await self._call(self._set_join_token, secret_hash)

@@ -124,10 +124,11 @@ def _render(ctx: LeaderContext, node: NodeRecord) -> dict[str, Any]:
 async def revoke_node(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     node_id = request.match_info["id"]
-    if not await ctx.store.revoke_node(node_id):
+    name = await ctx.store.revoke_node(node_id)
+    if name is None:
         raise RequestError(404, "not_found", f"no enrolled node {node_id}")
-    ctx.hub.revoke(node_id)
-    log.info("node.revoked", node_id=node_id)
+    ctx.hub.revoke(node_id, name)
+    log.info("node.revoked", node_id=node_id, node=name)
     return web.json_response({"id": node_id, "revoked": True})
 
 
