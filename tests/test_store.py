@@ -5,8 +5,10 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import msgspec
 import pytest
 
+from agent.leader.models import Deployment, DeploymentRequest, Mode, State
 from agent.leader.store import Store
 
 
@@ -36,3 +38,52 @@ async def test_a_failed_commit_leaves_the_store_usable(tmp_path: Path) -> None:
         assert await store.join_token_hash() == "ab" * 32
     finally:
         await store.close()
+
+
+async def test_workers_are_told_to_hold_every_apps_newest_image_however_old(
+    tmp_path: Path,
+) -> None:
+    """The Sync names each app's newest pushed image: an app last deployed before
+    thousands of another's deployments is still in it (the list once stopped at the
+    newest 5,000 deployments of all apps)."""
+    store = Store(tmp_path / "leader.db")
+    await store.open()
+    try:
+        await store.create(_pushed("rare-1", "rare", "1", State.SUCCEEDED), None)
+        await store.create(_pushed("rare-2", "rare", "2", State.SUCCEEDED), None)
+        await store.create(_pushed("rare-3", "rare", "3", State.FAILED), None)  # not held
+
+        def many_deployments() -> None:
+            with store._tx() as db:
+                for i in range(5_001):
+                    dep = _pushed(f"busy-{i}", "busy", f"{i % 10}", State.SUCCEEDED)
+                    db.execute(
+                        "INSERT INTO deployments (id, app, state, doc) VALUES (?, ?, ?, ?)",
+                        (dep.id, dep.app, dep.state.value, msgspec.json.encode(dep)),
+                    )
+
+        await store._call(many_deployments)
+
+        held = sorted(await store.images_to_hold())
+    finally:
+        await store.close()
+    assert held == [
+        "registry.test/busy@sha256:" + "0" * 64,  # busy-5000
+        "registry.test/rare@sha256:" + "2" * 64,
+    ]
+
+
+def _pushed(dep_id: str, app: str, digit: str, state: State) -> Deployment:
+    return Deployment(
+        id=dep_id,
+        app=app,
+        state=state,
+        mode=Mode.REGISTRY,
+        request=DeploymentRequest(app=app),
+        source="upload",
+        created_at=0.0,
+        updated_at=0.0,
+        repository=f"registry.test/{app}",
+        tag=dep_id,
+        digest="sha256:" + digit * 64,
+    )

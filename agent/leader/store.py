@@ -524,15 +524,14 @@ class Store:
 
     def _images_to_hold(self) -> list[str]:
         assert self._db is not None
+        # One row per app, from its newest such deployment (SQLite takes a bare column
+        # of a MAX() query from the row that holds the maximum).
         rows = self._db.execute(
-            "SELECT app, json_extract(doc, '$.repository'), json_extract(doc, '$.digest') "
+            "SELECT json_extract(doc, '$.repository'), json_extract(doc, '$.digest'), MAX(seq) "
             "FROM deployments WHERE json_extract(doc, '$.digest') IS NOT NULL "
-            "AND state IN ('distributing', 'releasing', 'succeeded') ORDER BY seq DESC LIMIT 5000"
+            "AND state IN ('distributing', 'releasing', 'succeeded') GROUP BY app"
         ).fetchall()
-        newest: dict[str, str] = {}
-        for app, repository, digest in rows:
-            newest.setdefault(app, f"{repository}@{digest}")
-        return list(newest.values())
+        return [f"{repository}@{digest}" for repository, digest, _ in rows]
 
 
 def _insert_event_row(db: sqlite3.Connection, dep_id: str, event: dict[str, Any]) -> int:
