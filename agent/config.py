@@ -127,9 +127,10 @@ class LeaderConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True
 class WorkerConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
     leader_url: str
     join_token: str | None = None
-    # left here unread only when that file is gone: the token is needed to enrol, so an
-    # enrolled worker starts without it
+    # left here unread only when that file is gone, or that variable unset: the token is
+    # needed to enrol, so an enrolled worker starts without it
     join_token_file: str | None = None
+    join_token_env: str | None = None
     name: str | None = None
     max_parallel_pulls: PositiveInt = 2
     pull_retry_budget: Seconds = 120.0
@@ -257,7 +258,10 @@ def _resolve_secret(
             return  # kept as a path: the worker reports it only if it has to enrol
         section[key] = _read_secret_file(section.pop(f"{key}_file"), f"{name}_file")
     elif f"{key}_env" in section:
-        var = section.pop(f"{key}_env")
+        var = section[f"{key}_env"]
+        if name in _NEEDED_ONCE and isinstance(var, str) and not os.environ.get(var, "").strip():
+            return  # kept as a name: the worker reports it only if it has to enrol
+        section.pop(f"{key}_env")
         try:
             section[key] = _read_secret_env(var, f"{name}_env")
         except ConfigError:

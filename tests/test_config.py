@@ -128,18 +128,26 @@ def test_worker_config_needs_a_leader_url(monkeypatch: pytest.MonkeyPatch) -> No
         parse_config({"role": "worker"})
 
 
-async def test_an_enrolled_worker_starts_without_its_join_token_file(tmp_path: Path) -> None:
-    """The join token is needed to enrol only: with the file gone the config still loads,
-    an enrolled worker uses its identity, and one that must enrol names the file."""
+@pytest.mark.parametrize("source", ["file", "env"])
+async def test_an_enrolled_worker_starts_without_its_join_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    """The join token is needed to enrol only: with its file gone, or its variable
+    unset, the config still loads, an enrolled worker uses its identity, and one that
+    must enrol names what is missing."""
     gone = tmp_path / "join-token"
+    variable = "DEPLOY_AGENT_TEST_JOIN_TOKEN"
+    monkeypatch.delenv(variable, raising=False)
     raw = {"role": "worker", "state_dir": str(tmp_path / "state")}
-    worker = {"leader_url": "https://l:7443", "join_token_file": str(gone)}
+    given = {"join_token_file": str(gone)} if source == "file" else {"join_token_env": variable}
+    worker = {"leader_url": "https://l:7443", **given}
     config = parse_config({**raw, "worker": dict(worker)})
     assert config.worker is not None and config.worker.join_token is None
 
     worker_agent = Worker(config)
+    missing = f"join_token_file: {gone} does not exist" if source == "file" else variable
     try:
-        with pytest.raises(ConfigError, match=f"join_token_file: {gone} does not exist"):
+        with pytest.raises(ConfigError, match=missing):
             await worker_agent._identity()
         kept = Identity(node_id="n-1", secret="s" * 43, leader_url="https://l:7443", ca_pem=None)
         save_identity(config.state_path, kept)
@@ -147,10 +155,11 @@ async def test_an_enrolled_worker_starts_without_its_join_token_file(tmp_path: P
     finally:
         await worker_agent.engine.close()
 
-    gone.write_text("DAT1-" + "ab" * 32 + "-secret\n")
+    token = "DAT1-" + "ab" * 32 + "-secret"
+    gone.write_text(token + "\n")
+    monkeypatch.setenv(variable, token)
     config = parse_config({**raw, "worker": dict(worker)})
-    assert config.worker is not None and config.worker.join_token is not None
-    assert config.worker.join_token.startswith("DAT1-")
+    assert config.worker is not None and config.worker.join_token == token
 
 
 def test_registry_password_comes_from_exactly_one_source(tmp_path: Path) -> None:

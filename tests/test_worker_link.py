@@ -318,11 +318,19 @@ JOIN_ANSWERS = {
 @pytest.mark.parametrize("case", JOIN_ANSWERS.keys())
 async def test_a_join_that_fails_says_why(case: str) -> None:
     """Whatever answers the join (a proxy's page, the leader refusing, something else),
-    enrolment fails with an error to act on, never a decoding traceback."""
+    enrolment fails with an error to act on, never a decoding traceback. Only the
+    leader's refusal is a config error (exit 2, not restarted): a restart would meet it
+    again until the token changes."""
     status, body, content_type, says = JOIN_ANSWERS[case]
     async for url in serving(_answering(status, body, content_type), "/v1/join"):
-        with pytest.raises(EnrolmentError, match=re.escape(says)):
+        with pytest.raises(EnrolmentError, match=re.escape(says)) as caught:
             await enrol(url, JOIN_TOKEN, "w-1", new_secret())
+    assert isinstance(caught.value, ConfigError) is (case == "refused-with-hint")
+
+
+async def test_a_malformed_join_token_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"worker\.join_token: the join token is malformed"):
+        await enrol("http://127.0.0.1:9", "DAT1-not-a-token", "w-1", new_secret())
 
 
 async def test_an_unreachable_leader_fails_enrolment_with_its_address() -> None:

@@ -162,7 +162,7 @@ async def test_wrong_join_token_is_refused(
     forged = good.rsplit("-", 1)[0] + "-not-the-secret"
     worker = worker_process("forger", worker_engines[0], leader.url, forged).start()
 
-    assert await asyncio.to_thread(worker.wait_exit, 30) == 1
+    assert await asyncio.to_thread(worker.wait_exit, 30) == 2  # not restarted: a config error
     assert "join token is not valid" in worker.log_text()
     assert await leader.api.nodes() == {}
 
@@ -205,7 +205,7 @@ async def test_leader_with_another_ca_is_refused(
     await leader_b.api.join_token()
     worker = worker_process("misled", worker_engines[0], leader_b.url, token_a).start()
 
-    assert await asyncio.to_thread(worker.wait_exit, 30) == 1
+    assert await asyncio.to_thread(worker.wait_exit, 30) == 2  # not restarted: a config error
     assert "does not match the join token's pin" in worker.log_text()
     assert await leader_b.api.nodes() == {}
 

@@ -113,14 +113,7 @@ class Worker:
         identity = await asyncio.to_thread(load_identity, state)
         if identity is not None:
             return identity
-        token = self.worker_config.join_token
-        if not token and self.worker_config.join_token_file:
-            raise ConfigError(
-                f"worker.join_token_file: {self.worker_config.join_token_file} does not "
-                f"exist, and {state} has no identity: the join token is needed to enrol"
-            )
-        if not token:
-            raise ConfigError(f"worker.join_token: needed to enrol ({state} has no identity)")
+        token = self._join_token()
         secret = await asyncio.to_thread(proposed_secret, state)
         redactor.add(secret)
         identity = await enrol(
@@ -128,6 +121,23 @@ class Worker:
         )
         await asyncio.to_thread(save_identity, state, identity)
         return identity
+
+    def _join_token(self) -> str:
+        """The join token, needed now: this node has no identity yet."""
+        worker, state = self.worker_config, self.config.state_path
+        if worker.join_token:
+            return worker.join_token
+        if worker.join_token_file:
+            raise ConfigError(
+                f"worker.join_token_file: {worker.join_token_file} does not exist, and "
+                f"{state} has no identity: the join token is needed to enrol"
+            )
+        if worker.join_token_env:
+            raise ConfigError(
+                f"worker.join_token_env: environment variable {worker.join_token_env} is not "
+                f"set or empty, and {state} has no identity: the join token is needed to enrol"
+            )
+        raise ConfigError(f"worker.join_token: needed to enrol ({state} has no identity)")
 
     async def _link_loop(self, identity: Identity, stop: asyncio.Event) -> None:
         backoff = Backoff()

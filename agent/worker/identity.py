@@ -18,7 +18,13 @@ import msgspec
 from agent.errors import AgentError, ConfigError
 from agent.files import write_private
 from agent.logs import get_logger
-from agent.tls import ca_fingerprint, new_secret, parse_join_token, pinned_context
+from agent.tls import (
+    JoinTokenError,
+    ca_fingerprint,
+    new_secret,
+    parse_join_token,
+    pinned_context,
+)
 
 log = get_logger(__name__)
 CALL_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=10)
@@ -27,7 +33,14 @@ PROPOSAL_FILE = "join-secret.json"  # until the leader has answered the join
 
 
 class EnrolmentError(AgentError):
-    """The worker could not join: wrong token, wrong CA pin, leader refused."""
+    """The worker could not join: the leader could not be reached or did not answer as
+    one; a restart may find it."""
+
+
+class EnrolmentRefused(EnrolmentError, ConfigError):
+    """Enrolment cannot succeed as configured: the join token is malformed, pins
+    another CA, or the leader refused it (or the node's name). A restart would meet the
+    same refusal (exit 2: the unit is not restarted) until the config changes."""
 
 
 class Identity(msgspec.Struct, frozen=True):
@@ -97,7 +110,10 @@ async def enrol(leader_url: str, token: str, name: str | None, secret: str) -> I
     """Join the leader at `leader_url` with `token`, proposing `secret` as the node's;
     return the identity to keep."""
     url = leader_url.rstrip("/")
-    pinned, _ = parse_join_token(token)
+    try:
+        pinned, _ = parse_join_token(token)
+    except JoinTokenError as exc:
+        raise EnrolmentRefused(f"worker.join_token: {exc.message}") from None
     try:
         ca_pem = await _fetch_pinned_ca(url, pinned) if url.startswith("https://") else None
         if ca_pem is None:
@@ -134,7 +150,10 @@ async def _joined(url: str, response: aiohttp.ClientResponse) -> _Joined:
     if response.status != 201 and isinstance(doc, dict) and isinstance(doc.get("error"), dict):
         error = doc["error"]
         hint = f" ({error['hint']})" if error.get("hint") else ""
-        raise EnrolmentError(f"the leader refused to enrol this node: {error.get('message')}{hint}")
+        message = f"the leader refused to enrol this node: {error.get('message')}{hint}"
+        if 400 <= response.status < 500:  # the token or the name: the config must change
+            raise EnrolmentRefused(message)
+        raise EnrolmentError(message)
     if response.status == 201:
         with contextlib.suppress(msgspec.ValidationError):
             return msgspec.convert(doc, _Joined)
@@ -157,7 +176,7 @@ async def _fetch_pinned_ca(url: str, pinned: str) -> str:
     except ValueError:
         raise EnrolmentError("the leader served something that is not a certificate") from None
     if actual != pinned:
-        raise EnrolmentError(
+        raise EnrolmentRefused(
             "the leader's CA does not match the join token's pin: refusing to trust it "
             f"(token pins {pinned[:16]}…, leader has {actual[:16]}…)"
         )
