@@ -90,11 +90,11 @@ def ensure_leader_tls(directory: Path, names: list[str]) -> LeaderTLS:
     ca_key_file = directory / "ca.key"
     if not tls.ca_file.exists():
         _write_ca(tls.ca_file, ca_key_file)
-        log.warning(
+        log.info(
             "tls.ca_created",
             ca_file=str(tls.ca_file),
             fingerprint=tls.fingerprint(),
-            note="nodes enrolled with an earlier CA must be enrolled again",
+            note="join tokens pin this CA: nodes enrolled with another must enrol again",
         )
     reason = _reissue_reason(tls, names)
     if reason is not None:

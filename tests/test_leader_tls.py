@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import ssl
 from collections.abc import Callable
 from ipaddress import ip_address
@@ -20,24 +21,28 @@ from cryptography.x509.oid import NameOID
 from agent import tls as tls_module
 from agent.config import parse_config
 from agent.errors import ConfigError
+from agent.leader.certs import ServingCertificate
 from agent.leader.server import _leader_tls
 from agent.tls import LeaderTLS, ensure_leader_tls, pinned_context
 
 NAMES = ["leader.test", "127.0.0.1"]
 
 
-async def _handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> None:
-    """A TLS handshake over loopback, the client checking the name 127.0.0.1."""
+async def _handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> x509.Certificate:
+    """A TLS handshake over loopback, the client checking the name 127.0.0.1 (and
+    sending no server name: it is an address); the certificate the server presented."""
     served = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=server)
     port = served.sockets[0].getsockname()[1]
     try:
         _, writer = await asyncio.open_connection(
             "127.0.0.1", port, ssl=client, server_hostname="127.0.0.1"
         )
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
         writer.close()
     finally:
         served.close()
         await served.wait_closed()
+    return x509.load_der_x509_certificate(der)
 
 
 def _strict(ca_file: Path) -> ssl.SSLContext:
@@ -198,3 +203,50 @@ def test_a_name_no_certificate_can_hold_is_a_config_error(tmp_path: Path) -> Non
     assert config.leader is not None
     with pytest.raises(ConfigError, match=r"leader\.tls_names"):
         _leader_tls(config.leader, tmp_path)
+
+
+async def test_a_certificate_due_for_renewal_is_served_anew_without_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leader may run past its certificate's renewal date: the hourly check issues a
+    new one from the same CA and the listening socket serves it from the next handshake."""
+    monkeypatch.setattr(tls_module, "SERVER_DAYS", 20)  # due: within the 30 days of renewal
+    tls = ensure_leader_tls(tmp_path, NAMES)
+    monkeypatch.setattr(tls_module, "SERVER_DAYS", 825)
+    serving = ServingCertificate(tls, functools.partial(ensure_leader_tls, tmp_path, NAMES))
+    client = pinned_context(cafile=str(tls.ca_file))
+    before = await _handshake(serving.listening, client)
+
+    assert serving.refresh()
+
+    after = await _handshake(serving.listening, client)
+    assert after.serial_number != before.serial_number
+    left = after.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+    assert left > datetime.timedelta(days=800)
+    assert not serving.refresh()  # not due again: nothing changes
+
+
+async def test_certificate_files_replaced_in_place_are_served_and_a_broken_pair_is_not(
+    tmp_path: Path,
+) -> None:
+    """An operator's certificate ([leader.tls]) replaced on disk is served from the next
+    handshake; a replacement caught half written (a new certificate, the old key) is
+    refused and the one loaded before is served on."""
+    tls = ensure_leader_tls(tmp_path / "given", NAMES)
+    serving = ServingCertificate(tls)
+    client = pinned_context(cafile=str(tls.ca_file))
+    first = await _handshake(serving.listening, client)
+    (tmp_path / "given" / "server.pem").unlink()  # the operator's new pair, same CA
+    renewed = ensure_leader_tls(tmp_path / "given", NAMES)
+
+    assert serving.refresh()
+    second = await _handshake(serving.listening, client)
+    assert second.serial_number != first.serial_number
+
+    old_key = renewed.key_file.read_bytes()
+    (tmp_path / "given" / "server.pem").unlink()
+    ensure_leader_tls(tmp_path / "given", NAMES)
+    renewed.key_file.write_bytes(old_key)  # the key not replaced yet
+    with pytest.raises(ssl.SSLError):
+        serving.refresh()
+    assert (await _handshake(serving.listening, client)).serial_number == second.serial_number

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.sslproto
-import contextlib
 import fcntl
+import functools
 import gc
 import os
 import ssl
@@ -28,6 +28,7 @@ from agent.leader.api import cluster, deployments, middleware, nodes, openapi, r
 from agent.leader.api.keys import CONTEXT, SCHEDULER
 from agent.leader.api.malformed import ApiRunner
 from agent.leader.build_server import Builders
+from agent.leader.certs import ServingCertificate
 from agent.leader.context import LeaderContext
 from agent.leader.hub import Hub, ProgressSink
 from agent.leader.journal import Journal
@@ -99,6 +100,7 @@ class Leader:
         self._trim_task: asyncio.Task[None] | None = None
         self._password_task: asyncio.Task[None] | None = None
         self._seed_task: asyncio.Task[None] | None = None
+        self._cert_task: asyncio.Task[None] | None = None
         self.ctx: LeaderContext | None = None
         self.scheduler: Scheduler | None = None
 
@@ -183,7 +185,11 @@ class Leader:
             max_line_size=REQUEST_LINE_LIMIT,
         )
         await self._runner.setup()
-        ssl_context = tls.server_context() if tls else None
+        ssl_context = None
+        if tls is not None:
+            serving = ServingCertificate(tls, self._renewal())
+            ssl_context = serving.listening
+            self._cert_task = asyncio.create_task(serving.keep_current(), name="certificate")
         asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
         site = web.TCPSite(
             self._runner, cfg.host, cfg.port, ssl_context=ssl_context, backlog=LISTEN_BACKLOG
@@ -192,6 +198,15 @@ class Leader:
         if cfg.plain_http:
             log.warning("leader.plain_http", listen=cfg.listen)
         log.info("leader.serving", listen=cfg.listen, tls=not cfg.plain_http)
+
+    def _renewal(self) -> Callable[[], object] | None:
+        """How the leader's own certificate is issued again when due; None for a
+        certificate the operator provides (it is loaded again when its files change)."""
+        cfg = self.leader_config
+        if cfg.tls is not None:
+            return None
+        names = default_names(list(cfg.tls_names))
+        return functools.partial(ensure_leader_tls, self.config.state_path / "tls", names)
 
     async def wait_engine(self, stop: asyncio.Event, waiting: Callable[[str], None]) -> bool:
         """Whether the engine answered before `stop` was set (asked again while it does not)."""
@@ -224,11 +239,8 @@ class Leader:
         if self._runner is not None:
             await self._runner.cleanup()
         tasks = (self._scheduler_task, self._lag_task, self._webhook_task, self._trim_task)
-        for task in (*tasks, self._password_task, self._seed_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        for task in (*tasks, self._password_task, self._seed_task, self._cert_task):
+            await _cancelled(task)
         if self.ctx is not None:
             await self.ctx.hub.close()
             await self.ctx.engine.close()
@@ -236,6 +248,17 @@ class Leader:
         if self._lock_file is not None:
             self._lock_file.close()
         log.info("leader.stopped")
+
+
+async def _cancelled(task: asyncio.Task[None] | None) -> None:
+    """Cancel a background task and wait for it; one that had failed is logged, and the
+    stop goes on to close the store and release the state directory."""
+    if task is None:
+        return
+    task.cancel()
+    (outcome,) = await asyncio.gather(task, return_exceptions=True)
+    if isinstance(outcome, Exception):
+        log.error("leader.task_failed", task=task.get_name(), error=repr(outcome))
 
 
 def tune_collector(young: int = GC_YOUNG_THRESHOLD) -> None:
