@@ -441,6 +441,28 @@ async def test_a_peer_that_stops_answering_is_cut_within_one_and_a_half_heartbea
     assert HEARTBEAT <= closed_at[0] - opened <= 1.5 * HEARTBEAT + 0.3
 
 
+async def test_a_peer_that_answered_pings_then_stops_is_cut_within_one_and_a_half() -> None:
+    """On an idle link a ping goes out a heartbeat after the last pong, not after the
+    pong's deadline: a peer that answers twice, then falls silent, is cut within one
+    and a half heartbeats of its last pong (SPEC: a dead peer found within 20 s)."""
+    closed_at: list[float] = []
+    pinged_at: list[float] = []
+    async for url in _heartbeat_server(closed_at):
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(url, autoping=False)
+            async with asyncio.timeout(10):
+                while len(pinged_at) < 2:
+                    msg = await ws.receive()
+                    assert msg.type == aiohttp.WSMsgType.PING
+                    pinged_at.append(time.monotonic())
+                    await ws.pong(msg.data)
+            last_pong = time.monotonic()
+            await _pings_until_closed(ws, 5)
+            await ws.close()
+    assert pinged_at[1] - pinged_at[0] <= HEARTBEAT * 1.2 + 0.1
+    assert closed_at[0] - last_pong <= 1.5 * HEARTBEAT + 0.3
+
+
 async def test_a_peer_heard_from_is_not_pinged_and_one_that_answers_pings_stays() -> None:
     async def talk(ws: aiohttp.ClientWebSocketResponse) -> None:
         for _ in range(10):  # 2.5 heartbeats, a message every quarter of one

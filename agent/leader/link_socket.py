@@ -98,7 +98,13 @@ class LinkSocket(web.WebSocketResponse):
     def _pong_not_received(self) -> None:
         if self._heard_at() >= self._pinged_at:  # a pong, or anything else, came after the ping
             self._pong_response_cb = None
-            self._reset_heartbeat()
+            # the next ping a heartbeat after that, not after this deadline: a peer that
+            # falls silent now is then cut 1.5 heartbeats after it was last heard
+            assert self._loop is not None and self._heartbeat is not None
+            due = self._heard_at() + self._heartbeat
+            if self._heartbeat_cb is not None:
+                self._heartbeat_cb.cancel()
+            self._heartbeat_cb = self._loop.call_at(due, self._send_heartbeat)
             return
         super()._pong_not_received()
 
