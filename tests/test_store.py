@@ -87,3 +87,40 @@ def _pushed(dep_id: str, app: str, digit: str, state: State) -> Deployment:
         tag=dep_id,
         digest="sha256:" + digit * 64,
     )
+
+
+async def test_what_the_leader_promised_is_committed_durably_and_log_lines_are_not(
+    tmp_path: Path,
+) -> None:
+    """An accepted deployment (answered 202) must survive the host's power loss, not just
+    the leader's crash: its COMMIT syncs the WAL. Build log lines and progress, the bulk
+    of the writes, keep the cheaper mode."""
+    store = Store(tmp_path / "leader.db")
+    await store.open()
+    statements: list[str] = []
+
+    def trace() -> None:
+        assert store._db is not None
+        store._db.set_trace_callback(statements.append)
+
+    def synchronous() -> int:
+        assert store._db is not None
+        return int(store._db.execute("PRAGMA synchronous").fetchone()[0])
+
+    try:
+        await store._call(trace)
+        dep = _pushed("d-1", "app", "1", State.QUEUED)
+        await store.create(dep, None)
+        created = list(statements)
+        statements.clear()
+        await store.append_event(dep.id, {"type": "log", "line": "step 1/2"})
+        appended = list(statements)
+        mode = await store._call(synchronous)
+    finally:
+        await store.close()
+
+    order = [created.index(s) for s in ("PRAGMA synchronous=FULL", "BEGIN IMMEDIATE", "COMMIT")]
+    assert order == sorted(order)
+    assert created[-1] == "PRAGMA synchronous=NORMAL"
+    assert "PRAGMA synchronous=FULL" not in appended and "COMMIT" in appended
+    assert mode == 1  # NORMAL again

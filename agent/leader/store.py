@@ -134,17 +134,31 @@ class Store:
         self._db = db
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """A write transaction. `durable`: its COMMIT returns once the WAL is on disk.
+
+        The store runs with synchronous=NORMAL: a commit survives the leader's crash but
+        may be lost with the host's power (a checkpoint syncs it later). That suits the
+        stream of log lines and progress; what the leader has promised someone (a
+        deployment answered 202, a state change, credentials, a node's enrolment or
+        revocation) is written durable, at the cost of an fsync.
+        """
         db = self._db
         assert db is not None, "store is not open"
-        db.execute("BEGIN IMMEDIATE")
+        if durable:
+            db.execute("PRAGMA synchronous=FULL")
         try:
-            yield db
-            db.execute("COMMIT")  # may fail too (disk full, I/O): then it rolls back
-        except BaseException:
-            if db.in_transaction:  # left open, every later BEGIN would fail
-                db.execute("ROLLBACK")
-            raise
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")  # may fail too (disk full, I/O): then it rolls back
+            except BaseException:
+                if db.in_transaction:  # left open, every later BEGIN would fail
+                    db.execute("ROLLBACK")
+                raise
+        finally:
+            if durable:
+                db.execute("PRAGMA synchronous=NORMAL")
 
     # deployments
 
@@ -157,7 +171,7 @@ class Store:
     def _create(
         self, dep: Deployment, idempotency: tuple[str, str] | None
     ) -> tuple[Deployment, bool]:
-        with self._tx() as db:
+        with self._tx(durable=True) as db:
             if idempotency is not None:
                 earlier = self._replayed(db, idempotency)
                 if earlier is not None:
@@ -204,7 +218,7 @@ class Store:
         return await self._call(self._save, dep, event)
 
     def _save(self, dep: Deployment, event: dict[str, Any] | None) -> int | None:
-        with self._tx() as db:
+        with self._tx(durable=True) as db:
             db.execute(
                 "UPDATE deployments SET state = ?, doc = ? WHERE id = ?",
                 (dep.state.value, _encoder.encode(dep), dep.id),
@@ -379,7 +393,7 @@ class Store:
             if creds
             else (None, None, None, None)
         )
-        with self._tx() as db:
+        with self._tx(durable=True) as db:
             db.execute("UPDATE registry_credentials SET password = NULL")
             cursor = db.execute(
                 "INSERT INTO registry_credentials "
@@ -404,7 +418,7 @@ class Store:
         return await self._call(self._add_node, node, secret_hash)
 
     def _add_node(self, node: NodeRecord, secret_hash: str) -> NodeRecord:
-        with self._tx() as db:
+        with self._tx(durable=True) as db:
             taken = db.execute(
                 "SELECT id, name, enrolled_at, revoked_at, info, secret_hash FROM nodes "
                 "WHERE name = ? AND revoked_at IS NULL",
@@ -492,7 +506,7 @@ class Store:
         return await self._call(self._revoke_node, node_id)
 
     def _revoke_node(self, node_id: str) -> str | None:
-        with self._tx() as db:
+        with self._tx(durable=True) as db:
             row = db.execute(
                 "SELECT name FROM nodes WHERE id = ? AND revoked_at IS NULL", (node_id,)
             ).fetchone()
@@ -505,7 +519,7 @@ class Store:
         await self._call(self._set_join_token, secret_hash)
 
     def _set_join_token(self, secret_hash: str) -> None:
-        with self._tx() as db:
+        with self._tx(durable=True) as db:
             db.execute(
                 "INSERT OR REPLACE INTO join_token VALUES (1, ?, ?)", (secret_hash, time.time())
             )
