@@ -95,6 +95,7 @@ class LeaderConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True
     memory_trim_interval: Seconds = 60.0
     max_attempts: PositiveInt = 3
     keep_images: PositiveInt = 5
+    history_days: Annotated[float, msgspec.Meta(ge=0)] = 90.0
     swarm_init: bool = False
     swarm_advertise_addr: str | None = None
     swarm_listen_addr: str = "0.0.0.0:2377"

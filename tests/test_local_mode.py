@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,3 +76,25 @@ async def test_deployments_without_services_keep_only_the_newest_images(
         "image", "ls", "--filter", "label=deploy-agent.app=unreleased", "--format", "{{.Tag}}"
     ).stdout.split()
     assert sorted(held) == sorted(f["id"] for f in finals[1:])
+
+
+async def test_a_finished_deployments_history_goes_after_history_days(
+    leader_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A leader started past a deployment's history_days deletes its events (build log
+    and all); the deployment itself still answers, final, and its event stream ends."""
+    first = await leader_factory()
+    dep = await first.api.deploy_dir(busybox_context(tmp_path / "c", run_step("echo a")), "old")
+    final = await first.api.wait_final(dep["id"])
+    assert any(e.get("type") == "log" for e in await first.api.events(dep["id"]))
+    await first.stop()
+    await asyncio.sleep(0.5)  # history_days 1e-6 is 0.09 s
+
+    second = await leader_factory(state_dir=first.config.state_dir, leader={"history_days": 1e-6})
+    async with asyncio.timeout(10):
+        while await second.api.events(dep["id"]):
+            await asyncio.sleep(0.1)
+
+    status, doc = await second.api.request("GET", f"/v1/deployments/{dep['id']}")
+    assert status == 200
+    assert doc["state"] == final["state"] == "succeeded"

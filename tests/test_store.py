@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import msgspec
@@ -124,3 +125,41 @@ async def test_what_the_leader_promised_is_committed_durably_and_log_lines_are_n
     assert created[-1] == "PRAGMA synchronous=NORMAL"
     assert "PRAGMA synchronous=FULL" not in appended and "COMMIT" in appended
     assert mode == 1  # NORMAL again
+
+
+async def test_old_deployments_history_goes_and_their_records_stay(tmp_path: Path) -> None:
+    """Past the cutoff a finished deployment's events and settled webhook deliveries
+    are deleted, in batches; its record stays. A newer one, and one still running
+    however old, keep everything."""
+    store = Store(tmp_path / "leader.db", ("https://cp.test/hook",))
+    await store.open()
+    day = 24 * 3600.0
+    old = [_finished_at(f"old-{i}", 100 * day) for i in range(5)]
+    recent = _finished_at("recent", 1 * day)
+    running = _pushed("running", "app", "1", State.BUILDING)
+    try:
+        for dep in (*old, recent, running):
+            await store.create(dep, None)  # its "queued" event and webhook delivery
+            for line in range(3):
+                await store.append_event(dep.id, {"type": "log", "line": f"step {line}"})
+        await store.webhook_result(1, state="delivered", next_at=0.0, status=204, error=None)
+
+        pruned = await store.prune_history(time.time() - 90 * day, batch=2)
+
+        assert pruned == (5, 5 * 4)
+        for dep in old:
+            assert await store.events_after(dep.id, 0) == []
+            assert await store.get(dep.id) is not None
+        assert len(await store.events_after(recent.id, 0)) == 4
+        assert len(await store.events_after(running.id, 0)) == 4
+        assert await store.webhooks_of("old-0") == []  # delivered: gone
+        assert len(await store.webhooks_of("old-1")) == 1  # still to send: kept
+        assert await store.prune_history(time.time() - 90 * day) == (0, 0)
+    finally:
+        await store.close()
+
+
+def _finished_at(dep_id: str, ago: float) -> Deployment:
+    dep = _pushed(dep_id, "app", "1", State.SUCCEEDED)
+    dep.finished_at = time.time() - ago
+    return dep

@@ -30,6 +30,7 @@ from agent.leader.api.malformed import ApiRunner
 from agent.leader.build_server import Builders
 from agent.leader.certs import ServingCertificate
 from agent.leader.context import LeaderContext
+from agent.leader.history import prune_history_every
 from agent.leader.hub import Hub, ProgressSink
 from agent.leader.journal import Journal
 from agent.leader.metrics import LeaderMetrics
@@ -101,6 +102,7 @@ class Leader:
         self._password_task: asyncio.Task[None] | None = None
         self._seed_task: asyncio.Task[None] | None = None
         self._cert_task: asyncio.Task[None] | None = None
+        self._history_task: asyncio.Task[None] | None = None
         self.ctx: LeaderContext | None = None
         self.scheduler: Scheduler | None = None
 
@@ -142,6 +144,9 @@ class Leader:
         self._lag_task = asyncio.create_task(metrics.watch_loop_lag(), name="loop-lag")
         self._trim_task = asyncio.create_task(
             release_free_memory_every(self.leader_config.memory_trim_interval), name="trim"
+        )
+        self._history_task = asyncio.create_task(
+            prune_history_every(store, self.leader_config.history_days), name="history"
         )
         if hooks:
             self._webhook_task = asyncio.create_task(sender.run(), name="webhooks")
@@ -239,7 +244,8 @@ class Leader:
         if self._runner is not None:
             await self._runner.cleanup()
         tasks = (self._scheduler_task, self._lag_task, self._webhook_task, self._trim_task)
-        for task in (*tasks, self._password_task, self._seed_task, self._cert_task):
+        more = (self._password_task, self._seed_task, self._cert_task, self._history_task)
+        for task in (*tasks, *more):
             await _cancelled(task)
         if self.ctx is not None:
             await self.ctx.hub.close()

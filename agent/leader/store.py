@@ -357,6 +357,41 @@ class Store:
         ).fetchall()
         return [bytes(r[0]) for r in rows]
 
+    async def prune_history(self, before: float, batch: int = 200) -> tuple[int, int]:
+        """Delete the events, and the settled webhook deliveries, of deployments that
+        finished before `before` (the records themselves stay), `batch` deployments per
+        transaction so other work goes on between; return (deployments, events) pruned."""
+        deployments = events = 0
+        while True:
+            done, removed = await self._call(self._prune_history, before, batch)
+            deployments, events = deployments + done, events + removed
+            if done < batch:
+                return deployments, events
+
+    def _prune_history(self, before: float, batch: int) -> tuple[int, int]:
+        with self._tx() as db:
+            ids = [
+                row[0]
+                for row in db.execute(
+                    "SELECT id FROM deployments WHERE state IN (SELECT value FROM json_each(?))"
+                    " AND json_extract(doc, '$.finished_at') < ?"
+                    " AND EXISTS (SELECT 1 FROM events WHERE deployment_id = deployments.id)"
+                    " LIMIT ?",
+                    (_encoder.encode(_FINAL), before, batch),
+                )
+            ]
+            chosen = _encoder.encode(ids)
+            removed = db.execute(
+                "DELETE FROM events WHERE deployment_id IN (SELECT value FROM json_each(?))",
+                (chosen,),
+            ).rowcount
+            db.execute(
+                "DELETE FROM webhooks WHERE deployment_id IN (SELECT value FROM json_each(?))"
+                " AND state IN ('delivered', 'failed')",
+                (chosen,),
+            )
+        return len(ids), removed
+
     # registry credentials
 
     async def credentials(self) -> RegistryCredentials | None:
