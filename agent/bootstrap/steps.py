@@ -115,6 +115,7 @@ async def build_wheel(source: Path, out: Path) -> Path:
         *("-w", str(out), str(source)),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,  # killed as a group on its deadline
     )
     try:
         output, _ = await communicate_within(proc, BUILD_TIMEOUT)

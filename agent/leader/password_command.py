@@ -36,6 +36,7 @@ async def run_password_command(command: str) -> str:
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # killed as a group on its deadline
     )
     try:
         out, err = await communicate_within(proc, COMMAND_DEADLINE)
@@ -43,11 +44,11 @@ async def run_password_command(command: str) -> str:
         raise PasswordCommandError(
             f"registry.password_command did not finish within {COMMAND_DEADLINE:.0f} s"
         ) from None
-    if proc.returncode != 0:
-        tail = " | ".join(err.decode(errors="replace").strip().splitlines()[-3:])
+    if proc.returncode != 0:  # its messages may hold a token (`set -x`, say): not logged
+        said = len(err.decode(errors="replace").strip().splitlines())
         raise PasswordCommandError(
-            f"registry.password_command exited with status {proc.returncode}: "
-            f"{redactor.scrub(tail) or 'no message'}"
+            f"registry.password_command exited with status {proc.returncode} ({said} lines "
+            "on stderr, not logged: run the command as the service's user to read them)"
         )
     lines = out.decode(errors="replace").strip().splitlines()
     if not lines or not lines[0].strip():
@@ -70,11 +71,10 @@ class PasswordRefresher:
         while True:
             try:
                 await self.refresh()
-            except AgentError as exc:  # a refused token, a command or engine failure
+            except (AgentError, OSError) as exc:  # a refused token, a command or engine failure
                 delay = backoff.next()
-                log.error(
-                    "registry.password_command_failed", error=exc.message, retry_in_s=round(delay)
-                )
+                error = exc.message if isinstance(exc, AgentError) else f"cannot run it: {exc}"
+                log.error("registry.password_command_failed", error=error, retry_in_s=round(delay))
             else:
                 backoff.reset()
                 delay = self._seed.password_refresh_s

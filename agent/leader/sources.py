@@ -212,6 +212,7 @@ async def _git(env: dict[str, str], *args: str) -> str:
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # killed as a group on its deadline
     )
     out, err = await communicate_within(proc, None)  # the stage's deadline bounds it
     if proc.returncode != 0:
