@@ -1,19 +1,16 @@
-"""Build contexts: an uploaded tar checked for escapes, or a git ref cloned shallow.
+"""Build contexts: an uploaded tar, or a git ref cloned shallow.
 
-Both end as one tar file under the state directory, which the build stage reads.
-Nothing here trusts a path from outside: absolute names, `..` and links that leave
-the context are refused before the engine sees the archive.
+Both end as one tar file under the state directory, which the build stage reads once
+agent/leader/archive.py has checked it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import posixpath
 import shutil
 import tarfile
 import tempfile
-import zlib
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
@@ -21,6 +18,7 @@ from urllib.parse import unquote, urlsplit
 from aiohttp import web
 
 from agent.errors import DeploymentError, RequestError
+from agent.leader.archive import too_large
 from agent.procs import communicate_within
 from agent.urls import redact_url, without_userinfo
 
@@ -40,7 +38,7 @@ async def receive_upload(request: web.Request, dest: Path, limit: int) -> None:
     """Stream the request body to `dest`, refusing it past `limit` bytes (413) or when
     the filesystem would keep less than DISK_RESERVE_BYTES free (507)."""
     if request.content_length is not None and request.content_length > limit:
-        raise _too_large(limit)
+        raise too_large(limit)
     _require_room(dest.parent, request.content_length or 0)
     received = 0
     loop = asyncio.get_running_loop()
@@ -48,7 +46,7 @@ async def receive_upload(request: web.Request, dest: Path, limit: int) -> None:
         while chunk := await request.content.readany():
             received += len(chunk)
             if received > limit:
-                raise _too_large(limit)
+                raise too_large(limit)
             await loop.run_in_executor(None, _write_with_room, out, dest.parent, chunk)
     if received == 0:
         raise RequestError(400, "invalid_request", "the request body is empty: send a tar archive")
@@ -82,76 +80,19 @@ def _no_room(directory: Path, detail: str) -> RequestError:
     )
 
 
-def _too_large(limit: int) -> RequestError:
-    return RequestError(
-        413,
-        "invalid_request",
-        f"the build context is larger than the limit of {limit} bytes",
-        hint="leave build outputs out of the context, or raise leader.max_context_bytes",
-    )
-
-
-def check_context(path: Path, dockerfile: str, max_unpacked: int) -> None:
-    """Refuse an archive that is corrupt, too large unpacked, or escapes its root."""
-    try:
-        with tarfile.open(path, mode="r:*") as archive:
-            names = _check_members(archive, max_unpacked)
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+def validate_git_url(url: str, allowed_schemes: tuple[str, ...]) -> None:
+    if url != url.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
         raise RequestError(
-            400, "invalid_request", f"the build context is not a readable tar archive: {exc}"
-        ) from None
-    if posixpath.normpath(dockerfile) not in names:
+            400, "invalid_request", "git url holds control characters or surrounding spaces"
+        )
+    parts = urlsplit(url)
+    if parts.query:  # it would be in git's argument list and its error messages
         raise RequestError(
             400,
             "invalid_request",
-            f"the build context has no {dockerfile}",
-            hint="send the directory that holds the Dockerfile, or set dockerfile",
+            "git url must not carry a query string",
+            hint="give a token as the URL's user or password (https://TOKEN@host/owner/repo.git)",
         )
-
-
-def _check_members(archive: tarfile.TarFile, max_unpacked: int) -> set[str]:
-    names: set[str] = set()
-    total = 0
-    for member in archive:
-        name = _safe_name(member.name)
-        total += max(member.size, 0)
-        if total > max_unpacked:
-            raise _too_large(max_unpacked)
-        if member.issym() or member.islnk():
-            _check_link(member, name)
-        elif not (member.isfile() or member.isdir()):
-            raise _bad_member(member.name, "is a device, FIFO or other special file")
-        names.add(name)
-    if not names:
-        raise RequestError(400, "invalid_request", "the build context archive is empty")
-    return names
-
-
-def _safe_name(name: str) -> str:
-    if name.startswith("/") or "\\" in name:
-        raise _bad_member(name, "has an absolute path")
-    parts = name.split("/")
-    if ".." in parts:
-        raise _bad_member(name, "contains '..'")
-    return posixpath.normpath(name)
-
-
-def _check_link(member: tarfile.TarInfo, name: str) -> None:
-    target = member.linkname
-    if target.startswith("/"):
-        raise _bad_member(member.name, f"links to an absolute path {target}")
-    base = posixpath.dirname(name) if member.issym() else ""
-    resolved = posixpath.normpath(posixpath.join(base, target))
-    if resolved == ".." or resolved.startswith("../"):
-        raise _bad_member(member.name, f"links outside the context ({target})")
-
-
-def _bad_member(name: str, why: str) -> RequestError:
-    return RequestError(400, "invalid_request", f"the build context entry {name!r} {why}")
-
-
-def validate_git_url(url: str, allowed_schemes: tuple[str, ...]) -> None:
-    parts = urlsplit(url)
     if parts.scheme not in allowed_schemes or not (parts.netloc or parts.scheme == "file"):
         raise RequestError(
             400,

@@ -14,6 +14,7 @@ from aiohttp import web
 from agent.errors import RequestError
 from agent.leader import references
 from agent.leader.api.keys import CONTEXT, SCHEDULER
+from agent.leader.archive import check_context
 from agent.leader.context import LeaderContext
 from agent.leader.models import (
     BUILD_ARG_KEY,
@@ -27,7 +28,6 @@ from agent.leader.models import (
 )
 from agent.leader.registry import registry_required
 from agent.leader.sources import (
-    check_context,
     receive_upload,
     remove_quietly,
     validate_git_url,
