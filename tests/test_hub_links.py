@@ -185,7 +185,7 @@ async def test_a_round_settles_once_every_node_answered_or_dropped() -> None:
     orders.answer("b", _result("other-order"))  # another order's answer is not this one's
     assert orders.owed("b", "dep-1") and not orders.owed("a", "dep-1")
     assert not pull_round.settled.done()
-    orders.drop("b")
+    orders.drop("b", 0.0)
     orders.answer("c", _result("dep-1"))
     assert pull_round.settled.done()
     first = pull_round.answers["a"]
@@ -202,7 +202,7 @@ async def test_an_answer_on_a_new_link_replaces_the_drop_while_the_round_is_open
     orders = OrdersInFlight()
     pull_round = PullRound("dep-1", {"a", "b"}, "img@sha256:" + "0" * 64)
     orders.open(pull_round)
-    orders.drop("a")
+    orders.drop("a", 0.0)
     assert pull_round.answers["a"] is None and not pull_round.settled.done()
     assert orders.owed("a", "dep-1")  # its progress on the new link is still wanted
 
@@ -215,6 +215,32 @@ async def test_an_answer_on_a_new_link_replaces_the_drop_while_the_round_is_open
     assert not pull_round.settled.done()  # b still owes its answer
 
 
+async def test_a_dropped_node_the_round_waits_for_last_keeps_its_place_for_a_grace() -> None:
+    """The node that drops is often the slowest, the one the round is left waiting for:
+    its drop does not end the round at once, so the answer it sends on its new link
+    within the grace still counts. With no answer the grace ends the round."""
+    orders = OrdersInFlight()
+    answered = PullRound("dep-1", {"a", "b"}, "img")
+    orders.open(answered)
+    orders.answer("b", _result("dep-1"))
+    orders.drop("a", 1.0)
+    await asyncio.sleep(0.1)
+    assert not answered.settled.done()
+    orders.answer("a", _result("dep-1", ok=False))
+    assert answered.settled.done()
+    late = answered.answers["a"]
+    assert late is not None and not late.ok
+    orders.close(answered)
+
+    silent = PullRound("dep-2", {"a"}, "img")
+    orders.open(silent)
+    orders.drop("a", 0.2)
+    async with asyncio.timeout(2):
+        await silent.settled
+    assert silent.answers["a"] is None  # "disconnected": pending, it pulls on reconnect
+    orders.close(silent)
+
+
 async def test_a_restarted_node_answers_through_its_sync_pull_of_the_same_image() -> None:
     """A node restarted mid-pull has forgotten the order; its Sync names the image, and
     the pull it makes of it answers for the node. The Sync pull of another image does
@@ -223,7 +249,7 @@ async def test_a_restarted_node_answers_through_its_sync_pull_of_the_same_image(
     orders = OrdersInFlight()
     pull_round = PullRound("dep-1", {"a", "b"}, image)
     orders.open(pull_round)
-    orders.drop("a")
+    orders.drop("a", 5.0)
     sync = wire.SYNC_ORDER
 
     orders.answer("a", wire.PullResult(order=sync, image="other@sha256:" + "1" * 64, ok=True))
@@ -234,6 +260,7 @@ async def test_a_restarted_node_answers_through_its_sync_pull_of_the_same_image(
 
     answered = pull_round.answers["a"]
     assert answered is not None and answered.ok and answered.seconds == 1.5
+    orders.close(pull_round)
 
 
 async def test_rounds_sharing_an_order_id_settle_independently() -> None:
@@ -287,9 +314,10 @@ async def _served_by(links: Hub) -> AsyncIterator[str]:
 async def test_a_failed_pull_reported_on_a_new_link_fails_the_round_by_name(
     tmp_path: Path,
 ) -> None:
-    """Real links: node a's link is replaced by a new one mid-pull (a blip, the worker
-    reconnecting), and the pull's failure comes on the new link while b still pulls. The
-    round records a's failure, not a drop that would leave it pending."""
+    """Real links: b has answered; node a's link is replaced by a new one mid-pull (a
+    blip, the worker reconnecting), and its pull's failure comes on the new link. The
+    round, left waiting for a alone, records a's failure, not a drop that would leave it
+    pending (and the release go ahead)."""
     nodes = {name: NodeRecord(id=f"n-{name}", name=name, enrolled_at=0.0) for name in "ab"}
     image = "registry.test/app@sha256:" + "0" * 64
 
@@ -310,14 +338,16 @@ async def test_a_failed_pull_reported_on_a_new_link_fails_the_round_by_name(
             )
             for ws in (a1, b):
                 assert wire.decode_for_worker((await ws.receive(timeout=10)).data)
+            await b.send_str(wire.encode(wire.PullResult(order="dep-1", image=image, ok=True)))
+            async with asyncio.timeout(10):  # the hub has taken it: a is the one left
+                while nodes["b"].info.last_pull is None:
+                    await asyncio.sleep(0.01)
             a2 = await session.ws_connect(f"{url}/?node=a")
             await a2.receive(timeout=10)  # the Sync: a2 is a's link now
+            await asyncio.sleep(0.2)
+            assert not pulling.done()  # a's place is kept for its answer
             failure = wire.PullResult(order="dep-1", image=image, ok=False, error="no space")
             await a2.send_str(wire.encode(failure))
-            async with asyncio.timeout(10):  # the hub has taken it: b answers after
-                while nodes["a"].info.last_pull is None:
-                    await asyncio.sleep(0.01)
-            await b.send_str(wire.encode(wire.PullResult(order="dep-1", image=image, ok=True)))
             results = await pulling
             for ws in (a1, a2, b):
                 await ws.close()

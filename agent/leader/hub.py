@@ -37,6 +37,9 @@ SEND_DEADLINE = 10.0
 # worker that stops reading costs the leader as little on TLS as on plain links.
 WRITE_BUFFER_HIGH = 64 * 1024
 CLOSE_DEADLINE = 5.0
+# How long a pull round keeps a node whose link dropped: a worker reconnects within a
+# second or two of a blip (its first backoff is 0.5 s) and answers on its new link.
+RECONNECT_GRACE_S = 5.0
 ProgressSink = Callable[[str, wire.PullProgress], Awaitable[None]]
 # Why a node has no answer to a pull order: offline when it was ordered, or its link
 # dropped before it answered (it was killed, or cut off, mid-pull).
@@ -237,7 +240,7 @@ class Hub:
         previous = self._links.get(node.id)
         if previous is not None:
             previous.kick(wire.CLOSE_REPLACED, "replaced by a newer connection")
-            self._orders.drop(node.id)  # its answer, if any, comes on the new link
+            self._orders.drop(node.id, RECONNECT_GRACE_S)  # its answer comes on this link
         self._links[node.id] = link
         pump = asyncio.create_task(link.pump(), name=f"link-pump-{node.name}")
         log.info("link.connected", node=node.name)
@@ -252,7 +255,8 @@ class Hub:
             current = self._links.get(node.id) is link
             if current:
                 del self._links[node.id]
-                self._orders.drop(node.id)
+                revoked = node.id in self._revoked  # it will not be back
+                self._orders.drop(node.id, 0.0 if revoked else RECONNECT_GRACE_S)
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
@@ -409,6 +413,8 @@ class Hub:
 def _answer(pull_round: PullRound, node_id: str) -> wire.PullResult | Unanswered:
     if node_id not in pull_round.ordered:
         return "offline"
-    if pull_round.owes(node_id):
-        return "late"
-    return pull_round.answers.get(node_id) or "disconnected"
+    if (answer := pull_round.answers.get(node_id)) is not None:
+        return answer
+    if node_id in pull_round.answers:  # its link dropped, and no answer came after
+        return "disconnected"
+    return "late"
