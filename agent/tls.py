@@ -78,16 +78,21 @@ def ca_fingerprint(ca_pem: bytes) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
-def ensure_leader_tls(directory: Path, names: list[str]) -> LeaderTLS:
-    """Load the CA and server certificate from `directory`, creating them on first start.
+def ensure_leader_tls(directory: Path, names: list[str], *, create_ca: bool = True) -> LeaderTLS:
+    """Load the CA and server certificate from `directory`, creating them on first start
+    (the CA only if `create_ca`: a running leader never makes a new one, which would
+    break every node's pin).
 
-    A server certificate that no longer does (its names do not cover `names`, it
-    expires within 30 days, another CA issued it, it lacks the key identifiers strict
-    clients require) is issued again from the same CA, so join tokens stay valid.
+    A server certificate that no longer does (it does not load, its names do not cover
+    `names`, it expires within 30 days, another CA issued it, it lacks the key
+    identifiers strict clients require) is issued again from the same CA, so join tokens
+    stay valid. A CA whose key is not its own is refused: nothing could be signed.
     """
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     tls = LeaderTLS(directory / "ca.pem", directory / "server.pem", directory / "server.key")
     ca_key_file = directory / "ca.key"
+    if not tls.ca_file.exists() and not create_ca:
+        raise FileNotFoundError(f"{tls.ca_file} is gone: restore it, then restart the leader")
     if not tls.ca_file.exists():
         _write_ca(tls.ca_file, ca_key_file)
         log.info(
@@ -98,6 +103,7 @@ def ensure_leader_tls(directory: Path, names: list[str]) -> LeaderTLS:
         )
     reason = _reissue_reason(tls, names)
     if reason is not None:
+        _check_ca_pair(tls.ca_file, ca_key_file)
         cert = _write_server(tls, ca_key_file, names)
         log.info(
             "tls.server_certificate_issued",
@@ -160,21 +166,39 @@ def _write_ca(ca_file: Path, key_file: Path) -> None:
     write_private(ca_file, cert.public_bytes(serialization.Encoding.PEM))
 
 
+def _check_ca_pair(ca_file: Path, ca_key_file: Path) -> None:
+    ca_cert = x509.load_pem_x509_certificate(ca_file.read_bytes())
+    if not _holds_key_of(ca_cert, ca_key_file):
+        raise ValueError(
+            f"{ca_key_file} is not the key of {ca_file} (was one restored without the "
+            "other?): restore the pair, or remove both for a new CA, with which every "
+            "node must enrol again"
+        )
+
+
 def _san(names: list[str]) -> x509.SubjectAlternativeName:
-    entries: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            entries.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            entries.append(x509.DNSName(name))
-    return x509.SubjectAlternativeName(entries)
+    return x509.SubjectAlternativeName([_general_name(name) for name in names])
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    try:
+        return x509.DNSName(name)
+    except ValueError as exc:
+        raise ValueError(f"leader.tls_names: {name!r} cannot name a certificate ({exc})") from None
 
 
 def _reissue_reason(tls: LeaderTLS, names: list[str]) -> str | None:
     """Why the server certificate must be issued again, or None if it serves as it is."""
     if not tls.cert_file.exists():
         return "none yet"
-    cert = x509.load_pem_x509_certificate(tls.cert_file.read_bytes())
+    try:
+        cert = x509.load_pem_x509_certificate(tls.cert_file.read_bytes())
+    except ValueError:
+        return "damaged"  # empty or torn: written in place by an earlier version
     left = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
     checks: tuple[tuple[str, Callable[[], bool]], ...] = (
         ("key", lambda: _holds_key_of(cert, tls.key_file)),  # a crash between the two writes

@@ -250,3 +250,41 @@ async def test_certificate_files_replaced_in_place_are_served_and_a_broken_pair_
     with pytest.raises(ssl.SSLError):
         serving.refresh()
     assert (await _handshake(serving.listening, client)).serial_number == second.serial_number
+
+
+def test_a_ca_restored_without_its_key_is_refused_not_reissued_against(tmp_path: Path) -> None:
+    """ca.pem replaced on its own: the old key cannot sign for it, so every certificate
+    issued would fail against the CA handed to joining nodes (and, checked hourly, be
+    issued again every hour). The leader says which pair is broken instead."""
+    ensure_leader_tls(tmp_path / "other", NAMES)
+    ensure_leader_tls(tmp_path / "tls", NAMES)
+    (tmp_path / "tls" / "ca.pem").write_bytes((tmp_path / "other" / "ca.pem").read_bytes())
+
+    with pytest.raises(ValueError, match=r"ca\.key is not the key of .*ca\.pem"):
+        ensure_leader_tls(tmp_path / "tls", NAMES)
+    config = parse_config(
+        {"role": "leader", "state_dir": str(tmp_path), "leader": {"api_token": "t" * 32}}
+    )
+    assert config.leader is not None
+    with pytest.raises(ConfigError, match="is not the key of"):
+        _leader_tls(config.leader, tmp_path)
+
+
+def test_a_damaged_server_certificate_is_issued_again(tmp_path: Path) -> None:
+    """An empty server.pem (written in place, before writes were atomic, by a leader
+    that crashed) is replaced at the next start, not a config error for good."""
+    tls = ensure_leader_tls(tmp_path, NAMES)
+    tls.cert_file.write_bytes(b"")
+    ensure_leader_tls(tmp_path, NAMES).server_context()
+
+
+def test_the_hourly_renewal_never_makes_a_new_ca(tmp_path: Path) -> None:
+    """A new CA would break every node's pin while the leader runs: with ca.pem gone,
+    renewal fails (and is logged), and no CA is made."""
+    tls = ensure_leader_tls(tmp_path, NAMES)
+    renew = functools.partial(ensure_leader_tls, tmp_path, NAMES, create_ca=False)
+    serving = ServingCertificate(tls, renew)
+    tls.ca_file.unlink()
+    with pytest.raises(FileNotFoundError):
+        serving.refresh()
+    assert not tls.ca_file.exists()

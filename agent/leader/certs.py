@@ -67,9 +67,9 @@ class ServingCertificate:
             try:
                 if await asyncio.to_thread(self.refresh):
                     log.info("tls.certificate_reloaded", expires=self.expires())
-            except (OSError, ValueError, ssl.SSLError) as exc:  # a replacement half written
+            except Exception as exc:  # a replacement half written, a CA gone: try next hour
                 log.warning(
                     "tls.certificate_reload_failed",
-                    error=str(exc),
+                    error=f"{type(exc).__name__}: {exc}",
                     note="the certificate loaded before is still served",
                 )

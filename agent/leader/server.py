@@ -211,7 +211,8 @@ class Leader:
         if cfg.tls is not None:
             return None
         names = default_names(list(cfg.tls_names))
-        return functools.partial(ensure_leader_tls, self.config.state_path / "tls", names)
+        tls_dir = self.config.state_path / "tls"
+        return functools.partial(ensure_leader_tls, tls_dir, names, create_ca=False)
 
     async def wait_engine(self, stop: asyncio.Event, waiting: Callable[[str], None]) -> bool:
         """Whether the engine answered before `stop` was set (asked again while it does not)."""
@@ -306,10 +307,8 @@ def _own_tls(cfg: LeaderConfig, directory: Path) -> LeaderTLS:
         raise AgentError(
             f"state_dir: cannot keep the leader's certificate in {directory}: {exc}"
         ) from None
-    except ValueError as exc:  # a name no certificate can hold, a damaged file of ours
-        raise ConfigError(
-            f"leader.tls_names: cannot make the leader's certificate in {directory}: {exc}"
-        ) from None
+    except ValueError as exc:  # a name no certificate can hold, a CA and key apart
+        raise ConfigError(f"the leader's certificate in {directory}: {exc}") from None
 
 
 def _pull_progress(journal: Journal) -> ProgressSink:
