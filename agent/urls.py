@@ -9,7 +9,10 @@ def redact_url(url: str) -> str:
     """The URL with what may be a credential masked: its user name and password (a
     token is often given as the user, `https://TOKEN@host/…`) and its query string
     (`?access_token=…`)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "http://[oops": nothing of it can be told safe to show
+        return "(an unreadable URL)"
     if parts.username is not None or parts.password is not None:
         parts = parts._replace(netloc=f"***@{host_of(parts)}")
     if parts.query:

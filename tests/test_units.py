@@ -235,6 +235,7 @@ def test_a_shown_url_hides_its_query_string() -> None:
     assert redact_url("https://u:T0KEN@h.example.com/p?k=T0KEN#f") == (
         "https://***@h.example.com/p?***#f"
     )
+    assert redact_url("http://u:T0KEN@[oops/") == "(an unreadable URL)"  # never an error
 
 
 def _noted(dep: Deployment, state: RetryCallState) -> None:

@@ -179,12 +179,13 @@ class Redirecting(Receiver):
     """A receiver that sends every delivery on to another path of its own, as an
     http-to-https or moved-endpoint redirect would."""
 
-    def __init__(self) -> None:
+    def __init__(self, location: str = "/landing") -> None:
         super().__init__()
+        self.location = location
         self.landed: list[str] = []  # the methods that reached the redirect's target
 
     async def handle(self, request: web.Request) -> web.Response:
-        raise web.HTTPFound("/landing")
+        return web.Response(status=302, headers={"Location": self.location})
 
     async def landing(self, request: web.Request) -> web.Response:
         self.landed.append(request.method)
@@ -199,12 +200,16 @@ class Redirecting(Receiver):
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
 
 
+@pytest.mark.parametrize(
+    ("location", "named"), [("/landing", "/landing"), ("http://[oops", "(an unreadable URL)")]
+)
 async def test_a_redirect_is_not_followed_nor_counted_as_delivered(
-    leader_factory: Callable[..., Any], tmp_path: Path
+    leader_factory: Callable[..., Any], tmp_path: Path, location: str, named: str
 ) -> None:
     """A 302 turns a POST into a bodyless GET: followed, the event was lost yet recorded
-    as delivered, and its signature went to whatever host the redirect named."""
-    receiver = Redirecting()
+    as delivered, and its signature went to whatever host the redirect named. A target
+    that is no URL at all is a failure like any other, recorded and retried."""
+    receiver = Redirecting(location)
     await receiver.start()
     try:
         hooks = [{"url": receiver.url, "secret": SECRET}]
@@ -223,7 +228,7 @@ async def test_a_redirect_is_not_followed_nor_counted_as_delivered(
 
     assert first["state"] == "pending"
     assert first["last_status"] == 302
-    assert "redirected to /landing" in first["last_error"]
+    assert f"redirected to {named}" in first["last_error"]
     assert receiver.landed == []
 
 

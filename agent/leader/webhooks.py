@@ -125,7 +125,7 @@ class WebhookSender:
                 status = response.status
                 if 300 <= status < 400:  # a POST redirected may arrive as a GET, or elsewhere
                     error = _redirect_error(response)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except Exception as exc:  # any failure is recorded and retried with backoff
             error = _error_text(exc, row.url)
         if status is not None and 200 <= status < 300:
             await self._save(row, state="delivered", next_at=time.time(), status=status)
