@@ -144,7 +144,7 @@ async def test_old_deployments_history_goes_and_their_records_stay(tmp_path: Pat
                 await store.append_event(dep.id, {"type": "log", "line": f"step {line}"})
         await store.webhook_result(1, state="delivered", next_at=0.0, status=204, error=None)
 
-        pruned = await store.prune_history(time.time() - 90 * day, batch=2)
+        pruned = await store.prune_history(time.time() - 90 * day, scan=2)
 
         assert pruned == (5, 5 * 4)
         for dep in old:

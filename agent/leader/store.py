@@ -157,7 +157,7 @@ class Store:
                     db.execute("ROLLBACK")
                 raise
         finally:
-            if durable:
+            if durable and not db.in_transaction:  # a failed ROLLBACK leaves one open
                 db.execute("PRAGMA synchronous=NORMAL")
 
     # deployments
@@ -357,30 +357,44 @@ class Store:
         ).fetchall()
         return [bytes(r[0]) for r in rows]
 
-    async def prune_history(self, before: float, batch: int = 200) -> tuple[int, int]:
+    async def prune_history(self, before: float, scan: int = 2000) -> tuple[int, int]:
         """Delete the events, and the settled webhook deliveries, of deployments that
-        finished before `before` (the records themselves stay), `batch` deployments per
-        transaction so other work goes on between; return (deployments, events) pruned."""
-        deployments = events = 0
+        finished before `before` (the records themselves stay); return (deployments,
+        events) pruned. The deployments are read `scan` at a time, in their order, and
+        each such slice is pruned in a transaction of its own, so other work goes on
+        between them and no scan holds the write lock."""
+        cursor, deployments, events = 0, 0, 0
         while True:
-            done, removed = await self._call(self._prune_history, before, batch)
-            deployments, events = deployments + done, events + removed
-            if done < batch:
+            ids, cursor = await self._call(self._finished_before, before, cursor, scan)
+            if cursor == 0:
                 return deployments, events
+            if ids:
+                had, removed = await self._call(self._delete_history, ids)
+                deployments, events = deployments + had, events + removed
 
-    def _prune_history(self, before: float, batch: int) -> tuple[int, int]:
+    def _finished_before(self, before: float, after_seq: int, scan: int) -> tuple[list[str], int]:
+        """The finished-before-`before` deployments among the `scan` after `after_seq`,
+        and where the slice ended (0: there were none)."""
+        assert self._db is not None
+        rows = self._db.execute(
+            "SELECT seq, id, state, json_extract(doc, '$.finished_at') FROM deployments"
+            " WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, scan),
+        ).fetchall()
+        if not rows:
+            return [], 0
+        old = [r[1] for r in rows if r[2] in _FINAL and r[3] is not None and r[3] < before]
+        return old, int(rows[-1][0])
+
+    def _delete_history(self, ids: list[str]) -> tuple[int, int]:
+        """Prune these deployments; return how many had events, and how many events."""
+        chosen = _encoder.encode(ids)
         with self._tx() as db:
-            ids = [
-                row[0]
-                for row in db.execute(
-                    "SELECT id FROM deployments WHERE state IN (SELECT value FROM json_each(?))"
-                    " AND json_extract(doc, '$.finished_at') < ?"
-                    " AND EXISTS (SELECT 1 FROM events WHERE deployment_id = deployments.id)"
-                    " LIMIT ?",
-                    (_encoder.encode(_FINAL), before, batch),
-                )
-            ]
-            chosen = _encoder.encode(ids)
+            (had,) = db.execute(
+                "SELECT COUNT(DISTINCT deployment_id) FROM events"
+                " WHERE deployment_id IN (SELECT value FROM json_each(?))",
+                (chosen,),
+            ).fetchone()
             removed = db.execute(
                 "DELETE FROM events WHERE deployment_id IN (SELECT value FROM json_each(?))",
                 (chosen,),
@@ -390,7 +404,7 @@ class Store:
                 " AND state IN ('delivered', 'failed')",
                 (chosen,),
             )
-        return len(ids), removed
+        return int(had), int(removed)
 
     # registry credentials
 
@@ -572,15 +586,18 @@ class Store:
         return await self._call(self._images_to_hold)
 
     def _images_to_hold(self) -> list[str]:
+        """Each app's newest deployment with a pushed image, walking the (app, seq) index
+        back from each app's newest row: one or a few rows read per app, however long
+        the history (it runs on every link's connect)."""
         assert self._db is not None
-        # One row per app, from its newest such deployment (SQLite takes a bare column
-        # of a MAX() query from the row that holds the maximum).
         rows = self._db.execute(
-            "SELECT json_extract(doc, '$.repository'), json_extract(doc, '$.digest'), MAX(seq) "
-            "FROM deployments WHERE json_extract(doc, '$.digest') IS NOT NULL "
-            "AND state IN ('distributing', 'releasing', 'succeeded') GROUP BY app"
+            "SELECT (SELECT json_extract(d.doc, '$.repository') || '@' ||"
+            " json_extract(d.doc, '$.digest') FROM deployments d"
+            " WHERE d.app = apps.app AND d.state IN ('distributing', 'releasing', 'succeeded')"
+            " AND json_extract(d.doc, '$.digest') IS NOT NULL ORDER BY d.seq DESC LIMIT 1)"
+            " FROM (SELECT DISTINCT app FROM deployments) apps"
         ).fetchall()
-        return [f"{repository}@{digest}" for repository, digest, _ in rows]
+        return [image for (image,) in rows if image is not None]
 
 
 def _insert_event_row(db: sqlite3.Connection, dep_id: str, event: dict[str, Any]) -> int:
