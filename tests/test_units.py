@@ -25,7 +25,7 @@ from agent.leader import stages
 from agent.leader.context import LeaderContext
 from agent.leader.metrics import PULL_BUCKETS, LoopHistogram
 from agent.leader.models import Deployment, DeploymentRequest, Mode, ServiceSpec
-from agent.leader.references import image_host, registry_host, repository_for
+from agent.leader.references import image_host, push_name, registry_host, repository_for
 from agent.leader.release import service_spec
 from agent.leader.sources import _git_env
 from agent.retrying import scoped
@@ -187,6 +187,18 @@ def test_redactor_scrubs_secrets_from_rendered_events_and_tracebacks(
     assert "locals" not in json.dumps(event["exception"])
 
 
+def test_a_secret_inside_a_longer_one_leaves_nothing_of_either_shown() -> None:
+    """Twenty pairs, each secret inside a longer one (replaced in any order but longest
+    first, a pair shows the longer one's rest: by chance, every pair in the right order
+    once in a million runs)."""
+    redactor = logs.Redactor()
+    pairs = [(f"tok{i:02d}", f"tok{i:02d}-and-more-{i}") for i in range(20)]
+    for short, long in pairs:
+        redactor.add(short, long)
+    text = " ".join(long for _, long in pairs)
+    assert redactor.scrub(text) == " ".join(["***"] * 20)
+
+
 def test_service_spec_rolls_start_first_with_rollback_and_places_on_workers() -> None:
     """The spec carries the image, labels, rollback on failure and the worker constraint."""
     svc = ServiceSpec(name="web", command=["run"], replicas=3, env={"A": "1"})
@@ -310,3 +322,20 @@ async def test_a_push_resumed_with_its_digest_recorded_is_not_redone() -> None:
     await stages.push(nothing, dep)
 
     assert dep.digest == "sha256:" + "2" * 64
+
+
+@pytest.mark.parametrize(
+    ("repository", "pushed"),
+    [
+        ("acme/web", "docker.io/acme/web"),
+        ("docker.io/acme/web", "docker.io/acme/web"),
+        ("index.docker.io/acme/web", "docker.io/acme/web"),  # was docker.io/index.docker.io/…
+        ("registry-1.docker.io/acme/web", "docker.io/acme/web"),
+        ("ghcr.io/acme/web", "ghcr.io/acme/web"),
+        ("registry.test:5000/acme/web", "registry.test:5000/acme/web"),
+    ],
+)
+def test_docker_hub_repositories_are_pushed_under_docker_io_by_any_of_its_names(
+    repository: str, pushed: str
+) -> None:
+    assert push_name(repository) == pushed

@@ -48,10 +48,14 @@ def validate_repository(repository: str) -> str:
 
 
 def push_name(repository: str) -> str:
-    """The name the engine pushes: Docker Hub repositories need their host spelled out."""
-    if image_host(repository) == DOCKER_HUB and not repository.startswith(DOCKER_HUB + "/"):
-        return f"{DOCKER_HUB}/{repository}"
-    return repository
+    """The name the engine pushes: Docker Hub repositories need their host spelled out,
+    as docker.io (the engine knows Hub by that name only)."""
+    if image_host(repository) != DOCKER_HUB:
+        return repository
+    first, _, rest = repository.partition("/")
+    if first.lower() in _HUB_ALIASES:  # index.docker.io/acme/web → docker.io/acme/web
+        return f"{DOCKER_HUB}/{rest}"
+    return f"{DOCKER_HUB}/{repository}"
 
 
 def repository_for(app: str, image: str | None, creds: RegistryCredentials) -> str:
