@@ -22,10 +22,13 @@ class Redactor:
     """Replaces every registered secret, wherever it appears in an event, by `***`."""
 
     def __init__(self) -> None:
-        self._secrets: set[str] = set()
+        self._secrets: list[str] = []  # longest first: a secret inside a longer one
+        # replaced first would leave the longer one's rest shown
 
     def add(self, *secrets: str | None) -> None:
-        self._secrets.update(s for s in secrets if s and len(s) >= 4)
+        known = set(self._secrets)
+        known.update(s for s in secrets if s and len(s) >= 4)
+        self._secrets = sorted(known, key=len, reverse=True)
 
     def scrub(self, text: str) -> str:
         for secret in self._secrets:
