@@ -312,6 +312,12 @@ JOIN_ANSWERS = {
         "the join token is not valid (get the current token",
     ),
     "not-an-identity": (201, '{"ok": true}', "application/json", "no node identity"),
+    "proxy-rate-limit": (
+        429,
+        '{"error": {"code": "rate_limited", "message": "slow down"}}',
+        "application/json",
+        "slow down",
+    ),
 }
 
 

@@ -32,6 +32,11 @@ IDENTITY_FILE = "node.json"
 PROPOSAL_FILE = "join-secret.json"  # until the leader has answered the join
 
 
+# The leader's answers that no retry changes: a malformed request, a token it does not
+# take, a name already enrolled. A 408 or 429 (a proxy's, say) is worth another try.
+REFUSALS = frozenset({400, 401, 403, 409})
+
+
 class EnrolmentError(AgentError):
     """The worker could not join: the leader could not be reached or did not answer as
     one; a restart may find it."""
@@ -151,7 +156,7 @@ async def _joined(url: str, response: aiohttp.ClientResponse) -> _Joined:
         error = doc["error"]
         hint = f" ({error['hint']})" if error.get("hint") else ""
         message = f"the leader refused to enrol this node: {error.get('message')}{hint}"
-        if 400 <= response.status < 500:  # the token or the name: the config must change
+        if response.status in REFUSALS:  # the token or the name: the config must change
             raise EnrolmentRefused(message)
         raise EnrolmentError(message)
     if response.status == 201:
