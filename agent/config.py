@@ -261,6 +261,8 @@ def _resolve_secret(
     elif f"{key}_env" in section:
         var = section[f"{key}_env"]
         if name in _NEEDED_ONCE and isinstance(var, str) and not os.environ.get(var, "").strip():
+            if unset_env is not None:
+                unset_env.append(f"{name}_env: {var}")
             return  # kept as a name: the worker reports it only if it has to enrol
         section.pop(f"{key}_env")
         try:

@@ -91,6 +91,15 @@ async def test_check_config_notes_a_secret_set_only_in_the_services_environment(
     code, _, err = await _cli(None, "check-config", "-c", str(config))
     assert code == 2 and "leader.api_token_file" in err, err
 
+    worker = tmp_path / "worker.toml"
+    worker.write_text(
+        'role = "worker"\n[worker]\nleader_url = "https://leader:7443"\n'
+        'join_token_env = "SET_ONLY_IN_THE_UNIT"\n'
+    )
+    code, out, err = await _cli(None, "check-config", "-c", str(worker))
+    assert code == 0, out + err
+    assert "worker.join_token_env: SET_ONLY_IN_THE_UNIT is not set here" in err
+
 
 async def test_deploy_follows_the_build_to_success(leader: InProcessLeader, tmp_path: Path) -> None:
     """`deploy --context` streams the stages and build log, ends with a summary and exit 0."""
