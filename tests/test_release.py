@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from agent.leader.models import NodeRecord
 from tests.support.contexts import busybox_context
 from tests.support.dockerd import Dockerd
+from tests.support.engine_proxy import refusing
 from tests.support.leader import InProcessLeader, LeaderProcess
 from tests.support.registry import Registry
 
@@ -338,3 +341,72 @@ async def test_a_local_deployment_is_placed_where_its_image_is_though_a_worker_e
         "service", "inspect", "latecomer_web", "--format", "{{json .Spec.TaskTemplate.Placement}}"
     ).stdout
     assert json.loads(placement)["Constraints"] == [f"node.id == {node_id}"]
+
+
+async def test_a_healthy_service_rolled_back_for_a_failing_sibling_keeps_serving(
+    leader_factory: Callable[..., Any], swarm_engine: Dockerd, tmp_path: Path
+) -> None:
+    """v2 of web is healthy, v2 of api fails: Swarm rolls api back and the leader
+    returns web to v1, in web's own update order (start-first), so web has a task
+    running at every moment. Rolled back stop-first, it had none while v1 started."""
+    leader = await leader_factory(engine={"url": swarm_engine.url}, leader=RELEASE)
+    one = [_service("web", replicas=1), _service("api", replicas=1)]
+    first = await _release(leader, busybox_context(tmp_path / "a"), "pair", one)
+    assert first["state"] == "succeeded", first
+    running: list[int] = []
+    sampling = True
+
+    def sample() -> None:
+        while sampling:
+            running.append(sum(state == "Running" for _, state in _tasks(swarm_engine, "pair_web")))
+            time.sleep(0.05)
+
+    sampler = asyncio.create_task(asyncio.to_thread(sample))
+    try:
+        failing = [_service("web", replicas=1), {**one[1], "command": ["/bin/busybox", "true"]}]
+        second = await _release(
+            leader, busybox_context(tmp_path / "b", cmd="echo v2"), "pair", failing
+        )
+        assert second["error"]["code"] == "rolled_back", second
+        async with asyncio.timeout(60):
+            while _tasks(swarm_engine, "pair_web") != [(first["image"], "Running")]:
+                await asyncio.sleep(0.2)
+    finally:
+        sampling = False
+        await sampler
+
+    assert len(running) > 5
+    assert min(running) >= 1, running
+
+
+@pytest.fixture
+async def refusing_deletes(swarm_engine: Dockerd) -> AsyncIterator[str]:
+    """The Swarm engine, but every DELETE of a service answered 500 (set up before the
+    leader, so it outlives the leader's stop)."""
+    async with refusing(swarm_engine.sock, "DELETE", r"/services/") as url:
+        yield url
+
+
+async def test_a_prune_the_engine_refuses_leaves_the_live_release_succeeded(
+    refusing_deletes: str,
+    leader_factory: Callable[..., Any],
+    swarm_engine: Dockerd,
+    tmp_path: Path,
+) -> None:
+    """Every service runs the new version when the prune comes: a service that cannot be
+    removed is an event and a warning, not a failed deployment the control plane would
+    act on."""
+    leader = await leader_factory(engine={"url": refusing_deletes}, leader=RELEASE)
+    ctx = busybox_context(tmp_path / "c")
+    both = [_service("a", replicas=1), _service("b", replicas=1)]
+    made = await _release(leader, ctx, "stuck", both)
+    assert made["state"] == "succeeded", made["error"]
+
+    pruned = await _release(leader, ctx, "stuck", both[:1], prune=True)
+
+    assert pruned["state"] == "succeeded", pruned
+    events = await leader.api.events(pruned["id"])
+    failed = [e for e in events if e.get("action") == "remove_failed"]
+    assert [e["service"] for e in failed] == ["stuck_b"]
+    assert "refused by the test's proxy" in failed[0]["error"]
+    assert swarm_engine.cli("service", "inspect", "stuck_b", check=False).returncode == 0

@@ -148,7 +148,10 @@ def service_spec(
         "FailureAction": "rollback",
         "MaxFailureRatio": 0,
     }
-    rollback = {**update, "FailureAction": "pause", "Order": "stop-first"}
+    # Back in the update's order: start-first, the version going back starts before the
+    # one leaving stops, so a service that was healthy on the new version keeps serving
+    # while the deployment's undo returns it.
+    rollback = {**update, "FailureAction": "pause"}
     return {
         "Name": name,
         "Labels": labels,
@@ -421,8 +424,11 @@ async def _prune(ctx: LeaderContext, dep: Deployment, existing: dict[str, Any]) 
         if name not in wanted:
             try:
                 await ctx.engine.request("DELETE", f"services/{service['ID']}")
-            except EngineApiError as exc:
-                if exc.status != 404:
-                    message = f"could not remove {name}: {exc.message}"
-                    raise DeploymentError("release_failed", message) from None
+            except EngineError as exc:  # the release is live: its outcome stands
+                if not (isinstance(exc, EngineApiError) and exc.status == 404):
+                    log.warning("release.prune_failed", service=name, error=exc.message)
+                    await ctx.journal.record(
+                        dep.id, "release", service=name, action="remove_failed", error=exc.message
+                    )
+                    continue
             await ctx.journal.record(dep.id, "release", service=name, action="removed")

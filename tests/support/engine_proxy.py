@@ -1,0 +1,54 @@
+"""A Docker Engine behind a proxy that refuses chosen requests: the real engine answers
+everything else. For faults a real engine will not produce on demand (a Swarm API call
+refused with a 500, say)."""
+
+from __future__ import annotations
+
+import io
+import re
+import tempfile
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+
+@asynccontextmanager
+async def refusing(engine_socket: Path, method: str, path: str) -> AsyncIterator[str]:
+    """A unix:// engine URL that answers `method` requests whose path matches the
+    regular expression `path` with a 500, and forwards every other request whole."""
+    pattern = re.compile(path)
+    session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(engine_socket)))
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        if request.method == method and pattern.search(request.path):
+            return web.json_response({"message": "refused by the test's proxy"}, status=500)
+        async with session.request(
+            request.method,
+            f"http://docker{request.path_qs}",
+            headers=_kept(request.headers),
+            data=io.BytesIO(await request.read()),
+        ) as answer:
+            body = await answer.read()
+            return web.Response(status=answer.status, body=body, headers=_kept(answer.headers))
+
+    app = web.Application(client_max_size=1024**3)
+    app.router.add_route("*", "/{tail:.*}", forward)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    with tempfile.TemporaryDirectory(prefix="engine-proxy-") as directory:
+        socket = Path(directory) / "docker.sock"
+        await web.UnixSite(runner, str(socket)).start()
+        try:
+            yield f"unix://{socket}"
+        finally:
+            await runner.cleanup()
+            await session.close()
+
+
+def _kept(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers of a message passed on whole: no framing of the hop it came by."""
+    dropped = {"host", "content-length", "transfer-encoding", "connection", "content-encoding"}
+    return {k: v for k, v in headers.items() if k.lower() not in dropped}
