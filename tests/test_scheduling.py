@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import sqlite3
 import subprocess
 import time
@@ -13,7 +15,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from agent.leader import stages
+from agent.leader import sources, stages
 from agent.leader.store import IDEMPOTENCY_TTL_S
 from tests.support.canary import CANARY
 from tests.support.contexts import busybox_context, run_step
@@ -241,6 +243,55 @@ async def test_unknown_git_ref_is_source_unavailable(
 
     assert final["error"]["code"] == "source_unavailable"
     assert "nope" in final["error"]["message"]
+
+
+def _git_repo_with(path: Path, size: int) -> str:
+    """_git_repo, with a file of `size` random bytes committed too."""
+    url = _git_repo(path)
+    (path / "blob").write_bytes(os.urandom(size))
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t"}
+    env |= {"GIT_COMMITTER_EMAIL": "t@t", "HOME": str(path.parent), "PATH": "/usr/bin:/bin"}
+    for cmd in (["add", "blob"], ["commit", "-qm", "blob"]):
+        subprocess.run(["git", "-C", str(path), *cmd], check=True, env=env)
+    return url
+
+
+async def test_a_repository_past_the_context_limit_stops_being_packed_there(
+    leader_factory: Any, tmp_path: Path
+) -> None:
+    """The packing of a clone counts its files: past max_context_bytes it stops, instead
+    of writing the whole tree out once more before the check refuses it."""
+    url = _git_repo_with(tmp_path / "repo", 3 * 2**20)
+    leader = await leader_factory(leader={"max_context_bytes": 2**20})
+    _, dep = await leader.api.request(
+        "POST", "/v1/deployments", json={"app": "huge", "git": {"url": url, "ref": "main"}}
+    )
+
+    final = await leader.api.wait_final(dep["id"])
+
+    assert final["error"]["code"] == "source_unavailable"
+    assert "repository's files pass the build context limit of 1048576" in final["error"]["message"]
+
+
+async def test_a_clone_that_would_fill_the_disk_is_stopped(
+    leader_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The room an upload must leave free holds for a clone too: with the reserve set
+    8 MiB under what is free, a 24 MiB repository's clone is killed under way."""
+    url = _git_repo_with(tmp_path / "repo", 24 * 2**20)
+    leader = await leader_factory()
+    free = shutil.disk_usage(leader.config.state_dir).free
+    monkeypatch.setattr(sources, "DISK_RESERVE_BYTES", free - 8 * 2**20)
+    monkeypatch.setattr(sources, "ROOM_CHECK_S", 0.01)
+    _, dep = await leader.api.request(
+        "POST", "/v1/deployments", json={"app": "filling", "git": {"url": url, "ref": "main"}}
+    )
+
+    final = await leader.api.wait_final(dep["id"])
+
+    assert final["error"]["code"] == "source_unavailable", final
+    assert "the clone was stopped with" in final["error"]["message"]
+    assert not list(Path(leader.config.state_dir, "contexts").iterdir())
 
 
 GIT_TOKEN = f"canary-git-token-{CANARY.marker}"

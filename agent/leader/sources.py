@@ -11,6 +11,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
@@ -26,6 +27,7 @@ CHUNK = 1024 * 1024
 # An upload never leaves less than this free on the state directory's filesystem: the
 # store, its journal and the build must still have room once the context is in.
 DISK_RESERVE_BYTES = 256 * 1024 * 1024
+ROOM_CHECK_S = 0.5  # how often a clone under way looks at the room left
 _ASKPASS = """#!/bin/sh
 case "$1" in
   Username*) printf '%s\\n' "$DEPLOY_AGENT_GIT_USERNAME" ;;
@@ -102,26 +104,57 @@ def validate_git_url(url: str, allowed_schemes: tuple[str, ...]) -> None:
         )
 
 
-async def clone_to_context(url: str, ref: str, dest: Path, deadline: float) -> str:
-    """Clone `ref` of `url` shallow and pack it (without .git) into `dest`; return the commit."""
+async def clone_to_context(url: str, ref: str, dest: Path, deadline: float, max_bytes: int) -> str:
+    """Clone `ref` of `url` shallow and pack it (without .git) into `dest`; return the
+    commit. The clone stops once the filesystem would keep less than the reserve free,
+    and the packing once the files pass `max_bytes`: a repository of any size must not
+    fill the disk the store is on."""
     with tempfile.TemporaryDirectory(prefix="clone-", dir=dest.parent) as tmp:
         work = Path(tmp) / "src"
-        env = _git_env(url, Path(tmp))
-        clean_url = without_userinfo(url)
         try:
             async with asyncio.timeout(deadline):
-                await _git(env, "init", "-q", str(work))
-                await _git(env, "-C", str(work), "fetch", "-q", "--depth", "1", clean_url, ref)
-                await _git(env, "-C", str(work), "checkout", "-q", "FETCH_HEAD")
-                commit = await _git(env, "-C", str(work), "rev-parse", "HEAD")
+                commit = await _until_no_room(dest.parent, _clone(url, ref, work, Path(tmp)))
         except TimeoutError:
             raise DeploymentError(
                 "source_unavailable",
                 f"cloning {redact_url(url)} took longer than {deadline:.0f} s",
                 hint="check that the git host answers, or raise leader.git_timeout",
             ) from None
-        await asyncio.to_thread(_pack_dir, work, dest)
+        await asyncio.to_thread(_pack_dir, work, dest, max_bytes)
     return commit.strip()
+
+
+async def _clone(url: str, ref: str, work: Path, tmp: Path) -> str:
+    env = _git_env(url, tmp)
+    clean_url = without_userinfo(url)
+    await _git(env, "init", "-q", str(work))
+    await _git(env, "-C", str(work), "fetch", "-q", "--depth", "1", clean_url, ref)
+    await _git(env, "-C", str(work), "checkout", "-q", "FETCH_HEAD")
+    return await _git(env, "-C", str(work), "rev-parse", "HEAD")
+
+
+async def _until_no_room(directory: Path, work: Awaitable[str]) -> str:
+    """`work`'s result; cancelled (its git killed) if the reserve runs out meanwhile."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            free = shutil.disk_usage(directory).free
+            if free < DISK_RESERVE_BYTES:
+                task.cancel()
+                raise DeploymentError(
+                    "source_unavailable",
+                    f"the clone was stopped with {free // 2**20} MiB left free in {directory} "
+                    f"({DISK_RESERVE_BYTES // 2**20} MiB must stay free)",
+                    hint="free space on the leader's state directory, or make the "
+                    "repository smaller (its build context is limited to "
+                    "leader.max_context_bytes anyway)",
+                )
+            await asyncio.wait([task], timeout=ROOM_CHECK_S)
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def _git_env(url: str, tmp: Path) -> dict[str, str]:
@@ -170,11 +203,24 @@ def _verb(args: tuple[str, ...]) -> str:
     return next(a for a in args if a in ("init", "fetch", "checkout", "rev-parse"))
 
 
-def _pack_dir(src: Path, dest: Path) -> None:
+def _pack_dir(src: Path, dest: Path, max_bytes: int) -> None:
+    packed = 0
+
+    def counted(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        nonlocal packed
+        packed += info.size
+        if packed > max_bytes:
+            raise DeploymentError(
+                "source_unavailable",
+                f"the repository's files pass the build context limit of {max_bytes} bytes",
+                hint="leave build outputs out of the repository, or raise leader.max_context_bytes",
+            )
+        return info
+
     with tarfile.open(dest, "w") as archive:
         for entry in sorted(src.iterdir()):
             if entry.name != ".git":
-                archive.add(entry, arcname=entry.name)
+                archive.add(entry, arcname=entry.name, filter=counted)
 
 
 def sweep_contexts(directory: Path, unfinished: set[str]) -> list[str]:

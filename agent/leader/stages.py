@@ -110,7 +110,9 @@ async def _prepare_context(ctx: LeaderContext, dep: Deployment) -> Path:
     git = dep.request.git
     if git is not None:
         await ctx.journal.record(dep.id, "source", url=redact_url(git.url), ref=git.ref)
-        commit = await clone_to_context(git.url, git.ref, path, ctx.config.git_timeout)
+        commit = await clone_to_context(
+            git.url, git.ref, path, ctx.config.git_timeout, ctx.config.max_context_bytes
+        )
         await ctx.journal.record(dep.id, "source", commit=commit)
         try:
             await asyncio.to_thread(
