@@ -57,9 +57,9 @@ async def _service_images(engine: Engine) -> set[str]:
     try:
         services: list[dict[str, Any]] = await engine.request("GET", "services")
     except EngineApiError as exc:
-        if exc.status == 503:  # not a manager
+        if exc.status == 503 and await _outside_swarm_control(engine):
             return set()
-        raise
+        raise  # a locked Swarm answers 503 too: its services are not known, keep all
     refs = set()
     for service in services:
         for spec in (service.get("Spec"), service.get("PreviousSpec")):
@@ -67,6 +67,15 @@ async def _service_images(engine: Engine) -> set[str]:
             if container.get("Image"):
                 refs.add(str(container["Image"]))
     return refs
+
+
+async def _outside_swarm_control(engine: Engine) -> bool:
+    """Whether the engine has no Swarm services to tell of: in no Swarm, or a worker of
+    one. A manager that answers 503 is locked (autolock after a restart) or without
+    quorum: its services still name images, unknown until it is back."""
+    swarm = (await engine.request("GET", "info")).get("Swarm") or {}
+    state = swarm.get("LocalNodeState")
+    return state == "inactive" or (state == "active" and not swarm.get("ControlAvailable"))
 
 
 async def _remove(engine: Engine, image_id: str) -> bool:

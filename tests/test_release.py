@@ -410,3 +410,30 @@ async def test_a_prune_the_engine_refuses_leaves_the_live_release_succeeded(
     assert [e["service"] for e in failed] == ["stuck_b"]
     assert "refused by the test's proxy" in failed[0]["error"]
     assert swarm_engine.cli("service", "inspect", "stuck_b", check=False).returncode == 0
+
+
+@pytest.fixture
+async def services_unavailable(swarm_engine: Dockerd) -> AsyncIterator[str]:
+    """The Swarm manager, but its services list answered 503, as a manager that lost
+    quorum or is locked (autolock, after a restart) answers."""
+    async with refusing(swarm_engine.sock, "GET", r"/services$", status=503) as url:
+        yield url
+
+
+async def test_a_manager_that_cannot_list_its_services_has_no_image_removed(
+    services_unavailable: str,
+    leader_factory: Callable[..., Any],
+    swarm_engine: Dockerd,
+    tmp_path: Path,
+) -> None:
+    """Its services may name any of the app's images: none past keep_images goes until
+    it answers (a 503 was taken for "not a manager", which has no services to ask)."""
+    leader = await leader_factory(engine={"url": services_unavailable}, leader={"keep_images": 1})
+    for i in range(3):
+        dep = await leader.api.deploy_dir(busybox_context(tmp_path / f"c{i}"), "locked")
+        assert (await leader.api.wait_final(dep["id"]))["state"] == "succeeded"
+
+    held = swarm_engine.cli(
+        "image", "ls", "--filter", "label=deploy-agent.app=locked", "--format", "{{.ID}}"
+    ).stdout.split()
+    assert len(held) == 3

@@ -16,15 +16,17 @@ from aiohttp import web
 
 
 @asynccontextmanager
-async def refusing(engine_socket: Path, method: str, path: str) -> AsyncIterator[str]:
+async def refusing(
+    engine_socket: Path, method: str, path: str, status: int = 500
+) -> AsyncIterator[str]:
     """A unix:// engine URL that answers `method` requests whose path matches the
-    regular expression `path` with a 500, and forwards every other request whole."""
+    regular expression `path` with `status`, and forwards every other request whole."""
     pattern = re.compile(path)
     session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(engine_socket)))
 
     async def forward(request: web.Request) -> web.StreamResponse:
         if request.method == method and pattern.search(request.path):
-            return web.json_response({"message": "refused by the test's proxy"}, status=500)
+            return web.json_response({"message": "refused by the test's proxy"}, status=status)
         async with session.request(
             request.method,
             f"http://docker{request.path_qs}",
