@@ -5,6 +5,7 @@ deployment with its reason and the leader stays up."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import stat
 import tempfile
@@ -248,3 +249,28 @@ async def test_build_server_without_registry_is_409(
     assert status == 409
     assert doc["error"]["code"] == "registry_required"
     assert "build server" in doc["error"]["message"]
+
+
+async def test_services_that_may_run_on_the_leader_get_an_image_built_elsewhere(
+    rig: Rig, swarm_engine: Dockerd, short_state_dir: Path, tmp_path: Path
+) -> None:
+    """No worker enrolled: the services run on the leader's node, whose engine never
+    saw the image (the build server built and pushed it). The leader pulls it there
+    before the release, since the services carry no registry credentials for Swarm to
+    pull with."""
+    leader = await rig.leader_factory(
+        state_dir=short_state_dir,
+        engine={"url": swarm_engine.url},
+        leader={"build_server": rig.server(), "stage_timeouts": {"releasing": 90}},
+    )
+    await leader.api.put_registry(rig.registry.host, rig.registry.username, rig.registry.password)
+    services = [{"name": "web", "replicas": 1, "update": {"monitor_s": 1}}]
+    context = busybox_context(tmp_path / "c", cmd="sleep 3600")
+    dep = await leader.api.deploy_dir(context, "elsewhere", services=json.dumps(services))
+
+    final = await leader.api.wait_final(dep["id"], timeout=110)
+
+    assert final["state"] == "succeeded", final["error"]
+    events = await leader.api.events(dep["id"])
+    assert any(e.get("action") == "pulled_on_leader" for e in events)
+    assert swarm_engine.cli("image", "inspect", final["image"], check=False).returncode == 0

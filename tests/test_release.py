@@ -437,3 +437,38 @@ async def test_a_manager_that_cannot_list_its_services_has_no_image_removed(
         "image", "ls", "--filter", "label=deploy-agent.app=locked", "--format", "{{.ID}}"
     ).stdout.split()
     assert len(held) == 3
+
+
+@pytest.fixture
+async def recorded(swarm_engine: Dockerd) -> AsyncIterator[tuple[str, list[Any]]]:
+    """The Swarm engine behind a proxy that notes every request's method, path and
+    headers (set up before the leader, so it outlives the leader's stop)."""
+    requests: list[tuple[str, str, dict[str, str]]] = []
+    async with refusing(swarm_engine.sock, seen=requests) as url:
+        yield url, requests
+
+
+async def test_services_are_released_without_registry_credentials(
+    recorded: tuple[str, list[tuple[str, str, dict[str, str]]]],
+    leader_factory: Callable[..., Any],
+    swarm_engine: Dockerd,
+    registry: Registry,
+    tmp_path: Path,
+) -> None:
+    """Credentials sent with a service's create or update are kept by Swarm in the
+    service's spec, on the managers' disks and in every worker's task store. None go:
+    the nodes that may run its tasks hold the image by digest already."""
+    url, requests = recorded
+    leader = await leader_factory(engine={"url": url}, leader=RELEASE)
+    await leader.api.put_registry(registry.host, registry.username, registry.password)
+    ctx = busybox_context(tmp_path / "c")
+    for _ in range(2):  # a create, then an update
+        final = await _release(leader, ctx, "private", [_service("web", replicas=1)])
+        assert final["state"] == "succeeded", final["error"]
+
+    assert _service_image(swarm_engine, "private_web") == final["image"]
+    releases = [(m, p, h) for m, p, h in requests if m == "POST" and "/services/" in p]
+    assert {p.rsplit("/", 1)[-1] for _, p, _ in releases} == {"create", "update"}
+    assert not [h for _, _, h in releases if "X-Registry-Auth" in h]
+    pushes = [h for m, p, h in requests if m == "POST" and p.endswith("/push")]
+    assert pushes and all("X-Registry-Auth" in h for h in pushes)  # the proxy sees headers

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.engine import Engine
-from agent.errors import DeploymentError, EngineApiError, EngineError
+from agent.engine import Engine, PushProgress
+from agent.errors import AgentError, DeploymentError, EngineApiError, EngineError
 from agent.leader.context import LeaderContext
 from agent.leader.models import Deployment, Mode, ServiceSpec
 from agent.logs import get_logger
@@ -35,6 +35,8 @@ async def release(ctx: LeaderContext, dep: Deployment) -> None:
     engine = ctx.engine
     leader_node = await _require_manager(engine)
     constraints = await _placement(ctx, dep, leader_node)
+    if not constraints and dep.mode is Mode.REGISTRY:
+        await _hold_on_leader(ctx, dep)
     existing = await app_services(engine, dep.app)
     changed = _Changed()
     try:
@@ -69,8 +71,11 @@ async def _apply(
     *,
     constraints: list[str],
 ) -> None:
-    """Create or update each service on the new image, noting each as it changes."""
-    headers = _auth_headers(ctx, dep)
+    """Create or update each service on the new image, noting each as it changes.
+
+    No registry credentials go with them: Swarm would keep them in the service's spec,
+    on every manager's disk and in each worker's task store, and no task needs them,
+    every node that may run one holding the image by its digest already."""
     for svc in dep.request.services:
         name = f"{dep.app}_{svc.name}"
         spec = service_spec(dep, svc, name, constraints=constraints)
@@ -78,10 +83,10 @@ async def _apply(
             await ctx.journal.record(dep.id, "release", service=name, action="applied_already")
             continue
         if name in existing:
-            await _update(ctx.engine, existing[name], spec, headers)
+            await _update(ctx.engine, existing[name], spec)
             changed.updated.append(name)
         else:
-            await _call(ctx.engine, "POST", "services/create", body=spec, headers=headers)
+            await _call(ctx.engine, "POST", "services/create", body=spec)
             changed.created.append(name)
         action = "update" if name in existing else "create"
         await ctx.journal.record(dep.id, "release", service=name, action=action)
@@ -214,11 +219,25 @@ async def _require_manager(engine: Engine) -> str:
     return node
 
 
-def _auth_headers(ctx: LeaderContext, dep: Deployment) -> dict[str, str]:
-    creds = ctx.registry.current
-    if dep.mode is Mode.REGISTRY and creds is not None:
-        return ctx.engine.registry_auth_header(creds)
-    return {}
+async def _hold_on_leader(ctx: LeaderContext, dep: Deployment) -> None:
+    """Tasks may run on the leader's node: its engine must hold the image (a build
+    server built and pushed it elsewhere). Pulled here, with the credentials in force."""
+    ref = dep.image_ref
+    try:
+        if await ctx.engine.image_id(ref) is not None:
+            return
+        await ctx.engine.pull(ref, ctx.registry.current, _no_progress)
+    except AgentError as exc:
+        raise DeploymentError(
+            "release_failed",
+            f"the leader's engine could not pull {ref}, which its node may run: {exc.message}",
+            hint="check that the leader reaches the registry with the credentials in force",
+        ) from None
+    await ctx.journal.record(dep.id, "release", action="pulled_on_leader", image=ref)
+
+
+async def _no_progress(_: PushProgress) -> None:
+    return None
 
 
 async def app_services(engine: Engine, app: str) -> dict[str, dict[str, Any]]:
@@ -228,9 +247,7 @@ async def app_services(engine: Engine, app: str) -> dict[str, dict[str, Any]]:
     return {s["Spec"]["Name"]: s for s in services}
 
 
-async def _update(
-    engine: Engine, current: Mapping[str, Any], spec: dict[str, Any], headers: dict[str, str]
-) -> None:
+async def _update(engine: Engine, current: Mapping[str, Any], spec: dict[str, Any]) -> None:
     version = str(current["Version"]["Index"])
     await _call(
         engine,
@@ -238,7 +255,6 @@ async def _update(
         f"services/{current['ID']}/update",
         params={"version": version},
         body=spec,
-        headers=headers,
     )
 
 

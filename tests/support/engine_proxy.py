@@ -17,14 +17,21 @@ from aiohttp import web
 
 @asynccontextmanager
 async def refusing(
-    engine_socket: Path, method: str, path: str, status: int = 500
+    engine_socket: Path,
+    method: str = "",
+    path: str = "^$",
+    status: int = 500,
+    seen: list[tuple[str, str, dict[str, str]]] | None = None,
 ) -> AsyncIterator[str]:
     """A unix:// engine URL that answers `method` requests whose path matches the
-    regular expression `path` with `status`, and forwards every other request whole."""
+    regular expression `path` with `status`, and forwards every other request whole.
+    Each request's method, path and headers go to `seen`, if given."""
     pattern = re.compile(path)
     session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(engine_socket)))
 
     async def forward(request: web.Request) -> web.StreamResponse:
+        if seen is not None:
+            seen.append((request.method, request.path, dict(request.headers)))
         if request.method == method and pattern.search(request.path):
             return web.json_response({"message": "refused by the test's proxy"}, status=status)
         async with session.request(
