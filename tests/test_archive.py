@@ -7,6 +7,7 @@ import gzip
 import io
 import lzma
 import tarfile
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -120,3 +121,34 @@ def test_a_corrupt_xz_archive_is_a_400(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     refused = _refused(path)
     assert refused.status == 400 and "not a readable tar archive" in refused.message
+
+
+def test_an_entry_under_a_link_of_the_archive_is_refused(tmp_path: Path) -> None:
+    """`a -> .` then `a/x -> ../..`: unpacked, x lands where a points, and its target
+    is taken from there (two levels up: outside). No build context needs an entry
+    under a link."""
+    under = _archive(tmp_path / "u.tar.gz", _link("a", "."), _link("a/x", "../.."))
+    refused = _refused(under)
+    assert refused.status == 400 and "'a/x' lies under the link 'a'" in refused.message
+
+
+def test_links_that_double_at_each_level_are_refused_at_once(tmp_path: Path) -> None:
+    """l1 -> l0/../l0, l2 -> l1/../l1, …: each level doubles the lookups. The links a
+    lookup may follow are counted in all, as the kernel counts them, so 24 levels (16
+    million lookups otherwise) are refused in well under a second."""
+    chain = [tarfile.TarInfo("d"), _link("l0", "d")]
+    chain += [_link(f"l{k}", f"l{k - 1}/../l{k - 1}") for k in range(1, 25)]
+    chain[0].type = tarfile.DIRTYPE
+    started = time.monotonic()
+    refused = _refused(_archive(tmp_path / "x.tar.gz", *chain))
+    assert refused.status == 400
+    assert time.monotonic() - started < 1
+
+
+def test_repeated_names_count_as_entries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same name a thousand times is a thousand entries to read: counted as one,
+    the cap and the size bound never held."""
+    monkeypatch.setattr(archive, "MAX_ENTRIES", 50)
+    same = _archive(tmp_path / "s.tar.gz", *(tarfile.TarInfo("again") for _ in range(60)))
+    refused = _refused(same)
+    assert refused.status == 400 and "more than 50 entries" in refused.message

@@ -104,10 +104,11 @@ class _Bounded:
 def _check_members(archive: tarfile.TarFile, bounded: _Bounded, max_unpacked: int) -> set[str]:
     names: set[str] = set()
     links: dict[str, str] = {}
-    total = 0
+    total = entries = 0
     while (member := archive.next()) is not None:
         archive.members.clear()  # type: ignore[attr-defined]  # tarfile keeps every entry
-        if len(names) >= MAX_ENTRIES:
+        entries += 1
+        if entries > MAX_ENTRIES:
             raise _Refused(_bad(f"has more than {MAX_ENTRIES} entries"))
         bounded.limit += HEADER_ALLOWANCE
         name = _safe_name(member.name)
@@ -123,10 +124,22 @@ def _check_members(archive: tarfile.TarFile, bounded: _Bounded, max_unpacked: in
         names.add(name)
     if not names:
         raise RequestError(400, "invalid_request", "the build context archive is empty")
-    for name, target in links.items():
-        if _resolve(name, links) is None:
-            raise _bad_member(name, f"links outside the context ({target})")
+    _check_links(names, links)
     return names
+
+
+def _check_links(names: set[str], links: dict[str, str]) -> None:
+    """No entry lies under a link of the archive (unpacked, it would land wherever the
+    link points: no build context needs that), and no link leads outside the context."""
+    for name in names:
+        parent = posixpath.dirname(name)
+        while parent:
+            if parent in links:
+                raise _bad_member(name, f"lies under the link {parent!r}")
+            parent = posixpath.dirname(parent)
+    for name, target in links.items():
+        if _resolve(name, links, _Budget()) is None:
+            raise _bad_member(name, f"links outside the context ({target})")
 
 
 def _safe_name(name: str) -> str:
@@ -151,10 +164,22 @@ def _check_hard_link(member: tarfile.TarInfo) -> None:
         raise _bad_member(member.name, f"links outside the context ({member.linkname})")
 
 
-def _resolve(path: str, links: dict[str, str], depth: int = 0) -> list[str] | None:
+class _Budget:
+    """Links one lookup may follow in all, as the kernel allows a path's resolution
+    (chains of links that double at each level would otherwise take exponential time)."""
+
+    def __init__(self) -> None:
+        self.left = LINK_DEPTH
+
+    def spend(self) -> bool:
+        self.left -= 1
+        return self.left >= 0
+
+
+def _resolve(path: str, links: dict[str, str], budget: _Budget) -> list[str] | None:
     """Where `path` leads in the unpacked context, following the archive's symbolic
     links as the kernel would (a `..` after a link leaves the link's target, not its
-    name); None if that is outside the context, or a loop of links."""
+    name); None if that is outside the context, or takes more links than a lookup may."""
     where: list[str] = []
     for part in path.split("/"):
         if part in ("", "."):
@@ -167,10 +192,10 @@ def _resolve(path: str, links: dict[str, str], depth: int = 0) -> list[str] | No
         where.append(part)
         target = links.get("/".join(where))
         if target is not None:
-            if depth >= LINK_DEPTH or target.startswith("/"):
+            if not budget.spend() or target.startswith("/"):
                 return None
             base = "/".join(where[:-1])
-            followed = _resolve(f"{base}/{target}" if base else target, links, depth + 1)
+            followed = _resolve(f"{base}/{target}" if base else target, links, budget)
             if followed is None:
                 return None
             where = followed
