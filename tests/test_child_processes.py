@@ -14,12 +14,13 @@ from agent.leader import password_command
 from agent.leader.password_command import PasswordCommandError, run_password_command
 
 
-def _running(marker: str) -> list[int]:
-    """Processes whose command line holds `marker`."""
+def _running(*argv: str) -> list[int]:
+    """Processes whose command line is `argv` (arguments NUL-separated, as /proc has them)."""
+    wanted = "\0".join(argv).encode() + b"\0"
     found = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().decode():
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes() == wanted:
                 found.append(int(proc.name))
         except OSError:
             continue  # gone meanwhile
@@ -37,11 +38,12 @@ async def test_a_command_past_its_deadline_is_killed_with_what_it_started(
     started = time.monotonic()
 
     with pytest.raises(PasswordCommandError, match="did not finish within"):
-        await run_password_command(f"sleep {marker}; echo never")
+        async with asyncio.timeout(10):  # the deadline waited for the orphan's pipes
+            await run_password_command(f"sleep {marker}; echo never")
 
     assert time.monotonic() - started < 3
     await asyncio.sleep(0.2)
-    assert _running(f"sleep {marker}") == []
+    assert _running("sleep", marker) == []
 
 
 async def test_a_failing_commands_messages_are_not_in_its_error() -> None:
