@@ -158,6 +158,9 @@ class Engine:
                 raise EngineError(str(exc.message)) from None
             raise EngineApiError(exc.status, str(exc.message).strip()) from None
 
+    def registry_auth_header(self, creds: RegistryCredentials) -> dict[str, str]:
+        return {"X-Registry-Auth": compose_auth_header(creds.engine_auth())}
+
     async def wait_until_up(
         self, stop: asyncio.Event, waiting: Callable[[str], None]
     ) -> str | None:

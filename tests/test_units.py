@@ -26,7 +26,7 @@ from agent.leader.context import LeaderContext
 from agent.leader.metrics import PULL_BUCKETS, LoopHistogram
 from agent.leader.models import Deployment, DeploymentRequest, Mode, ServiceSpec
 from agent.leader.references import image_host, push_name, registry_host, repository_for
-from agent.leader.release import service_spec
+from agent.leader.release import may_lack_image, service_spec
 from agent.leader.sources import _git_env
 from agent.retrying import scoped
 from agent.urls import redact_url, without_userinfo
@@ -339,3 +339,47 @@ def test_docker_hub_repositories_are_pushed_under_docker_io_by_any_of_its_names(
     repository: str, pushed: str
 ) -> None:
     assert push_name(repository) == pushed
+
+
+WORKERS = "node.role == worker"
+
+
+def _swarm_node(node_id: str, hostname: str, role: str = "worker", **spec: str) -> dict[str, Any]:
+    return {
+        "ID": node_id,
+        "Spec": {"Role": role, "Availability": spec.get("availability", "active")},
+        "Status": {"State": spec.get("state", "ready")},
+        "Description": {"Hostname": hostname},
+    }
+
+
+@pytest.mark.parametrize(
+    ("nodes", "constraints", "lacking"),
+    [
+        ([_swarm_node("L", "leader", "manager")], [], False),  # the leader pulls it itself
+        ([_swarm_node("L", "leader", "manager"), _swarm_node("1", "w1")], [], False),
+        ([_swarm_node("1", "w1"), _swarm_node("2", "w2")], ["node.role == worker"], True),
+        ([_swarm_node("1", "w1"), _swarm_node("3", "w3")], ["node.role == worker"], True),
+        ([_swarm_node("1", "w1"), _swarm_node("2", "w2", state="down")], [], False),
+        ([_swarm_node("1", "w1"), _swarm_node("2", "w2", availability="drain")], [], False),
+        (
+            [_swarm_node("1", "w1"), _swarm_node("M", "m2", "manager")],
+            ["node.role == worker"],
+            False,
+        ),
+        ([_swarm_node("1", "w1"), _swarm_node("M", "m2", "manager")], [], True),
+    ],
+)
+def test_swarm_gets_registry_credentials_only_when_a_node_may_lack_the_image(
+    nodes: list[dict[str, Any]], constraints: list[str], lacking: bool
+) -> None:
+    """w1 reported the image present, w2 was left pending, w3 runs no agent of ours:
+    only a node that may run the tasks and is not known to hold the image calls for
+    credentials (which Swarm keeps in the service's spec)."""
+    dep = _deployment(
+        nodes={
+            "w1": {"node_id": "n-1", "status": "present"},
+            "w2": {"node_id": "n-2", "status": "pending"},
+        }
+    )
+    assert may_lack_image(nodes, dep, constraints, leader_node="L") is lacking

@@ -37,10 +37,11 @@ async def release(ctx: LeaderContext, dep: Deployment) -> None:
     constraints = await _placement(ctx, dep, leader_node)
     if not constraints and dep.mode is Mode.REGISTRY:
         await _hold_on_leader(ctx, dep)
+    headers = await _pull_credentials(ctx, dep, constraints, leader_node)
     existing = await app_services(engine, dep.app)
     changed = _Changed()
     try:
-        await _apply(ctx, dep, existing, changed, constraints=constraints)
+        await _apply(ctx, dep, existing, changed, constraints=constraints, headers=headers)
         await _converge(ctx, dep)
     except ServiceFailed as exc:
         # A service Swarm rolled back is back already; every other one goes back here.
@@ -70,12 +71,9 @@ async def _apply(
     changed: _Changed,
     *,
     constraints: list[str],
+    headers: dict[str, str],
 ) -> None:
-    """Create or update each service on the new image, noting each as it changes.
-
-    No registry credentials go with them: Swarm would keep them in the service's spec,
-    on every manager's disk and in each worker's task store, and no task needs them,
-    every node that may run one holding the image by its digest already."""
+    """Create or update each service on the new image, noting each as it changes."""
     for svc in dep.request.services:
         name = f"{dep.app}_{svc.name}"
         spec = service_spec(dep, svc, name, constraints=constraints)
@@ -83,10 +81,10 @@ async def _apply(
             await ctx.journal.record(dep.id, "release", service=name, action="applied_already")
             continue
         if name in existing:
-            await _update(ctx.engine, existing[name], spec)
+            await _update(ctx.engine, existing[name], spec, headers)
             changed.updated.append(name)
         else:
-            await _call(ctx.engine, "POST", "services/create", body=spec)
+            await _call(ctx.engine, "POST", "services/create", body=spec, headers=headers)
             changed.created.append(name)
         action = "update" if name in existing else "create"
         await ctx.journal.record(dep.id, "release", service=name, action=action)
@@ -219,6 +217,42 @@ async def _require_manager(engine: Engine) -> str:
     return node
 
 
+async def _pull_credentials(
+    ctx: LeaderContext, dep: Deployment, constraints: list[str], leader_node: str
+) -> dict[str, str]:
+    """The registry credentials for Swarm to pull with, only when a node that may run
+    the services' tasks is not known to hold the image. Swarm keeps what it is given
+    in the service's spec (on every manager's disk, in each worker's task store), so
+    nothing is sent when the distribution put the image on every such node."""
+    creds = ctx.registry.current
+    if dep.mode is Mode.LOCAL or creds is None:
+        return {}
+    nodes = await _call(ctx.engine, "GET", "nodes")
+    if not may_lack_image(nodes, dep, constraints, leader_node):
+        return {}
+    await ctx.journal.record(dep.id, "release", action="credentials_to_swarm")
+    return ctx.engine.registry_auth_header(creds)
+
+
+def may_lack_image(
+    nodes: list[dict[str, Any]], dep: Deployment, constraints: list[str], leader_node: str
+) -> bool:
+    """Whether a Swarm node that may run the tasks is not known to hold the image: one
+    whose hostname names no worker that reported it present (a worker left pending,
+    a node with no agent of ours). The leader's node holds it (_hold_on_leader)."""
+    holding = {name for name, result in dep.nodes.items() if result.get("status") == "present"}
+    workers_only = "node.role == worker" in constraints
+    for node in nodes:
+        spec, status = node.get("Spec") or {}, node.get("Status") or {}
+        if node.get("ID") == leader_node or spec.get("Availability") != "active":
+            continue
+        if status.get("State") != "ready" or (workers_only and spec.get("Role") != "worker"):
+            continue
+        if (node.get("Description") or {}).get("Hostname") not in holding:
+            return True
+    return False
+
+
 async def _hold_on_leader(ctx: LeaderContext, dep: Deployment) -> None:
     """Tasks may run on the leader's node: its engine must hold the image (a build
     server built and pushed it elsewhere). Pulled here, with the credentials in force."""
@@ -247,7 +281,9 @@ async def app_services(engine: Engine, app: str) -> dict[str, dict[str, Any]]:
     return {s["Spec"]["Name"]: s for s in services}
 
 
-async def _update(engine: Engine, current: Mapping[str, Any], spec: dict[str, Any]) -> None:
+async def _update(
+    engine: Engine, current: Mapping[str, Any], spec: dict[str, Any], headers: dict[str, str]
+) -> None:
     version = str(current["Version"]["Index"])
     await _call(
         engine,
@@ -255,6 +291,7 @@ async def _update(engine: Engine, current: Mapping[str, Any], spec: dict[str, An
         f"services/{current['ID']}/update",
         params={"version": version},
         body=spec,
+        headers=headers,
     )
 
 
