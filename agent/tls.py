@@ -167,6 +167,11 @@ def _write_ca(ca_file: Path, key_file: Path) -> None:
 
 
 def _check_ca_pair(ca_file: Path, ca_key_file: Path) -> None:
+    if not ca_key_file.exists():
+        raise ValueError(
+            f"{ca_key_file} is missing: restore it beside {ca_file}, or remove both for a "
+            "new CA, with which every node must enrol again"
+        )
     ca_cert = x509.load_pem_x509_certificate(ca_file.read_bytes())
     if not _holds_key_of(ca_cert, ca_key_file):
         raise ValueError(

@@ -356,6 +356,34 @@ async def test_a_failed_pull_reported_on_a_new_link_fails_the_round_by_name(
     assert isinstance(results["n-b"], wire.PullResult) and results["n-b"].ok
 
 
+async def test_a_node_revoked_after_its_link_dropped_holds_no_round_up(tmp_path: Path) -> None:
+    """Its link dropped mid-pull (its place kept for a reconnect), then it is revoked:
+    it will not be back, so the round ends at once instead of at the grace's end."""
+    node = NodeRecord(id="n-a", name="a", enrolled_at=0.0)
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = LinkSocket(compress=False)
+        await ws.prepare(request)
+        await links.serve(node, ws, request)
+        return ws
+
+    async with _hub(tmp_path) as links, aiohttp.ClientSession() as session:
+        async for url in serving(handler):
+            ws = await session.ws_connect(url)
+            await ws.receive(timeout=10)  # the Sync
+            pulling = asyncio.create_task(links.pull_everywhere("dep-1", "img", [node], within=30))
+            await ws.receive(timeout=10)  # the order
+            await ws.close()
+            async with asyncio.timeout(10):
+                while links.connected("n-a"):
+                    await asyncio.sleep(0.01)
+            revoked_at = time.monotonic()
+            links.revoke("n-a", "a")
+            results = await pulling
+    assert results == {"n-a": "disconnected"}
+    assert time.monotonic() - revoked_at < 1  # not the 5 s grace
+
+
 async def test_a_link_set_up_after_its_node_was_revoked_is_refused(tmp_path: Path) -> None:
     """A revocation that lands between a worker's authentication and its link being
     served finds no link to close; the link is refused when it reaches the hub."""

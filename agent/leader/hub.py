@@ -221,6 +221,7 @@ class Hub:
         Its failure count goes from the metrics: nodes come and go under their own
         names (autoscaled hosts), and each name kept would be a series for good."""
         self._revoked.add(node_id)
+        self._orders.drop(node_id, 0.0)  # no place kept for it, if its link dropped already
         self.kick(node_id, wire.CLOSE_REVOKED, "this node was revoked")
         with contextlib.suppress(KeyError):
             self._metrics.pull_failures.remove(name)

@@ -151,9 +151,9 @@ def service_spec(
         "FailureAction": "rollback",
         "MaxFailureRatio": 0,
     }
-    # Back in the update's order: start-first, the version going back starts before the
-    # one leaving stops, so a service that was healthy on the new version keeps serving
-    # while the deployment's undo returns it.
+    # Back in the update's own order: with start-first (the default) the version going
+    # back starts before the one leaving stops, so a service that was healthy on the new
+    # version keeps serving while the deployment's undo returns it.
     rollback = {**update, "FailureAction": "pause"}
     return {
         "Name": name,

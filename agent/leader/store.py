@@ -594,7 +594,8 @@ class Store:
             "SELECT (SELECT json_extract(d.doc, '$.repository') || '@' ||"
             " json_extract(d.doc, '$.digest') FROM deployments d"
             " WHERE d.app = apps.app AND d.state IN ('distributing', 'releasing', 'succeeded')"
-            " AND json_extract(d.doc, '$.digest') IS NOT NULL ORDER BY d.seq DESC LIMIT 1)"
+            " AND json_extract(d.doc, '$.digest') IS NOT NULL"
+            " AND json_extract(d.doc, '$.repository') IS NOT NULL ORDER BY d.seq DESC LIMIT 1)"
             " FROM (SELECT DISTINCT app FROM deployments) apps"
         ).fetchall()
         return [image for (image,) in rows if image is not None]
