@@ -28,6 +28,7 @@ MAX_ENTRIES = 200_000
 MAX_HEADER_READ = 1024 * 1024  # a long name or PAX header beyond this is no build context
 HEADER_ALLOWANCE = 2048  # per entry, above the files' own sizes: headers and padding
 LINK_DEPTH = 40  # as the kernel's limit on nested symbolic links
+PATH_MAX = 4096  # as the kernel's: no path of a context is longer
 _OPENERS = ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open))
 _UNREADABLE = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError, ValueError)
 
@@ -143,6 +144,8 @@ def _check_links(names: set[str], links: dict[str, str]) -> None:
 
 
 def _safe_name(name: str) -> str:
+    if len(name) > PATH_MAX:  # every check of it would cost with the square of its length
+        raise _bad_member(name[:64] + "…", f"has a name over {PATH_MAX} bytes")
     if name.startswith("/") or "\\" in name:
         raise _bad_member(name, "has an absolute path")
     parts = name.split("/")
@@ -152,6 +155,8 @@ def _safe_name(name: str) -> str:
 
 
 def _relative_target(member: tarfile.TarInfo) -> str:
+    if len(member.linkname) > PATH_MAX:
+        raise _bad_member(member.name, f"links to a path over {PATH_MAX} bytes")
     if member.linkname.startswith("/"):
         raise _bad_member(member.name, f"links to an absolute path {member.linkname}")
     return member.linkname
