@@ -8,6 +8,7 @@ serving until the new one is proven; a rollback is a failure, never a success.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from collections.abc import Mapping
@@ -35,9 +36,10 @@ async def release(ctx: LeaderContext, dep: Deployment) -> None:
     engine = ctx.engine
     leader_node = await _require_manager(engine)
     constraints = await _placement(ctx, dep, leader_node)
-    if not constraints and dep.mode is Mode.REGISTRY:
+    nodes = await _swarm_nodes(engine)
+    if dep.mode is Mode.REGISTRY and not constraints and _active(nodes, leader_node):
         await _hold_on_leader(ctx, dep)
-    headers = await _pull_credentials(ctx, dep, constraints, leader_node)
+    headers = await _pull_credentials(ctx, dep, constraints, leader_node, nodes)
     existing = await app_services(engine, dep.app)
     changed = _Changed()
     try:
@@ -217,19 +219,44 @@ async def _require_manager(engine: Engine) -> str:
     return node
 
 
+# Credentials that are none: sent with an update, they replace what the service's spec
+# holds (Swarm keeps the spec's own when an update sends nothing).
+NO_CREDENTIALS = {"X-Registry-Auth": base64.urlsafe_b64encode(b"{}").decode()}
+
+
+async def _swarm_nodes(engine: Engine) -> list[dict[str, Any]] | None:
+    """The Swarm's nodes, or None if they cannot be read now (a manager electing its
+    leader answers 503): then every node is taken to lack the image."""
+    try:
+        nodes: list[dict[str, Any]] = await engine.request("GET", "nodes")
+    except EngineError as exc:
+        log.warning("release.nodes_unread", error=exc.message)
+        return None
+    return nodes
+
+
+def _active(nodes: list[dict[str, Any]] | None, node_id: str) -> bool:
+    """Whether the node may be given tasks (unknown: it may)."""
+    found = [node for node in nodes or () if node.get("ID") == node_id]
+    return not found or (found[0].get("Spec") or {}).get("Availability") == "active"
+
+
 async def _pull_credentials(
-    ctx: LeaderContext, dep: Deployment, constraints: list[str], leader_node: str
+    ctx: LeaderContext,
+    dep: Deployment,
+    constraints: list[str],
+    leader_node: str,
+    nodes: list[dict[str, Any]] | None,
 ) -> dict[str, str]:
     """The registry credentials for Swarm to pull with, only when a node that may run
     the services' tasks is not known to hold the image. Swarm keeps what it is given
     in the service's spec (on every manager's disk, in each worker's task store), so
-    nothing is sent when the distribution put the image on every such node."""
+    otherwise empty ones go, replacing any an earlier release left there."""
     creds = ctx.registry.current
     if dep.mode is Mode.LOCAL or creds is None:
         return {}
-    nodes = await _call(ctx.engine, "GET", "nodes")
-    if not may_lack_image(nodes, dep, constraints, leader_node):
-        return {}
+    if nodes is not None and not may_lack_image(nodes, dep, constraints, leader_node):
+        return NO_CREDENTIALS
     await ctx.journal.record(dep.id, "release", action="credentials_to_swarm")
     return ctx.engine.registry_auth_header(creds)
 
