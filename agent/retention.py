@@ -7,6 +7,7 @@ containers, such as Swarm's task history, do not keep an image.
 
 from __future__ import annotations
 
+import datetime
 import json
 from typing import Any
 
@@ -24,17 +25,42 @@ async def prune_app_images(engine: Engine, app: str, keep: int) -> list[str]:
     images: list[dict[str, Any]] = await engine.request(
         "GET", "images/json", params={"filters": filters}
     )
+    if len(images) <= keep:
+        return []
     in_use = await _images_in_use(engine)
-    newest_first = sorted(images, key=lambda image: image["Created"], reverse=True)
     removed = []
-    for image in newest_first[keep:]:
-        if image["Id"] in in_use:
+    for image_id in (await _newest_first(engine, images))[keep:]:
+        if image_id in in_use:
             continue
-        if await _remove(engine, image["Id"]):
-            removed.append(image["Id"])
+        if await _remove(engine, image_id):
+            removed.append(image_id)
     if removed:
         log.info("retention.removed", app=app, images=len(removed), kept=keep)
     return removed
+
+
+async def _newest_first(engine: Engine, images: list[dict[str, Any]]) -> list[str]:
+    """The images' ids, newest first. The list's own creation times are whole seconds,
+    and deployments a second apart are common: each image's own record has them to
+    the nanosecond."""
+    created = {}
+    for image in images:
+        info = await engine.request("GET", f"images/{image['Id']}/json")
+        created[image["Id"]] = created_ns(info.get("Created"), image["Created"])
+    return sorted(created, key=created.__getitem__, reverse=True)
+
+
+def created_ns(stamp: object, seconds: int) -> int:
+    """An image's creation time in nanoseconds, from its RFC 3339 stamp (Docker writes
+    `2026-11-29T13:56:11.123456789Z`), else from its whole seconds."""
+    if isinstance(stamp, str) and stamp.endswith("Z"):
+        whole, _, fraction = stamp[:-1].partition(".")
+        try:
+            at = datetime.datetime.fromisoformat(whole).replace(tzinfo=datetime.UTC)
+            return int(at.timestamp()) * 10**9 + int(fraction.ljust(9, "0")[:9] or 0)
+        except ValueError:
+            pass
+    return seconds * 10**9
 
 
 async def _images_in_use(engine: Engine) -> set[str]:

@@ -28,6 +28,7 @@ from agent.leader.models import Deployment, DeploymentRequest, Mode, ServiceSpec
 from agent.leader.references import image_host, push_name, registry_host, repository_for
 from agent.leader.release import may_lack_image, service_spec
 from agent.leader.sources import _git_env
+from agent.retention import created_ns
 from agent.retrying import scoped
 from agent.urls import redact_url, without_userinfo
 
@@ -383,3 +384,18 @@ def test_swarm_gets_registry_credentials_only_when_a_node_may_lack_the_image(
         }
     )
     assert may_lack_image(nodes, dep, constraints, leader_node="L") is lacking
+
+
+def test_image_creation_times_order_to_the_nanosecond() -> None:
+    """Two deployments of an app a second apart have images of the same whole second in
+    the engine's image list: retention, going by that, once kept the older one."""
+    stamps = {
+        "first": "2026-11-29T13:56:11.123456789Z",
+        "second": "2026-11-29T13:56:11.5Z",  # Docker trims trailing zeros
+        "whole": "2026-11-29T13:56:11Z",
+        "next": "2026-11-29T13:56:12.000000001Z",
+    }
+    ns = {name: created_ns(stamp, 0) for name, stamp in stamps.items()}
+    assert sorted(ns, key=ns.__getitem__) == ["whole", "first", "second", "next"]
+    assert created_ns("not a time", 1795956971) == 1795956971 * 10**9
+    assert created_ns(None, 7) == 7 * 10**9
