@@ -215,6 +215,7 @@ async def test_old_images_are_removed_on_the_build_server_too(rig: Rig, tmp_path
         dep = await leader.api.deploy_dir(busybox_context(tmp_path / f"c{i}"), "piles")
         finals.append(await leader.api.wait_final(dep["id"]))
     assert [f["state"] for f in finals] == ["succeeded"] * 2
+    await leader.api.wait_retention(finals[-1]["id"], count=2)  # here, and there
 
     held = builder.cli(
         "image", "ls", "--filter", "label=deploy-agent.app=piles", "--format", "{{.Tag}}"

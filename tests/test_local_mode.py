@@ -71,6 +71,9 @@ async def test_deployments_without_services_keep_only_the_newest_images(
         dep = await leader.api.deploy_dir(context, "unreleased")
         finals.append(await leader.api.wait_final(dep["id"]))
     assert [f["state"] for f in finals] == ["succeeded"] * 3
+    await leader.api.wait_retention(finals[-1]["id"])
+    kinds = [e.get("state", e["type"]) for e in await leader.api.events(finals[-1]["id"])]
+    assert kinds[-2:] == ["succeeded", "retention"]  # housekeeping after the outcome
 
     held = dockerd.cli(
         "image", "ls", "--filter", "label=deploy-agent.app=unreleased", "--format", "{{.Tag}}"

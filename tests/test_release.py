@@ -284,6 +284,7 @@ async def test_old_images_beyond_keep_images_are_removed(
         ctx = busybox_context(tmp_path / f"c{i}", cmd=f"echo {i}")
         finals.append(await _release(leader, ctx, "keeper", [_service("s", replicas=1)]))
     assert all(f["state"] == "succeeded" for f in finals)
+    await leader.api.wait_retention(finals[-1]["id"])
 
     held = swarm_engine.cli(
         "image", "ls", "--filter", "label=deploy-agent.app=keeper", "--format", "{{.Tag}}"
@@ -307,6 +308,7 @@ async def test_an_image_a_service_still_names_is_kept_though_no_task_runs_it(
         for i in (1, 2, 3)
     ]
     assert all(f["state"] == "succeeded" for f in (first, *later))
+    await leader.api.wait_retention(later[-1]["id"])
 
     held = swarm_engine.cli(
         "image", "ls", "--filter", "label=deploy-agent.app=dormant", "--format", "{{.Tag}}"
@@ -433,6 +435,9 @@ async def test_a_manager_that_cannot_list_its_services_has_no_image_removed(
     for i in range(3):
         dep = await leader.api.deploy_dir(busybox_context(tmp_path / f"c{i}"), "locked")
         assert (await leader.api.wait_final(dep["id"]))["state"] == "succeeded"
+        (retention,) = await leader.api.wait_retention(dep["id"])
+        if i:  # with one image only, nothing is past keep_images: nothing is asked
+            assert "refused by the test's proxy" in retention["error"], retention
 
     held = swarm_engine.cli(
         "image", "ls", "--filter", "label=deploy-agent.app=locked", "--format", "{{.ID}}"

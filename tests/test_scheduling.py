@@ -76,8 +76,8 @@ async def test_a_cancel_after_the_last_stage_leaves_the_deployment_succeeded(
     leader: InProcessLeader, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A cancel that arrives once every stage is done (here, while old images are
-    pruned) cannot undo the work: the deployment is recorded as succeeded, as what runs
-    is its image, and the cancel's answer says so."""
+    pruned, after the final state) cannot undo the work: the deployment stays
+    succeeded, as what runs is its image, and the cancel's answer says so."""
     pruning = asyncio.Event()
 
     async def slow_prune(ctx: object, dep: object) -> None:

@@ -67,6 +67,9 @@ class Runner:
             await self.settle(self._fail(failed))
         else:
             await self.settle(self._finish(State.SUCCEEDED, None))
+            # Old images go once the deployment is known to have succeeded: nothing of it
+            # waits on this housekeeping (a cancel or a stop now only cuts it short).
+            await stages.retain(self.ctx, self.dep)
 
     @staticmethod
     async def settle(final: Awaitable[None]) -> None:
@@ -85,8 +88,8 @@ class Runner:
         return plan(self.dep.mode, release=bool(self.dep.request.services))
 
     def _every_stage_done(self) -> bool:
-        """Whether every stage has finished: what is left (pruning old images) changes
-        nothing a cancel could undo, so the deployment has succeeded."""
+        """Whether every stage has finished: a cancel that arrives then can undo nothing,
+        so the deployment has succeeded."""
         return all(self.dep.stage_done(stage) for stage in self._plan())
 
     async def _attempt(self) -> None:
@@ -103,7 +106,6 @@ class Runner:
         for stage in self._plan():
             if not self.dep.stage_done(stage):
                 await self._run_stage(stage)
-        await stages.retain(self.ctx, self.dep)
 
     async def _forget_lost_image(self) -> None:
         """A build recorded before a crash counts only while the engine still holds it."""

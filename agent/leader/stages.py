@@ -277,7 +277,8 @@ def _node_result(node_id: str, result: PullResult | Unanswered, within: float) -
 async def retain(ctx: LeaderContext, dep: Deployment) -> None:
     """Once a deployment has succeeded, the app's images beyond the newest
     `keep_images` go, here, on the build server and on every connected worker (unless
-    something still uses one)."""
+    something still uses one). Each engine's outcome is a `retention` event, recorded
+    after the deployment's final state."""
     keep = ctx.config.keep_images
     ctx.hub.broadcast(wire.Retain(app=dep.app, keep=keep))
     try:
@@ -285,6 +286,7 @@ async def retain(ctx: LeaderContext, dep: Deployment) -> None:
         await ctx.journal.record(dep.id, "retention", removed=len(removed), kept=keep)
     except EngineError as exc:
         log.warning("retention.failed", app=dep.app, error=exc.message)
+        await ctx.journal.record(dep.id, "retention", kept=keep, error=exc.message)
     if ctx.builders.remote:
         await _retain_on_build_server(ctx, dep, keep)
 

@@ -121,6 +121,18 @@ class Api:
         assert status == 200
         return dict(doc)
 
+    async def wait_retention(
+        self, dep_id: str, count: int = 1, timeout: float = 30
+    ) -> list[dict[str, Any]]:
+        """The deployment's `retention` events once `count` are there: old images go
+        after the final state, one event per engine (the leader's, a build server's)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                done = [e for e in await self.events(dep_id) if e["type"] == "retention"]
+                if len(done) >= count:
+                    return done
+                await asyncio.sleep(0.05)
+
     async def wait_state(self, dep_id: str, state: str, timeout: float = 60) -> None:
         async with asyncio.timeout(timeout):
             while True:
