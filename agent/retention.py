@@ -45,7 +45,12 @@ async def _newest_first(engine: Engine, images: list[dict[str, Any]]) -> list[st
     the nanosecond."""
     created = {}
     for image in images:
-        info = await engine.request("GET", f"images/{image['Id']}/json")
+        try:
+            info = await engine.request("GET", f"images/{image['Id']}/json")
+        except EngineApiError as exc:
+            if exc.status == 404:  # removed meanwhile (the retention of a deployment before)
+                continue
+            raise
         created[image["Id"]] = created_ns(info.get("Created"), image["Created"])
     return sorted(created, key=created.__getitem__, reverse=True)
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.support.contexts import busybox_context, run_step
 from tests.support.dockerd import Dockerd
+from tests.support.engine_proxy import refusing
 from tests.support.leader import InProcessLeader
 from tests.support.registry import Registry
 
@@ -101,3 +104,25 @@ async def test_a_finished_deployments_history_goes_after_history_days(
     status, doc = await second.api.request("GET", f"/v1/deployments/{dep['id']}")
     assert status == 200
     assert doc["state"] == final["state"] == "succeeded"
+
+
+@pytest.fixture
+async def images_vanishing(dockerd: Dockerd) -> AsyncIterator[str]:
+    """The engine, but every image's own record answered 404, as for an image the
+    retention of the deployment before removed meanwhile (set up before the leader)."""
+    async with refusing(dockerd.sock, "GET", r"/images/sha256:[0-9a-f]+/json$", 404) as url:
+        yield url
+
+
+async def test_images_removed_meanwhile_do_not_fail_retention(
+    images_vanishing: str, leader_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Retention runs after the final state, so a deployment's may run while the next
+    one's does: an image the other removed is skipped, not an error."""
+    leader = await leader_factory(engine={"url": images_vanishing}, leader={"keep_images": 1})
+    for i in range(2):
+        dep = await leader.api.deploy_dir(busybox_context(tmp_path / f"c{i}"), "vanishing")
+        assert (await leader.api.wait_final(dep["id"]))["state"] == "succeeded"
+    (retention,) = await leader.api.wait_retention(dep["id"])
+    assert "error" not in retention, retention
+    assert retention["removed"] == 0
