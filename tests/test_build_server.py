@@ -103,6 +103,7 @@ async def test_deployment_builds_on_the_build_server_and_pushes_from_there(
     tunnel_modes = await _tunnel_modes_while_building(leader, dep["id"], state_dir)
 
     final = await leader.api.wait_final(dep["id"])
+    await leader.api.wait_retention(dep["id"], count=2)  # its own tunnel, after the final state
 
     assert final["state"] == "succeeded", final.get("error")
     tag = f"{final['repository']}:{dep['id']}"
