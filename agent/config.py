@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from agent.errors import ConfigError
-from agent.ssh import SshTarget
+from agent.ssh_target import SshTarget
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]

@@ -11,15 +11,25 @@ import logging
 import posixpath
 import secrets
 import shlex
+import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import urlsplit
 
-import asyncssh
+from cryptography.utils import CryptographyDeprecationWarning
 
 from agent.errors import HostKeyRejected, SshError, SshRefused
+from agent.ssh_target import SshTarget
+
+with warnings.catch_warnings():
+    # asyncssh (2.24 and earlier) names cryptography's DSA key types at import, and
+    # cryptography 51 deprecates DSA with a warning on each such name: asyncssh's own
+    # doing, not ours, and nothing here uses DSA. Only that warning, only from asyncssh.
+    warnings.filterwarnings(
+        "ignore", category=CryptographyDeprecationWarning, module=r"asyncssh(\.|$)"
+    )
+    import asyncssh
 
 CONNECT_TIMEOUT = 20.0
 # asyncssh logs every channel, command and file at INFO: a bootstrap reports its own steps.
@@ -29,35 +39,6 @@ KEEPALIVE_SECONDS = 15.0
 CLOSE_TIMEOUT = 5.0
 KILL_AFTER = 5.0  # a remote command that ignores SIGTERM at its deadline gets SIGKILL then
 _TIMED_OUT = frozenset({124})  # what `timeout` exits with when the deadline passed
-
-
-@dataclass(frozen=True, slots=True)
-class SshTarget:
-    user: str
-    host: str
-    port: int = 22
-
-    @classmethod
-    def parse(cls, url: str) -> SshTarget:
-        """`ssh://user@host[:port]`, as given on the command line."""
-        parts = urlsplit(url)
-        if parts.scheme != "ssh" or not parts.hostname or not parts.username:
-            raise ValueError(f"{url!r} is not ssh://user@host[:port]")
-        if parts.password is not None or parts.path not in ("", "/"):
-            raise ValueError(f"{url!r}: only ssh://user@host[:port], no password or path")
-        try:
-            port = 22 if parts.port is None else parts.port
-        except ValueError:
-            raise ValueError(
-                f"{url!r}: the port must be 1 to 65535 in ssh://user@host:port"
-            ) from None
-        if port == 0:
-            raise ValueError(f"{url!r}: the port must be 1 to 65535 in ssh://user@host:port")
-        return cls(parts.username, parts.hostname, port)
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.user}@{host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,8 @@ from agent.bootstrap.plan import UNIT_NAME, Plan
 from agent.bootstrap.steps import LeaderApi, Session
 from agent.config import parse_config
 from agent.errors import BootstrapError
-from agent.ssh import Completed, SshHost, SshTarget
+from agent.ssh import Completed, SshHost
+from agent.ssh_target import SshTarget
 from tests.support.units import verify
 
 TOKEN = "DAT1-" + "ab" * 32 + "-secretpart0123456789"

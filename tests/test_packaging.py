@@ -1,5 +1,6 @@
-"""Packaging: `python -m build` makes a wheel and an sdist, and the wheel installed into a
-fresh virtualenv gives a working `deploy-agent` that reports the package's version."""
+"""Packaging: `uv build` makes a wheel and an sdist, and the wheel installed into a fresh
+virtualenv from the locked requirements gives a working `deploy-agent` that reports the
+package's version and starts without a warning."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import zipfile
 from importlib.metadata import version
 from pathlib import Path
 
-from tests.support.wheels import Wheelhouse, source_copy
+from tests.support.wheels import REQUIREMENTS, Wheelhouse, build_wheel
 
 UNITS = ("deploy-agent-leader.service", "deploy-agent-worker.service")
 
@@ -29,9 +30,8 @@ def test_wheel_and_sdist_build_and_the_wheel_installs(
     """Both artefacts carry the version and the systemd units; the installed script prints
     `deploy-agent VERSION` and validates a config."""
     expected = version("deploy-agent")
-    _run(sys.executable, "-m", "build", "--outdir", tmp_path / "dist", source_copy(tmp_path))
+    wheel = build_wheel(tmp_path / "dist", sdist=True)
 
-    (wheel,) = (tmp_path / "dist").glob("*.whl")
     (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
     assert wheel.name == f"deploy_agent-{expected}-py3-none-any.whl"
     assert sdist.name == f"deploy_agent-{expected}.tar.gz"
@@ -44,9 +44,27 @@ def test_wheel_and_sdist_build_and_the_wheel_installs(
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", venv)
     pip = (venv / "bin/pip", "install", "-q", "--disable-pip-version-check")
-    _run(*pip, "--no-index", "--find-links", wheelhouse.directory, wheel)
+    _run(
+        *pip,
+        "--no-index",
+        "--find-links",
+        wheelhouse.directory,
+        "--require-hashes",
+        "-r",
+        REQUIREMENTS,
+    )
+    _run(*pip, "--no-index", "--no-deps", wheel)
 
-    assert _run(venv / "bin/deploy-agent", "--version").strip() == f"deploy-agent {expected}"
+    assert _run(venv / "bin/deploy-agent", "--version") == f"deploy-agent {expected}\n"
+    # nothing but the version: no warning from a dependency at import
+    quiet = subprocess.run(
+        [venv / "bin/python", "-W", "error", "-c", "import agent.cli.main, agent.daemon"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (quiet.returncode, quiet.stderr) == (0, "")
     config = tmp_path / "worker.toml"
     config.write_text('role = "worker"\n[worker]\nleader_url = "https://leader:7443"\n')
     assert "ok (role worker)" in _run(venv / "bin/deploy-agent", "check-config", "-c", config)

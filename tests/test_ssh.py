@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from agent.errors import HostKeyRejected, SshError, SshRefused
-from agent.ssh import SshHost, SshTarget
+from agent.ssh import SshHost
+from agent.ssh_target import SshTarget
 from tests.support.sshd import Sshd, keygen
 
 

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.ssh import SshTarget
+from agent.ssh_target import SshTarget
 from agent.tls import JoinTokenError, parse_join_token
 
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")

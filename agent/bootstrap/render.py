@@ -75,12 +75,15 @@ def virtualenv(plan: Plan) -> str:
 
 
 def install(plan: Plan, wheel_name: str, offline: bool) -> str:
-    """Installs the wheel and its dependencies, then the wheel again over an equal version."""
+    """Installs the locked dependencies, each checked against its hash (from the uploaded
+    wheels, or from the index), then the wheel itself, also over an equal version."""
     pip = f"{quote(plan.venv)}/bin/pip install --disable-pip-version-check -q"
     wheel = quote(f"{plan.wheels_dir}/{wheel_name}")
+    requirements = quote(f"{plan.wheels_dir}/requirements.txt")
     source = f"--no-index --find-links {quote(plan.wheels_dir)} " if offline else ""
     return (
-        f"set -e; {pip} {source}{wheel}; {pip} --no-deps --force-reinstall {wheel}; "
+        f"set -e; {pip} {source}--require-hashes -r {requirements}; "
+        f"{pip} --no-index --no-deps --force-reinstall {wheel}; "
         f"{quote(plan.agent_bin)} --version"
     )
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
+import shutil
+import zipfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from agent.ssh import Completed, SshHost
 BUILD_TIMEOUT = 300.0
 POLL_SECONDS = 0.5
 MIN_PYTHON = (3, 11)
+LOCK_IN_WHEEL = "agent/requirements.txt"
 
 
 class LeaderApi(Protocol):
@@ -51,6 +53,7 @@ class Session:
     workdir: Path  # local scratch space, removed after the run
     host: SshHost | None = None
     wheel: Path | None = None
+    requirements: Path | None = None
     name: str = ""
     enrolled_as: str | None = None
     systemd: bool = False
@@ -90,14 +93,19 @@ async def find_wheel(s: Session) -> Outcome:
         if not given.is_file() or not given.name.startswith("deploy_agent-"):
             raise BootstrapError("wheel", f"{given} is not a deploy-agent wheel")
         s.wheel = given
-        return ok(f"{given.name} (given)")
-    source = source_tree()
-    if source is None:
-        raise BootstrapError(
-            "wheel", "no source tree to build the wheel from: pass --wheel PATH (python -m build)"
-        )
-    s.wheel = await build_wheel(source, s.workdir)
-    return ok(f"{s.wheel.name} built from {source}")
+        detail = f"{given.name} (given)"
+    else:
+        source = source_tree()
+        if source is None:
+            raise BootstrapError(
+                "wheel",
+                "no source tree to build the wheel from: pass --wheel PATH (built in a "
+                "checkout with `uv build --wheel`)",
+            )
+        s.wheel = await build_wheel(source, s.workdir)
+        detail = f"{s.wheel.name} built from {source}"
+    s.requirements = locked_requirements(s.wheel, s.workdir)
+    return ok(f"{detail}, with its locked dependencies")
 
 
 def source_tree() -> Path | None:
@@ -109,10 +117,23 @@ def source_tree() -> Path | None:
     return None
 
 
+def uv_command(source: Path) -> str | None:
+    """uv, which builds the wheel with the backend it carries: the checkout's own (what
+    its set-up scripts installed), else one on PATH."""
+    own = source / ".tools" / "bin" / "uv"
+    return str(own) if own.is_file() else shutil.which("uv")
+
+
 async def build_wheel(source: Path, out: Path) -> Path:
+    uv = uv_command(source)
+    if uv is None:
+        raise BootstrapError(
+            "wheel",
+            f"uv is needed to build the wheel: run {source}/scripts/lock once, or "
+            "pass --wheel PATH",
+        )
     proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "--disable-pip-version-check"),
-        *("-w", str(out), str(source)),
+        *(uv, "build", "-q", "--wheel", "--out-dir", str(out), str(source)),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         start_new_session=True,  # killed as a group on its deadline
@@ -121,17 +142,34 @@ async def build_wheel(source: Path, out: Path) -> Path:
         output, _ = await communicate_within(proc, BUILD_TIMEOUT)
     except TimeoutError:
         raise BootstrapError(
-            "wheel", f"pip wheel did not finish within {BUILD_TIMEOUT:.0f} s"
+            "wheel", f"uv build did not finish within {BUILD_TIMEOUT:.0f} s"
         ) from None
     built = _wheels_in(out)
     if proc.returncode != 0 or not built:
         tail = " | ".join(output.decode(errors="replace").strip().splitlines()[-5:])
-        raise BootstrapError("wheel", f"pip could not build the wheel: {tail}")
+        raise BootstrapError("wheel", f"uv could not build the wheel: {tail}")
     return built[-1]
 
 
 def _wheels_in(directory: Path) -> list[Path]:
     return sorted(directory.glob("deploy_agent-*.whl"))
+
+
+def locked_requirements(wheel: Path, out: Path) -> Path:
+    """The hashed requirements the wheel carries (its lock's export), written to `out`:
+    the host installs exactly the dependencies that version was tested with."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            text = archive.read(LOCK_IN_WHEEL)
+    except (OSError, zipfile.BadZipFile, KeyError) as exc:
+        raise BootstrapError(
+            "wheel",
+            f"{wheel.name} carries no {LOCK_IN_WHEEL} ({exc}): is it a deploy-agent "
+            "wheel of this release or newer?",
+        ) from None
+    target = out / "requirements.txt"
+    target.write_bytes(text)
+    return target
 
 
 async def connect(s: Session) -> Outcome:
@@ -174,11 +212,11 @@ async def check_python(s: Session) -> Outcome:
 
 
 async def upload(s: Session) -> Outcome:
-    assert s.wheel is not None
-    files = [s.wheel, *dependency_wheels(s.plan.wheelhouse)]
+    assert s.wheel is not None and s.requirements is not None
+    files = [s.wheel, s.requirements, *dependency_wheels(s.plan.wheelhouse)]
     await s.remote.upload(files, s.plan.wheels_dir, deadline=240)
     size = sum(path.stat().st_size for path in files) / 1e6
-    extra = f" and {len(files) - 1} dependency wheels" if len(files) > 1 else ""
+    extra = f" and {len(files) - 2} dependency wheels" if len(files) > 2 else ""
     return ok(f"{s.wheel.name}{extra} to {s.plan.wheels_dir} ({size:.1f} MB)")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.bootstrap.plan import Plan
-from agent.ssh import SshTarget
+from agent.ssh_target import SshTarget
 
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(Plan)}
 

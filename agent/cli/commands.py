@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 from agent import daemon, logs
-from agent.bootstrap.runner import bootstrap
 from agent.cli import bootstrap as bootstrap_cmd
 from agent.cli.client import Client, Target
 from agent.cli.inputs import read_text
@@ -180,6 +179,8 @@ async def bootstrap_host(args: argparse.Namespace) -> int:
         return 2
     async with client_for(args) as client:
         try:
+            from agent.bootstrap.runner import bootstrap  # noqa: PLC0415 (SSH only here)
+
             await bootstrap(plan, client)
         except BootstrapError as exc:
             print(f"deploy-agent: bootstrap failed at step {exc.step!r}: {exc}", file=sys.stderr)

@@ -13,12 +13,16 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.config import BuildServerConfig
 from agent.engine import Engine
 from agent.errors import EngineError, SshError, SshRefused
 from agent.logs import get_logger
-from agent.ssh import SshHost, SshTarget
+from agent.ssh_target import SshTarget
+
+if TYPE_CHECKING:
+    from agent.ssh import SshHost
 
 log = get_logger(__name__)
 TUNNEL_PREFIX = "build-tunnel-"
@@ -103,6 +107,8 @@ def tunnel_parent(state_dir: Path) -> Path:
 
 
 async def _connect(config: BuildServerConfig) -> SshHost:
+    from agent.ssh import SshHost  # noqa: PLC0415 (the SSH library only for a build server)
+
     try:
         target = SshTarget.parse(config.ssh)
         identity = Path(config.identity_file) if config.identity_file else None

@@ -1,24 +1,32 @@
 """Wheels for installing deploy-agent the way a host would: the package's own wheel, built
 from this checkout, and its dependencies' wheels beside it, so installs need no index.
 
-Every build works on its own copy of the checkout: setuptools builds in the source tree
-(build/, *.egg-info), and two test processes building there at once break each other.
+The dependencies are the locked ones (requirements.txt, checked by their hashes), as on a
+node. Every build works on its own copy of the checkout, so that two test processes
+building at once never share a build directory.
 """
 
 from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PIP_WHEEL = (sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check")
+REQUIREMENTS = ROOT / "requirements.txt"
 NOT_SOURCES = shutil.ignore_patterns(
-    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".demo"
+    ".git", ".venv*", ".tools", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".demo"
 )
+
+
+def tool(name: str) -> str:
+    """uv or pip from the tools virtualenv the set-up scripts make (scripts/lib.sh)."""
+    found = ROOT / ".tools" / "bin" / name
+    if not found.exists():
+        raise RuntimeError(f"{found} is missing: run ./scripts/test, which installs it")
+    return str(found)
 
 
 def source_copy(directory: Path) -> Path:
@@ -26,6 +34,32 @@ def source_copy(directory: Path) -> Path:
     target = directory / "source"
     shutil.copytree(ROOT, target, ignore=NOT_SOURCES)
     return target
+
+
+def run(*args: str | Path, timeout: float = 300) -> str:
+    done = subprocess.run(
+        [str(a) for a in args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{args[:3]} failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def build_wheel(out: Path, *, sdist: bool = False) -> Path:
+    """deploy-agent's wheel (and sdist, if asked) built from a copy of the checkout."""
+    with tempfile.TemporaryDirectory(prefix="da-source-") as scratch:
+        kinds = ("--wheel", "--sdist") if sdist else ("--wheel",)
+        run(tool("uv"), "build", "-q", *kinds, "--out-dir", out, source_copy(Path(scratch)))
+    (wheel,) = out.glob("deploy_agent-*.whl")
+    return wheel
+
+
+def download_dependencies(out: Path) -> None:
+    """The locked runtime dependencies' wheels, checked against their hashes."""
+    run(
+        *(tool("pip"), "download", "-q", "--disable-pip-version-check", "--require-hashes"),
+        *("--only-binary", ":all:", "-d", out, "-r", REQUIREMENTS),
+    )
 
 
 @dataclass(frozen=True)
@@ -36,20 +70,10 @@ class Wheelhouse:
     @classmethod
     def build(cls) -> Wheelhouse:
         root = Path(tempfile.mkdtemp(prefix="da-wheels-"))
-        with tempfile.TemporaryDirectory(prefix="da-source-") as scratch:
-            done = subprocess.run(
-                [*PIP_WHEEL, "-w", str(root), str(source_copy(Path(scratch)))],
-                capture_output=True,
-                text=True,
-                timeout=300,
-                check=False,
-            )
-        if done.returncode != 0:
-            raise RuntimeError(f"pip wheel failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+        download_dependencies(root)
         own = root / "own"
         own.mkdir()
-        (wheel,) = root.glob("deploy_agent-*.whl")
-        return cls(root, wheel.rename(own / wheel.name))
+        return cls(root, build_wheel(own))
 
     def cleanup(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
