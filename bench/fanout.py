@@ -21,9 +21,9 @@ from typing import Any
 from agent import wire
 from agent.credentials import RegistryCredentials
 from agent.eventloop import loop_name
-from agent.leader.hub import Hub
-from agent.leader.models import NodeRecord
+from agent.leader.links.hub import Hub
 from agent.leader.server import GC_YOUNG_THRESHOLD
+from agent.leader.state.models import NodeRecord
 from bench.fleet import (
     Fleet,
     bench_main,

@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 
 from agent.eventloop import daemon_loop
-from agent.leader.hub import Hub
+from agent.leader.links.hub import Hub
 from agent.leader.server import tune_collector
 from agent.logs import configure
 from agent.tls import new_secret

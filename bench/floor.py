@@ -27,7 +27,7 @@ from typing import Any, cast
 import uvloop
 
 from agent import wire
-from agent.leader.frames import text_frame
+from agent.leader.links.frames import text_frame
 from agent.tls import ensure_leader_tls
 from bench.fanout import IMAGE
 from bench.fleet import bench_main, process_cpu_seconds, wait_for

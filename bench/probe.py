@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent import wire
-from agent.leader.hub import Hub
+from agent.leader.links.hub import Hub
 
 Match = Callable[[wire.ToLeader], bool]
 

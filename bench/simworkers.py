@@ -10,7 +10,7 @@ worker's own backoff. SIGTERM closes every link and ends the process.
 The simulated workers stand for other machines, yet share this machine's cores with the
 leader: every microsecond they spend is one the leader does not get. So a client answers
 each message as aiohttp's parser yields it, with a frame written straight to its socket
-(the leader's own way of taking answers, agent/leader/link_socket.py), instead of
+(the leader's own way of taking answers, agent/leader/links/link_socket.py), instead of
 waking a task per message. Clients that stop reading or cycle read in a loop, as a
 worker does, and write their answers the same way; a client never compresses (the
 leader declines permessage-deflate).
@@ -36,8 +36,8 @@ import uvloop
 
 from agent import wire
 from agent.backoff import Backoff
-from agent.leader.frames import text_frame
-from agent.leader.link_socket import TakingQueue
+from agent.leader.links.frames import text_frame
+from agent.leader.links.link_socket import TakingQueue
 
 FIRST_CONNECTS = 64  # handshakes under way at once when the fleet starts
 STUCK_RCVBUF = 4096

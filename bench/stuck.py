@@ -23,7 +23,7 @@ import random
 import statistics
 from typing import Any
 
-from agent.leader.hub import SEND_DEADLINE, Hub
+from agent.leader.links.hub import SEND_DEADLINE, Hub
 from agent.leader.server import GC_YOUNG_THRESHOLD
 from bench.fanout import IMAGE, pull_round, records
 from bench.fleet import (

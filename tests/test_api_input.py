@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from agent.leader import sources
+from agent.leader.pipeline import sources
 from tests.support.api import tar_of
 from tests.support.contexts import busybox_context
 from tests.support.leader import InProcessLeader

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from agent.errors import RequestError
-from agent.leader import archive
-from agent.leader.archive import check_context
+from agent.leader.pipeline import archive
+from agent.leader.pipeline.archive import check_context
 
 MIB = 1024 * 1024
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from agent.leader.build_server import TUNNEL_PREFIX, tunnel_parent
+from agent.leader.pipeline.build_server import TUNNEL_PREFIX, tunnel_parent
 from tests.support.contexts import busybox_context, run_step
 from tests.support.dockerd import Dockerd
 from tests.support.registry import Registry

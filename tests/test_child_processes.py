@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.leader import password_command
-from agent.leader.password_command import PasswordCommandError, run_password_command
+from agent.leader.registry import password_command
+from agent.leader.registry.password_command import PasswordCommandError, run_password_command
 
 
 def _running(*argv: str) -> list[int]:

@@ -13,10 +13,16 @@ from typing import Any, cast
 import pytest
 
 from agent.errors import DeploymentError, EngineApiError
-from agent.leader import release
-from agent.leader.context import LeaderContext
-from agent.leader.models import Deployment, DeploymentRequest, Mode, ServiceSpec, UpdateSettings
-from agent.leader.runner import Runner
+from agent.leader.pipeline import release
+from agent.leader.pipeline.context import LeaderContext
+from agent.leader.pipeline.runner import Runner
+from agent.leader.state.models import (
+    Deployment,
+    DeploymentRequest,
+    Mode,
+    ServiceSpec,
+    UpdateSettings,
+)
 
 IMAGE = "fresh:d1"
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from agent.leader.models import Deployment, State
+from agent.leader.state.models import Deployment, State
 from tests.support.contexts import busybox_context, run_step
 from tests.support.leader import InProcessLeader, LeaderProcess
 from tests.support.registry import Registry

@@ -22,14 +22,14 @@ from prometheus_client import generate_latest
 from structlog.testing import capture_logs
 
 from agent import wire
-from agent.leader import hub
-from agent.leader.frames import outgoing
-from agent.leader.hub import WRITE_BUFFER_HIGH, Hub, Link
-from agent.leader.link_socket import LinkSocket
+from agent.leader.links import hub
+from agent.leader.links.frames import outgoing
+from agent.leader.links.hub import WRITE_BUFFER_HIGH, Hub, Link
+from agent.leader.links.link_socket import LinkSocket
+from agent.leader.links.orders import OrdersInFlight, PullRound
 from agent.leader.metrics import LeaderMetrics
-from agent.leader.models import NodeRecord
-from agent.leader.orders import OrdersInFlight, PullRound
-from agent.leader.store import Store
+from agent.leader.state.models import NodeRecord
+from agent.leader.state.store import Store
 from tests.support.loopback import serving
 
 LinkBody = Callable[[Link], Awaitable[None]]

@@ -11,7 +11,8 @@ from cryptography import x509
 
 from agent import wire
 from agent.backoff import Backoff
-from agent.leader.models import (
+from agent.leader.links.node_writer import NodeInfoWriter
+from agent.leader.state.models import (
     CatchUp,
     Deployment,
     DeploymentRequest,
@@ -21,8 +22,7 @@ from agent.leader.models import (
     State,
     caught_up_meanwhile,
 )
-from agent.leader.node_writer import NodeInfoWriter
-from agent.leader.store import Store
+from agent.leader.state.store import Store
 from agent.tls import JoinTokenError, ensure_leader_tls, make_join_token, parse_join_token
 from agent.worker.agent import OFFLINE_RETRY_CAP, _no_route
 

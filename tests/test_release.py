@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from agent.leader.models import NodeRecord
+from agent.leader.state.models import NodeRecord
 from tests.support.contexts import busybox_context
 from tests.support.dockerd import Dockerd
 from tests.support.engine_proxy import refusing

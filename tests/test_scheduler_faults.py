@@ -12,10 +12,10 @@ from typing import cast
 
 import pytest
 
-from agent.leader import scheduler
-from agent.leader.context import LeaderContext
-from agent.leader.models import Deployment
-from agent.leader.runner import Runner
+from agent.leader.pipeline import scheduler
+from agent.leader.pipeline.context import LeaderContext
+from agent.leader.pipeline.runner import Runner
+from agent.leader.state.models import Deployment
 
 
 class FullDiskOnce:

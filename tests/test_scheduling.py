@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from agent.leader import sources, stages
-from agent.leader.store import IDEMPOTENCY_TTL_S
+from agent.leader.pipeline import sources, stages
+from agent.leader.state.store import IDEMPOTENCY_TTL_S
 from tests.support.canary import CANARY
 from tests.support.contexts import busybox_context, run_step
 from tests.support.dockerd import Dockerd

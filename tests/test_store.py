@@ -9,8 +9,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from agent.leader.models import Deployment, DeploymentRequest, Mode, State
-from agent.leader.store import Store
+from agent.leader.state.models import Deployment, DeploymentRequest, Mode, State
+from agent.leader.state.store import Store
 
 
 async def test_a_failed_commit_leaves_the_store_usable(tmp_path: Path) -> None:

@@ -21,13 +21,13 @@ from agent import logs
 from agent.credentials import RegistryCredentials
 from agent.engine import classify_registry_error
 from agent.errors import RegistryAuthError, RegistryError, RegistryTransientError, RequestError
-from agent.leader import stages
-from agent.leader.context import LeaderContext
 from agent.leader.metrics import PULL_BUCKETS, LoopHistogram
-from agent.leader.models import Deployment, DeploymentRequest, Mode, ServiceSpec
-from agent.leader.references import image_host, push_name, registry_host, repository_for
-from agent.leader.release import may_lack_image, service_spec
-from agent.leader.sources import _git_env
+from agent.leader.pipeline import stages
+from agent.leader.pipeline.context import LeaderContext
+from agent.leader.pipeline.release import may_lack_image, service_spec
+from agent.leader.pipeline.sources import _git_env
+from agent.leader.registry.references import image_host, push_name, registry_host, repository_for
+from agent.leader.state.models import Deployment, DeploymentRequest, Mode, ServiceSpec
 from agent.retention import created_ns
 from agent.retrying import scoped
 from agent.urls import redact_url, without_userinfo

@@ -17,7 +17,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from agent.config import WebhookConfig
-from agent.leader.store import Store, WebhookRow
+from agent.leader.state.store import Store, WebhookRow
 from agent.leader.webhooks import WebhookSender
 from tests.support.contexts import busybox_context
 from tests.support.procs import free_port

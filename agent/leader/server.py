@@ -27,20 +27,20 @@ from agent.errors import AgentError, ConfigError
 from agent.leader.api import cluster, deployments, middleware, nodes, openapi, registry
 from agent.leader.api.keys import CONTEXT, SCHEDULER
 from agent.leader.api.malformed import ApiRunner
-from agent.leader.build_server import Builders
 from agent.leader.certs import ServingCertificate
-from agent.leader.context import LeaderContext
-from agent.leader.history import prune_history_every
-from agent.leader.hub import Hub, ProgressSink
-from agent.leader.journal import Journal
+from agent.leader.links.hub import Hub, ProgressSink
 from agent.leader.metrics import LeaderMetrics
-from agent.leader.password_command import PasswordRefresher
-from agent.leader.registry import RegistryService
-from agent.leader.registry_seed import seed_registry, seed_until_set
-from agent.leader.release import ensure_swarm
-from agent.leader.scheduler import INTERRUPT_GRACE_S, Scheduler
-from agent.leader.sources import sweep_contexts
-from agent.leader.store import Store
+from agent.leader.pipeline.build_server import Builders
+from agent.leader.pipeline.context import LeaderContext
+from agent.leader.pipeline.release import ensure_swarm
+from agent.leader.pipeline.scheduler import INTERRUPT_GRACE_S, Scheduler
+from agent.leader.pipeline.sources import sweep_contexts
+from agent.leader.registry.credentials import RegistryService
+from agent.leader.registry.password_command import PasswordRefresher
+from agent.leader.registry.seed import seed_registry, seed_until_set
+from agent.leader.state.history import prune_history_every
+from agent.leader.state.journal import Journal
+from agent.leader.state.store import Store
 from agent.leader.webhooks import WebhookSender
 from agent.logs import get_logger
 from agent.memory import release_free_memory_every

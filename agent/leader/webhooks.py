@@ -21,7 +21,7 @@ import time
 import aiohttp
 
 from agent.config import WebhookConfig
-from agent.leader.store import Store, WebhookRow
+from agent.leader.state.store import Store, WebhookRow
 from agent.logs import get_logger
 from agent.urls import redact_url
 

@@ -12,11 +12,17 @@ import msgspec
 from aiohttp import web
 
 from agent.errors import RequestError
-from agent.leader import references
 from agent.leader.api.keys import CONTEXT, SCHEDULER
-from agent.leader.archive import check_context
-from agent.leader.context import LeaderContext
-from agent.leader.models import (
+from agent.leader.pipeline.archive import check_context
+from agent.leader.pipeline.context import LeaderContext
+from agent.leader.pipeline.sources import (
+    receive_upload,
+    remove_quietly,
+    validate_git_url,
+)
+from agent.leader.registry import references
+from agent.leader.registry.credentials import registry_required
+from agent.leader.state.models import (
     BUILD_ARG_KEY,
     DOCKERFILE_PATTERN,
     LABEL_KEY,
@@ -26,13 +32,7 @@ from agent.leader.models import (
     State,
     new_deployment_id,
 )
-from agent.leader.registry import registry_required
-from agent.leader.sources import (
-    receive_upload,
-    remove_quietly,
-    validate_git_url,
-)
-from agent.leader.store import IdempotencyConflict
+from agent.leader.state.store import IdempotencyConflict
 from agent.urls import redact_url
 
 routes = web.RouteTableDef()

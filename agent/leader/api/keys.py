@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from agent.leader.context import LeaderContext
-from agent.leader.scheduler import Scheduler
+from agent.leader.pipeline.context import LeaderContext
+from agent.leader.pipeline.scheduler import Scheduler
 
 CONTEXT = web.AppKey("context", LeaderContext)
 SCHEDULER = web.AppKey("scheduler", Scheduler)

@@ -17,10 +17,10 @@ from aiohttp import web
 from agent import wire
 from agent.errors import RequestError
 from agent.leader.api.keys import CONTEXT
-from agent.leader.context import LeaderContext
-from agent.leader.link_socket import LinkSocket
-from agent.leader.models import NodeRecord
-from agent.leader.store import NameTaken
+from agent.leader.links.link_socket import LinkSocket
+from agent.leader.pipeline.context import LeaderContext
+from agent.leader.state.models import NodeRecord
+from agent.leader.state.store import NameTaken
 from agent.logs import get_logger
 from agent.tls import JoinTokenError, make_join_token, new_secret, parse_join_token, secret_hash
 

@@ -14,7 +14,7 @@ from aiohttp import web
 from agent import __version__
 from agent.leader.api.nodes import JoinRequest
 from agent.leader.api.registry import CredentialsBody
-from agent.leader.models import DeploymentRequest
+from agent.leader.state.models import DeploymentRequest
 
 routes = web.RouteTableDef()
 _REF = "#/components/schemas/{name}"

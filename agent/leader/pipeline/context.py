@@ -7,12 +7,12 @@ from pathlib import Path
 
 from agent.config import LeaderConfig
 from agent.engine import Engine
-from agent.leader.build_server import Builders
-from agent.leader.hub import Hub
-from agent.leader.journal import Journal
+from agent.leader.links.hub import Hub
 from agent.leader.metrics import LeaderMetrics
-from agent.leader.registry import RegistryService
-from agent.leader.store import Store
+from agent.leader.pipeline.build_server import Builders
+from agent.leader.registry.credentials import RegistryService
+from agent.leader.state.journal import Journal
+from agent.leader.state.store import Store
 from agent.tls import LeaderTLS
 
 

@@ -30,11 +30,11 @@ from agent.errors import (
     SshError,
     SshRefused,
 )
-from agent.leader.archive import check_context
-from agent.leader.context import LeaderContext
-from agent.leader.hub import Unanswered
-from agent.leader.models import Deployment
-from agent.leader.sources import clone_to_context
+from agent.leader.links.hub import Unanswered
+from agent.leader.pipeline.archive import check_context
+from agent.leader.pipeline.context import LeaderContext
+from agent.leader.pipeline.sources import clone_to_context
+from agent.leader.state.models import Deployment
 from agent.logs import get_logger
 from agent.progress import LayerThrottle
 from agent.retention import APP_LABEL, prune_app_images

@@ -14,8 +14,8 @@ import msgspec
 from agent.credentials import RegistryCredentials
 from agent.engine import Engine
 from agent.errors import RegistryAuthError, RegistryError, RequestError
-from agent.leader.models import Mode
-from agent.leader.store import Store
+from agent.leader.state.models import Mode
+from agent.leader.state.store import Store
 from agent.logs import get_logger, redactor
 
 log = get_logger(__name__)

@@ -11,10 +11,10 @@ import sqlite3
 import time
 
 from agent.errors import RequestError
-from agent.leader.context import LeaderContext
-from agent.leader.models import Deployment, ErrorInfo, State
-from agent.leader.runner import Runner
-from agent.leader.sources import remove_quietly
+from agent.leader.pipeline.context import LeaderContext
+from agent.leader.pipeline.runner import Runner
+from agent.leader.pipeline.sources import remove_quietly
+from agent.leader.state.models import Deployment, ErrorInfo, State
 from agent.logs import get_logger
 
 log = get_logger(__name__)

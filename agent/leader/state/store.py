@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from agent.credentials import RegistryCredentials
-from agent.leader.models import CatchUp, Deployment, NodeInfo, NodeRecord, State
+from agent.leader.state.models import CatchUp, Deployment, NodeInfo, NodeRecord, State
 
 T = TypeVar("T")
 PAGE_CACHE_KIB = 256

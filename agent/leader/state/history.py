@@ -14,7 +14,7 @@ import asyncio
 import sqlite3
 import time
 
-from agent.leader.store import Store
+from agent.leader.state.store import Store
 from agent.logs import get_logger
 
 log = get_logger(__name__)

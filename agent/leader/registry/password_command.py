@@ -15,7 +15,7 @@ from agent.backoff import Backoff
 from agent.config import RegistryConfig
 from agent.credentials import RegistryCredentials
 from agent.errors import AgentError
-from agent.leader.registry import RegistryService
+from agent.leader.registry.credentials import RegistryService
 from agent.logs import get_logger, redactor
 from agent.procs import communicate_within
 

@@ -10,8 +10,8 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from agent.leader.models import Deployment
-from agent.leader.store import Store
+from agent.leader.state.models import Deployment
+from agent.leader.state.store import Store
 
 FOLLOW_IDLE_SECONDS = 15.0
 

@@ -1,7 +1,7 @@
 """Build contexts: an uploaded tar, or a git ref cloned shallow.
 
 Both end as one tar file under the state directory, which the build stage reads once
-agent/leader/archive.py has checked it.
+agent/leader/pipeline/archive.py has checked it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 from aiohttp import web
 
 from agent.errors import DeploymentError, RequestError
-from agent.leader.archive import too_large
+from agent.leader.pipeline.archive import too_large
 from agent.procs import communicate_within
 from agent.urls import redact_url, without_userinfo
 

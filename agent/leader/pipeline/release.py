@@ -17,8 +17,8 @@ from typing import Any
 
 from agent.engine import Engine, PushProgress
 from agent.errors import AgentError, DeploymentError, EngineApiError, EngineError
-from agent.leader.context import LeaderContext
-from agent.leader.models import Deployment, Mode, ServiceSpec
+from agent.leader.pipeline.context import LeaderContext
+from agent.leader.state.models import Deployment, Mode, ServiceSpec
 from agent.logs import get_logger
 from agent.retention import APP_LABEL
 

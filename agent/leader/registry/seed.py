@@ -16,7 +16,7 @@ from agent.backoff import Backoff
 from agent.config import RegistryConfig
 from agent.credentials import RegistryCredentials
 from agent.errors import EngineError, RequestError
-from agent.leader.registry import RegistryService
+from agent.leader.registry.credentials import RegistryService
 from agent.logs import get_logger
 
 log = get_logger(__name__)

@@ -20,13 +20,13 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from agent import wire
 from agent.credentials import RegistryCredentials
-from agent.leader.frames import Outgoing, outgoing
-from agent.leader.link_socket import LinkSocket
+from agent.leader.links.frames import Outgoing, outgoing
+from agent.leader.links.link_socket import LinkSocket
+from agent.leader.links.node_writer import NodeInfoWriter
+from agent.leader.links.orders import OrdersInFlight, PullRound
 from agent.leader.metrics import LeaderMetrics
-from agent.leader.models import CatchUp, LastPull, NodeRecord
-from agent.leader.node_writer import NodeInfoWriter
-from agent.leader.orders import OrdersInFlight, PullRound
-from agent.leader.store import Store
+from agent.leader.state.models import CatchUp, LastPull, NodeRecord
+from agent.leader.state.store import Store
 from agent.logs import get_logger
 
 log = get_logger(__name__)

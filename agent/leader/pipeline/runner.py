@@ -14,9 +14,10 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from agent.errors import DeploymentError, EngineError, SshError
-from agent.leader import release, stages
-from agent.leader.context import LeaderContext
-from agent.leader.models import (
+from agent.leader.pipeline import release, stages
+from agent.leader.pipeline.context import LeaderContext
+from agent.leader.pipeline.sources import remove_quietly
+from agent.leader.state.models import (
     Deployment,
     ErrorInfo,
     StageTiming,
@@ -24,7 +25,6 @@ from agent.leader.models import (
     caught_up_meanwhile,
     plan,
 )
-from agent.leader.sources import remove_quietly
 from agent.logs import get_logger
 
 log = get_logger(__name__)

@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import sqlite3
 
-from agent.leader.models import CatchUp, NodeInfo, NodeRecord
-from agent.leader.store import Store
+from agent.leader.state.models import CatchUp, NodeInfo, NodeRecord
+from agent.leader.state.store import Store
 from agent.logs import get_logger
 
 log = get_logger(__name__)

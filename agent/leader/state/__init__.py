@@ -1,0 +1,1 @@
+"""The leader's durable state: the store, its values, the event journal and history."""
