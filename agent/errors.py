@@ -36,11 +36,20 @@ class ConfigError(AgentError):
 class RequestError(AgentError):
     """An API request was refused; nothing changed."""
 
-    def __init__(self, status: int, code: str, message: str, *, hint: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        hint: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.hint = hint
+        self.headers = headers or {}
 
 
 class EngineError(AgentError):

@@ -1,8 +1,17 @@
 """The worker link's protocol: typed JSON messages, tagged by `type`, versioned by `v`.
 
-Messages are decoded and validated here, at the edge; a message that does not decode
-closes the link with CLOSE_BAD_MESSAGE. Both roles import this module, nothing else of
-each other.
+Messages are decoded and validated here, at the edge. Both roles import this module,
+nothing else of each other.
+
+Versions: a worker announces its protocol in the link's handshake (PROTOCOL_HEADER; a
+worker without it speaks protocol 1) and the leader speaks to it in that version, as
+`encode_for` writes it: the fields and message types added since are left out. Both sides
+ignore unknown fields of known messages, and an unknown message type is skipped
+(`UnknownMessage`), never a reason to drop the link. A message that is not valid JSON,
+or a known type with a wrong field, is a `BadMessage`: the link closes with
+CLOSE_BAD_MESSAGE. A worker newer than its leader is refused (CLOSE_LEADER_TOO_OLD).
+
+A field or a message type added to this module names its version in ADDED_IN.
 """
 
 from __future__ import annotations
@@ -11,7 +20,9 @@ from typing import Annotated, TypeVar
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # this release's
+OLDEST_PROTOCOL = 1  # the oldest a leader of this release still speaks (the previous release's)
+PROTOCOL_HEADER = "X-Deploy-Agent-Protocol"
 HEARTBEAT_SECONDS = 8.0  # a silent peer is found within 1.5 times this
 AGENT_PATH = "/v1/agent"
 SYNC_ORDER = "sync"  # the order id a worker answers pulls it started from a Sync with
@@ -20,19 +31,20 @@ CLOSE_REVOKED = 4403
 CLOSE_REPLACED = 4409
 CLOSE_TOO_SLOW = 4408
 CLOSE_SHUTDOWN = 1001
+# The worker speaks a newer protocol than the leader: upgrade the leader first. HTTP 426
+# on the handshake, for a leader that refuses before the link is up.
+CLOSE_LEADER_TOO_OLD = 4426
 
 TEXT_LIMIT = 4096
 _Text = Annotated[str, msgspec.Meta(max_length=TEXT_LIMIT)]
 _Ref = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
 
 
-class _Message(
-    msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, tag_field="type"
-):
+class _Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     v: int = PROTOCOL_VERSION
 
 
-class WireCredentials(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class WireCredentials(msgspec.Struct, frozen=True):
     """Registry credentials as they travel to workers (over TLS only)."""
 
     version: int
@@ -102,19 +114,71 @@ class PullResult(_Message, frozen=True, kw_only=True, tag="pull_result"):
 ToWorker = Credentials | PullOrder | Sync | Retain
 ToLeader = Hello | CredentialsAck | PullProgress | PullResult
 
+# What each protocol version added after the first: {version: {message type: fields}},
+# where an empty set of fields means the message type itself is new in that version.
+ADDED_IN: dict[int, dict[str, frozenset[str]]] = {
+    2: {},
+}
+
 T = TypeVar("T")
-M = TypeVar("M", bound=_Message)
 _encoder = msgspec.json.Encoder()
 _to_worker: msgspec.json.Decoder[ToWorker] = msgspec.json.Decoder(ToWorker)
 _to_leader: msgspec.json.Decoder[ToLeader] = msgspec.json.Decoder(ToLeader)
 
 
+class _Envelope(msgspec.Struct):
+    """What every message has: enough to tell an unknown type from a malformed one."""
+
+    type: str
+
+
+_envelope = msgspec.json.Decoder(_Envelope)
+_TAGS = {
+    "worker": frozenset(str(t.__struct_config__.tag) for t in ToWorker.__args__),
+    "leader": frozenset(str(t.__struct_config__.tag) for t in ToLeader.__args__),
+}
+
+
 class BadMessage(Exception):
-    """A message that is not valid JSON, of an unknown type, or of another version."""
+    """A message that is not valid JSON, or a known type that does not validate."""
+
+
+class UnknownMessage(Exception):
+    """A well-formed message of a type this version does not know: a newer peer's."""
+
+    def __init__(self, message_type: str) -> None:
+        super().__init__(message_type)
+        self.message_type = message_type
 
 
 def encode(message: ToWorker | ToLeader) -> str:
+    """`message` in this release's protocol."""
     return _encoder.encode(message).decode()
+
+
+def encode_for(message: ToWorker | ToLeader, version: int) -> str | None:
+    """`message` as a peer of protocol `version` reads it: without the fields added
+    since, and with that version in `v`; None when that version has no such message."""
+    if version >= PROTOCOL_VERSION:
+        return encode(message)
+    tag = str(message.__struct_config__.tag)
+    doc = msgspec.to_builtins(message)
+    for added in range(version + 1, PROTOCOL_VERSION + 1):
+        fields = ADDED_IN.get(added, {}).get(tag)
+        if fields is not None and not fields:
+            return None  # the message type itself came later
+        for name in fields or ():
+            doc.pop(name, None)
+    doc["v"] = version
+    return _encoder.encode(doc).decode()
+
+
+def protocol_of(header: str | None) -> int | None:
+    """The protocol a worker announced in its handshake (none: protocol 1); None when the
+    header is not a version number."""
+    if header is None:
+        return OLDEST_PROTOCOL
+    return int(header) if header.isascii() and header.isdigit() and len(header) < 6 else None
 
 
 def clip(text: str) -> str:
@@ -126,21 +190,24 @@ def clip(text: str) -> str:
 
 
 def decode_for_worker(data: str | bytes) -> ToWorker:
-    return _checked(_decode(_to_worker, data))
+    return _decode(_to_worker, data, "worker")
 
 
 def decode_for_leader(data: str | bytes) -> ToLeader:
-    return _checked(_decode(_to_leader, data))
+    return _decode(_to_leader, data, "leader")
 
 
-def _decode(decoder: msgspec.json.Decoder[T], data: str | bytes) -> T:
+def _decode(decoder: msgspec.json.Decoder[T], data: str | bytes, reader: str) -> T:
     try:
         return decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        # Not on the hot path: only a message that failed is looked at again.
+        try:
+            envelope = _envelope.decode(data)
+        except msgspec.DecodeError:
+            envelope = None
+        if envelope is not None and envelope.type not in _TAGS[reader]:
+            raise UnknownMessage(envelope.type[:64]) from None
+        raise BadMessage(str(exc)[:200]) from None
     except msgspec.DecodeError as exc:
         raise BadMessage(str(exc)[:200]) from None
-
-
-def _checked(message: M) -> M:
-    if message.v != PROTOCOL_VERSION:
-        raise BadMessage(f"protocol version {message.v} is not {PROTOCOL_VERSION}")
-    return message

@@ -68,6 +68,9 @@ check_lock() {
 ensure_venv() {
     ensure_uv
     check_lock
+    # Left in the checkout by the setuptools builds of earlier releases, it would shadow
+    # the installed version's metadata (importlib finds it first on sys.path).
+    rm -rf deploy_agent.egg-info
     echo "==> installing the locked dependencies into .venv"
     uv sync -q --locked "$@"
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from tests.support.canary import CANARY, MARKER_ENV
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader, LeaderProcess, leader_config
 from tests.support.registry import Registry
+from tests.support.releases import PREVIOUS, PREVIOUS_SHA256, Installed, install_release
 from tests.support.sshd import Sshd
 from tests.support.wheels import Wheelhouse
 from tests.support.worker import WorkerProcess
@@ -182,10 +184,12 @@ async def leader_process(
 ) -> AsyncIterator[Callable[..., LeaderProcess]]:
     started: list[LeaderProcess] = []
 
-    def make(**overrides: Any) -> LeaderProcess:
+    def make(python: str = sys.executable, **overrides: Any) -> LeaderProcess:
+        """A leader process; `python` of another virtualenv runs an earlier release."""
         workdir = tmp_path / f"proc{len(started)}"
         workdir.mkdir()
-        proc = LeaderProcess(leader_config(workdir / "state", dockerd.url, **overrides), workdir)
+        raw = leader_config(workdir / "state", dockerd.url, **overrides)
+        proc = LeaderProcess(raw, workdir, python=python)
         started.append(proc)
         return proc
 
@@ -201,6 +205,14 @@ def sshd() -> Iterator[Sshd]:
     server = Sshd().start()
     yield server
     server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def previous_release() -> Iterator[Installed]:
+    """The previous release (protocol 1), installed in a virtualenv of its own."""
+    installed = install_release(PREVIOUS, PREVIOUS_SHA256)
+    yield installed
+    installed.cleanup()
 
 
 @pytest.fixture(scope="session")

@@ -45,15 +45,15 @@ def test_unit_rates_ok_with_the_exposure_the_readme_records(unit: Path) -> None:
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.stem)
 def test_unit_asks_systemd_for_what_the_agent_does(unit: Path) -> None:
-    """Notify with a watchdog, restart on failure but not after exit 2 (a config error)
-    or 3 (a revoked worker), its own user in the
+    """Notify with a watchdog, restart on failure but not after exit 2 (a config error),
+    3 (a revoked worker) or 4 (a worker newer than its leader), its own user in the
     docker group, a state directory, and the installed program with the system config."""
     found = directives(unit.read_text())
     expected = {
         "Type": ["notify"],
         "NotifyAccess": ["main"],
         "Restart": ["on-failure"],
-        "RestartPreventExitStatus": ["2 3"],
+        "RestartPreventExitStatus": ["2 3 4" if "worker" in unit.name else "2 3"],
         "User": ["deploy-agent"],
         "SupplementaryGroups": ["docker"],
         "StateDirectory": ["deploy-agent"],

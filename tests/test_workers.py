@@ -210,7 +210,9 @@ async def test_leader_with_another_ca_is_refused(
     assert await leader_b.api.nodes() == {}
 
 
-@pytest.mark.parametrize("garbage", ["not json", '{"type": "nope", "v": 1}', '{"type": "hello"}'])
+@pytest.mark.parametrize(
+    "garbage", ["not json", '{"type": "pull_result", "v": 1, "ok": "yes"}', '{"type": "hello"}']
+)
 async def test_malformed_messages_close_that_link_only(
     leader_factory: Callable[..., Any],
     registry: Registry,
@@ -234,6 +236,22 @@ async def test_malformed_messages_close_that_link_only(
     final = await leader.api.wait_final(dep["id"])
     assert final["state"] == "succeeded"
     assert final["nodes"]["w1"]["status"] == final["nodes"]["w2"]["status"] == "present"
+
+
+async def test_an_unknown_message_type_is_skipped_and_the_link_stays(
+    leader_factory: Callable[..., Any],
+) -> None:
+    """A newer worker's message type is logged and skipped: the link stays up, and the
+    node's next message is taken."""
+    leader = await leader_factory(leader=TLS)
+    rogue = await _enrol_raw(leader, "newer")
+    async with await _link(leader, rogue) as ws:
+        await ws.send_str('{"type": "launch_missiles", "v": 3, "target": "moon"}')
+        await ws.send_str('{"type": "credentials_ack", "v": 1, "version": 7, "new": true}')
+        async with asyncio.timeout(10):
+            while (await leader.api.nodes())["newer"]["credentials_version"] != 7:
+                await asyncio.sleep(0.05)
+        assert not ws.closed
 
 
 async def test_a_worker_that_never_answers_fails_the_distribution_by_name(

@@ -17,11 +17,12 @@ from agent.cli.client import Client, Target
 from agent.cli.inputs import read_text
 from agent.config import Config, load_config
 from agent.errors import AgentError, BootstrapError, ConfigError
-from agent.worker.agent import NodeRevoked
+from agent.worker.agent import LeaderTooOld, NodeRevoked
 
 DEFAULT_CONFIG = "/etc/deploy-agent/config.toml"
 EXIT_CONFIG = 2  # the config is wrong: restarting cannot help until someone fixes it
 EXIT_REVOKED = 3  # a revoked worker: restarting it cannot help
+EXIT_LEADER_TOO_OLD = 4  # a worker newer than its leader: the leader is upgraded first
 
 
 def client_for(args: argparse.Namespace) -> Client:
@@ -55,6 +56,9 @@ async def run(args: argparse.Namespace) -> int:
     except NodeRevoked as exc:
         logs.get_logger("agent").error("agent.revoked", error=exc.message)
         return EXIT_REVOKED
+    except LeaderTooOld as exc:
+        logs.get_logger("agent").error("agent.leader_too_old", error=exc.message)
+        return EXIT_LEADER_TOO_OLD
     except ConfigError as exc:  # found once running (a join token file gone, say)
         logs.get_logger("agent").error("agent.failed", error=exc.message)
         return EXIT_CONFIG

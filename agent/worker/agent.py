@@ -66,6 +66,16 @@ class NodeRevoked(AgentError):
     """The leader no longer accepts this node."""
 
 
+class LeaderTooOld(AgentError):
+    """The leader speaks an older protocol than this worker: it is upgraded first."""
+
+    def __init__(self, leader_protocol: int | str) -> None:
+        super().__init__(
+            f"the leader speaks protocol {leader_protocol} and this worker "
+            f"{wire.PROTOCOL_VERSION}: upgrade the leader first, then restart this worker"
+        )
+
+
 class Worker:
     def __init__(self, config: Config) -> None:
         assert config.worker is not None
@@ -172,7 +182,10 @@ class Worker:
                     stop,
                     session.ws_connect(
                         url,
-                        headers=identity.auth_header(),
+                        headers={
+                            **identity.auth_header(),
+                            wire.PROTOCOL_HEADER: str(wire.PROTOCOL_VERSION),
+                        },
                         ssl=identity.ssl_for(leader),
                         heartbeat=wire.HEARTBEAT_SECONDS,
                         timeout=aiohttp.ClientWSTimeout(ws_close=5),
@@ -181,6 +194,9 @@ class Worker:
                     ),
                 )
         except aiohttp.WSServerHandshakeError as exc:
+            if exc.status == 426:
+                said = exc.headers.get(wire.PROTOCOL_HEADER) if exc.headers else None
+                raise LeaderTooOld(said or "older") from None
             if exc.status in (401, 403):
                 raise NodeRevoked(
                     f"the leader refused this node ({exc.status}): it was revoked or is unknown; "
@@ -203,6 +219,8 @@ class Worker:
         log.info("link.closed", code=ws.close_code, up_s=round(up_s, 1), error=error and str(error))
         if ws.close_code == wire.CLOSE_REVOKED:
             raise NodeRevoked("the leader revoked this node")
+        if ws.close_code == wire.CLOSE_LEADER_TOO_OLD:
+            raise LeaderTooOld("older")
         _pace_after_close(backoff, ws.close_code, up_s)
 
     def leader_url(self, identity: Identity) -> str:
@@ -234,10 +252,18 @@ class Worker:
                 break
             try:
                 message = wire.decode_for_worker(msg.data)
+            except wire.UnknownMessage as exc:  # a newer leader's: skipped, the link stays
+                log.info("link.unknown_message", type=exc.message_type)
+                continue
             except wire.BadMessage as exc:
                 log.error("link.bad_message", error=str(exc))
                 await ws.close(code=wire.CLOSE_BAD_MESSAGE, message=b"bad message")
                 return
+            if message.v < wire.PROTOCOL_VERSION:
+                # A leader of this release speaks this worker's own version; one that
+                # speaks an older one did not read the version this worker announced.
+                await ws.close(code=wire.CLOSE_LEADER_TOO_OLD, message=b"upgrade the leader")
+                raise LeaderTooOld(message.v)
             await self._dispatch(message)
 
     async def _dispatch(self, message: wire.ToWorker) -> None:

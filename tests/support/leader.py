@@ -93,9 +93,17 @@ class LeaderProcess:
     The API token reaches it through the environment, so no file of the test's holds it.
     """
 
-    def __init__(self, raw: dict[str, Any], workdir: Path, prefix: list[str] | None = None) -> None:
-        """`prefix` runs it elsewhere, e.g. nsenter into a simulated host's namespace.
-        `raw` is copied: the API token moves from the file to the environment here."""
+    def __init__(
+        self,
+        raw: dict[str, Any],
+        workdir: Path,
+        prefix: list[str] | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        """`prefix` runs it elsewhere, e.g. nsenter into a simulated host's namespace;
+        `python`, another virtualenv's (an earlier release). `raw` is copied: the API
+        token moves from the file to the environment here."""
+        self.python = python
         raw = copy.deepcopy(raw)
         token = raw["leader"].pop("api_token", None)
         self.secret_env = {TOKEN_ENV: token} if token else {}
@@ -126,9 +134,11 @@ class LeaderProcess:
         """Start it and wait until it listens; `env` adds to the test's environment."""
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [*self.prefix, sys.executable, "-m", "agent", "run", "-c", str(self.config_path)],
+                [*self.prefix, self.python, "-m", "agent", "run", "-c", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                # not the checkout: `-m agent` would import its code whatever `python` is
+                cwd=self.workdir,
                 env={**os.environ, **self.secret_env, **(env or {})},
             )
         host, _, port = self.raw["leader"]["listen"].rpartition(":")

@@ -27,9 +27,11 @@ class WorkerProcess:
         leader_url: str,
         token: str,
         prefix: list[str] | None = None,
+        python: str = sys.executable,
         **worker: Any,
     ) -> None:
         self.name = name
+        self.python = python  # another virtualenv's: an earlier release of the agent
         self.prefix = prefix or []  # e.g. nsenter into a simulated host's namespace
         self.workdir = workdir
         self.state_dir = workdir / "state"
@@ -55,9 +57,11 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [*self.prefix, sys.executable, "-m", "agent", "run", "-c", str(self.config_path)],
+                [*self.prefix, self.python, "-m", "agent", "run", "-c", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                # not the checkout: `-m agent` would import its code whatever `python` is
+                cwd=self.workdir,
                 env={**os.environ, JOIN_TOKEN_ENV: self.join_token},
             )
         CANARY.sample_argv()

@@ -25,11 +25,17 @@ _HTTP_CODES = {
 }
 
 
-def error_body(status: int, code: str, message: str, hint: str | None = None) -> web.Response:
+def error_body(
+    status: int,
+    code: str,
+    message: str,
+    hint: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
     error: dict[str, str] = {"code": code, "message": message}
     if hint:
         error["hint"] = hint
-    return web.json_response({"error": error}, status=status)
+    return web.json_response({"error": error}, status=status, headers=headers)
 
 
 @web.middleware
@@ -37,7 +43,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except RequestError as exc:
-        return error_body(exc.status, exc.code, exc.message, exc.hint)
+        return error_body(exc.status, exc.code, exc.message, exc.hint, exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -135,13 +135,34 @@ async def revoke_node(request: web.Request) -> web.Response:
 @routes.get(wire.AGENT_PATH)
 async def agent_link(request: web.Request) -> web.WebSocketResponse:
     ctx = request.app[CONTEXT]
+    protocol = _protocol(request)
     node = await _authenticate_node(ctx, request.headers.get("Authorization", ""))
     # No permessage-deflate: the frames are small, and each deflating link holds ~100 KiB
     # of zlib state on the leader.
     ws = LinkSocket(heartbeat=wire.HEARTBEAT_SECONDS, max_msg_size=1024 * 1024, compress=False)
     await ws.prepare(request)
-    await ctx.hub.serve(node, ws, request)
+    await ctx.hub.serve(node, ws, request, protocol)
     return ws
+
+
+def _protocol(request: web.Request) -> int:
+    """The protocol the worker announced, if this leader speaks it: a worker newer than
+    its leader is refused, with what to do (leaders are upgraded first)."""
+    announced = wire.protocol_of(request.headers.get(wire.PROTOCOL_HEADER))
+    if announced is None or announced < wire.OLDEST_PROTOCOL:
+        raise RequestError(
+            400, "invalid_request", f"{wire.PROTOCOL_HEADER} must be a protocol version"
+        )
+    if announced > wire.PROTOCOL_VERSION:
+        log.warning("link.worker_too_new", peer=request.remote, protocol=announced)
+        raise RequestError(
+            426,
+            "leader_too_old",
+            f"this worker speaks protocol {announced} and the leader {wire.PROTOCOL_VERSION}",
+            hint="upgrade the leader first, then the workers",
+            headers={wire.PROTOCOL_HEADER: str(wire.PROTOCOL_VERSION)},
+        )
+    return announced
 
 
 async def _authenticate_node(ctx: LeaderContext, header: str) -> NodeRecord:

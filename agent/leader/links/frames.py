@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 from aiohttp._websocket.helpers import websocket_mask
 
+from agent import wire
+
 FIN_TEXT = 0x81
 MASKED = 0x80
 
@@ -43,3 +45,21 @@ class Outgoing(NamedTuple):
 
 def outgoing(text: str) -> Outgoing:
     return Outgoing(text, text_frame(text))
+
+
+class Framed:
+    """One message as each protocol version reads it, encoded and framed once per version
+    asked for: a broadcast to links of mixed versions encodes each version once."""
+
+    def __init__(self, message: wire.ToWorker) -> None:
+        self._message = message
+        self._by_version: dict[int, Outgoing | None] = {}
+
+    def to(self, version: int) -> Outgoing | None:
+        """The message for a link of `version`; None when that version has no such message."""
+        try:
+            return self._by_version[version]
+        except KeyError:
+            text = wire.encode_for(self._message, version)
+            framed = self._by_version[version] = None if text is None else outgoing(text)
+            return framed

@@ -20,7 +20,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from agent import wire
 from agent.credentials import RegistryCredentials
-from agent.leader.links.frames import Outgoing, outgoing
+from agent.leader.links.frames import Framed, Outgoing
 from agent.leader.links.link_socket import LinkSocket
 from agent.leader.links.node_writer import NodeInfoWriter
 from agent.leader.links.orders import OrdersInFlight, PullRound
@@ -64,6 +64,7 @@ class Link:
     node: NodeRecord
     ws: LinkSocket
     request: web.Request
+    protocol: int = wire.PROTOCOL_VERSION  # the one the worker announced: it is spoken to in it
     queue: asyncio.Queue[Outgoing] = field(default_factory=lambda: asyncio.Queue(SEND_QUEUE))
     closer: asyncio.Task[bool] | None = None
 
@@ -77,6 +78,12 @@ class Link:
         if transport is not None:
             transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
             self._low = transport.get_write_buffer_limits()[0]
+
+    def send_framed(self, message: Framed) -> None:
+        """Send `message` as this link's version reads it, if that version has it."""
+        framed = message.to(self.protocol)
+        if framed is not None:
+            self.send(framed)
 
     def send(self, message: Outgoing) -> None:
         if self.closer is not None or self.ws.closed:
@@ -210,10 +217,10 @@ class Hub:
         return wire_credentials(self._credentials, self._credentials_version)
 
     def broadcast(self, message: wire.ToWorker) -> None:
-        """Queue one message, encoded once, to every connected worker."""
-        frame = outgoing(wire.encode(message))
+        """Queue one message, encoded once per protocol version, to every connected worker."""
+        framed = Framed(message)
         for link in list(self._links.values()):
-            link.send(frame)
+            link.send_framed(framed)
 
     def revoke(self, node_id: str, name: str) -> None:
         """Close the node's link, and refuse any link of it still being set up: its
@@ -231,22 +238,28 @@ class Hub:
         if link is not None:
             link.kick(code, reason)
 
-    async def serve(self, node: NodeRecord, ws: LinkSocket, request: web.Request) -> None:
-        """Own one worker's link from its first message to its close."""
+    async def serve(
+        self,
+        node: NodeRecord,
+        ws: LinkSocket,
+        request: web.Request,
+        protocol: int = wire.PROTOCOL_VERSION,
+    ) -> None:
+        """Own one worker's link, spoken to in `protocol`, from its first message to its close."""
         if node.id in self._revoked:
             await ws.close(code=wire.CLOSE_REVOKED, message=b"this node was revoked")
             return
         node.info = self._nodes.pending(node.id) or node.info
-        link = Link(node, ws, request)
+        link = Link(node, ws, request, protocol)
         previous = self._links.get(node.id)
         if previous is not None:
             previous.kick(wire.CLOSE_REPLACED, "replaced by a newer connection")
             self._orders.drop(node.id, RECONNECT_GRACE_S)  # its answer comes on this link
         self._links[node.id] = link
         pump = asyncio.create_task(link.pump(), name=f"link-pump-{node.name}")
-        log.info("link.connected", node=node.name)
+        log.info("link.connected", node=node.name, protocol=protocol)
         try:
-            link.send(await self._sync(link))
+            link.send_framed(await self._sync())
             await self._read(link)
         except ConnectionError as exc:
             log.info("link.broken", node=node.name, error=repr(exc))
@@ -269,9 +282,9 @@ class Hub:
                 self._touch(node)
             log.info("link.disconnected", node=node.name, code=ws.close_code, replaced=not current)
 
-    async def _sync(self, link: Link) -> Outgoing:
+    async def _sync(self) -> Framed:
         images = await self._store.images_to_hold()
-        return outgoing(wire.encode(wire.Sync(credentials=self._wire_credentials(), images=images)))
+        return Framed(wire.Sync(credentials=self._wire_credentials(), images=images))
 
     async def _read(self, link: Link) -> None:
         """Deal with what the link's socket did not hand over as it arrived: the
@@ -284,6 +297,9 @@ class Hub:
                 return
             try:
                 message = wire.decode_for_leader(msg.data)
+            except wire.UnknownMessage as exc:  # a newer worker's: not a reason to drop it
+                log.info("link.unknown_message", node=link.node.name, type=exc.message_type)
+                continue
             except wire.BadMessage as exc:
                 log.warning("link.bad_message", node=link.node.name, error=str(exc))
                 link.kick(wire.CLOSE_BAD_MESSAGE, str(exc)[:120])
@@ -301,8 +317,8 @@ class Hub:
             return False  # the task is still on an earlier message
         try:
             message = wire.decode_for_leader(text)
-        except wire.BadMessage:
-            return False
+        except (wire.BadMessage, wire.UnknownMessage):
+            return False  # the link's task reports it
         try:
             return self._handle(link, message) is None
         except Exception:  # a bug here must not reach aiohttp's parser, which would hide it
@@ -386,17 +402,15 @@ class Hub:
         A node that is offline maps to "offline"; one whose link drops before it
         answers, to "disconnected"; one still owing its answer after `within`, to "late".
         """
-        frame = outgoing(
-            wire.encode(
-                wire.PullOrder(order=order, image=image, credentials=self._wire_credentials())
-            )
+        framed = Framed(
+            wire.PullOrder(order=order, image=image, credentials=self._wire_credentials())
         )
         linked = [link for node in nodes if (link := self._links.get(node.id)) is not None]
         pull_round = PullRound(order, {link.node.id for link in linked}, image)
         self._orders.open(pull_round)
         try:
             for link in linked:
-                link.send(frame)
+                link.send_framed(framed)
             await asyncio.wait([pull_round.settled], timeout=within)
             return {node.id: _answer(pull_round, node.id) for node in nodes}
         finally:
