@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import re
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import IO
 
 from tests.support.canary import CANARY
 from tests.support.procs import free_port, stop, wait_until
+
+
+SWARM_LOCK = Path("/tmp/deploy-agent-tests-swarm.lock")
 
 
 class Dockerd:
@@ -21,6 +26,7 @@ class Dockerd:
         self.url = f"unix://{self.sock}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.root / "dockerd.log"
+        self._swarm_lock: IO[str] | None = None
 
     def start(self) -> None:
         with self.log_path.open("ab") as log:
@@ -60,7 +66,13 @@ class Dockerd:
         )
 
     def init_swarm(self, address: str = "127.0.0.1") -> None:
-        """Make this engine a single-node Swarm manager (on a free port for loopback)."""
+        """Make this engine a single-node Swarm manager (on a free port for loopback).
+
+        A loopback Swarm owns the host's docker_gwbridge: one test run at a time may hold
+        one, so a second run on the machine (another checkout's) waits for the first."""
+        if not self.prefix:
+            self._swarm_lock = SWARM_LOCK.open("a")
+            fcntl.flock(self._swarm_lock, fcntl.LOCK_EX)
         port = free_port() if address.startswith("127.") else 2377
         self.cli("swarm", "init", "--advertise-addr", address, "--listen-addr", f"{address}:{port}")
 
@@ -71,6 +83,9 @@ class Dockerd:
             subprocess.run(
                 ["ip", "link", "delete", "docker_gwbridge"], capture_output=True, check=False
             )
+        if self._swarm_lock is not None:
+            self._swarm_lock.close()
+            self._swarm_lock = None
 
     def restart(self) -> None:
         """Stop the engine as its service manager would (SIGTERM) and start it again,
