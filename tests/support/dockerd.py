@@ -13,7 +13,6 @@ from typing import IO
 from tests.support.canary import CANARY
 from tests.support.procs import free_port, stop, wait_until
 
-
 SWARM_LOCK = Path("/tmp/deploy-agent-tests-swarm.lock")
 
 
