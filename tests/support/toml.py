@@ -22,4 +22,6 @@ def _value(v: Any) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list):
         return "[" + ", ".join(_value(i) for i in v) + "]"
+    if isinstance(v, dict):  # an inline table, as in a list of them
+        return "{" + ", ".join(f"{k} = {_value(i)}" for k, i in v.items()) + "}"
     return str(v)

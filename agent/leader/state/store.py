@@ -22,69 +22,11 @@ import msgspec
 
 from agent.credentials import RegistryCredentials
 from agent.leader.state.models import CatchUp, Deployment, NodeInfo, NodeRecord, State
+from agent.leader.state.schema import migrate
 
 T = TypeVar("T")
 PAGE_CACHE_KIB = 256
 IDEMPOTENCY_TTL_S = 24 * 3600.0  # a retried submission arrives well within a day
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS deployments (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    app TEXT NOT NULL,
-    state TEXT NOT NULL,
-    doc BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS deployments_app ON deployments (app, seq);
-CREATE INDEX IF NOT EXISTS deployments_state ON deployments (state, seq);
-CREATE TABLE IF NOT EXISTS events (
-    deployment_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    doc BLOB NOT NULL,
-    PRIMARY KEY (deployment_id, seq)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS idempotency (
-    key TEXT PRIMARY KEY,
-    fingerprint TEXT NOT NULL,
-    deployment_id TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created_at);
-CREATE TABLE IF NOT EXISTS registry_credentials (
-    version INTEGER PRIMARY KEY AUTOINCREMENT,
-    server TEXT,
-    username TEXT,
-    password TEXT,
-    namespace TEXT,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS nodes (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    secret_hash TEXT NOT NULL,
-    enrolled_at REAL NOT NULL,
-    revoked_at REAL,
-    info BLOB NOT NULL DEFAULT '{}'
-);
-CREATE TABLE IF NOT EXISTS webhooks (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    deployment_id TEXT NOT NULL,
-    url TEXT NOT NULL,
-    body BLOB NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_at REAL NOT NULL,
-    last_status INTEGER,
-    last_error TEXT,
-    delivered_at REAL
-);
-CREATE INDEX IF NOT EXISTS webhooks_pending ON webhooks (state, url, id);
-CREATE INDEX IF NOT EXISTS webhooks_deployment ON webhooks (deployment_id, id);
-CREATE TABLE IF NOT EXISTS join_token (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    secret_hash TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-"""
 _FINAL = tuple(s.value for s in State if s.final)
 _encoder = msgspec.json.Encoder()
 _decode_deployment = msgspec.json.Decoder(Deployment).decode
@@ -124,7 +66,11 @@ class Store:
             # the leader's reads are point lookups and short scans the OS page cache serves.
             db.execute(f"PRAGMA cache_size=-{PAGE_CACHE_KIB}")
             db.execute("PRAGMA secure_delete=ON")
-            db.executescript(_SCHEMA)
+            try:
+                migrate(db, str(self.path))
+            except BaseException:
+                db.close()  # refused (a newer schema) or failed: nothing was changed
+                raise
         finally:
             os.umask(old_umask)
         for suffix in ("", "-wal", "-shm"):
