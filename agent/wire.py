@@ -80,6 +80,30 @@ class Retain(_Message, frozen=True, kw_only=True, tag="retain"):
     keep: int
 
 
+_Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+_FileName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}\.whl$")]
+_Version = Annotated[str, msgspec.Meta(pattern=r"^[0-9][A-Za-z0-9.+!-]{0,63}$")]
+
+
+class UpgradeFile(msgspec.Struct, frozen=True):
+    """A wheel the leader serves for an upgrade, at /v1/upgrades/{upgrade}/files/{name}."""
+
+    name: _FileName
+    sha256: _Sha256
+    size: int
+
+
+class UpgradeOrder(_Message, frozen=True, kw_only=True, tag="upgrade"):
+    """Install `version` beside the running one, restart into it, and come back with it.
+    `dependencies` empty: the worker installs the wheel's locked dependencies from its
+    package index instead of the leader."""
+
+    upgrade: _Text
+    version: _Version
+    wheel: UpgradeFile
+    dependencies: list[UpgradeFile]
+
+
 # worker → leader
 
 
@@ -88,6 +112,9 @@ class Hello(_Message, frozen=True, kw_only=True, tag="hello"):
     agent_version: _Text
     engine_version: _Text
     arch: _Text
+    # Whether this worker can install another release beside itself and restart into it
+    # (it runs from the releases layout, under its guard).
+    upgradable: bool = False
 
 
 class CredentialsAck(_Message, frozen=True, kw_only=True, tag="credentials_ack"):
@@ -111,13 +138,33 @@ class PullResult(_Message, frozen=True, kw_only=True, tag="pull_result"):
     seconds: float = 0.0
 
 
-ToWorker = Credentials | PullOrder | Sync | Retain
-ToLeader = Hello | CredentialsAck | PullProgress | PullResult
+# What an upgrade's state may be. A string on the wire, not an enumeration: a newer
+# worker's new state must not make the message undecodable here.
+UPGRADE_STATES = ("downloading", "installing", "restarting", "failed", "unsupported", "rolled_back")
+UPGRADE_FAILURES = frozenset({"failed", "unsupported", "rolled_back"})
+
+
+class UpgradeStatus(_Message, frozen=True, kw_only=True, tag="upgrade_status"):
+    """How an upgrade goes on this worker. `rolled_back` comes from the release the
+    guard returned to, once it is back: `version` names the one that failed."""
+
+    upgrade: _Text
+    version: _Text
+    state: _Text  # one of UPGRADE_STATES
+    detail: _Text | None = None
+
+
+ToWorker = Credentials | PullOrder | Sync | Retain | UpgradeOrder
+ToLeader = Hello | CredentialsAck | PullProgress | PullResult | UpgradeStatus
 
 # What each protocol version added after the first: {version: {message type: fields}},
 # where an empty set of fields means the message type itself is new in that version.
 ADDED_IN: dict[int, dict[str, frozenset[str]]] = {
-    2: {},
+    2: {
+        "upgrade": frozenset(),
+        "upgrade_status": frozenset(),
+        "hello": frozenset({"upgradable"}),
+    },
 }
 
 T = TypeVar("T")

@@ -74,8 +74,8 @@ def test_no_script_or_repr_carries_the_token(tmp_path: Path) -> None:
     plan = _plan(tmp_path)
     scripts = [
         render.engine_check(plan),
-        render.virtualenv(plan),
-        render.install(plan, "deploy_agent-0.1.0-py3-none-any.whl", offline=True),
+        render.virtualenv(plan, "0.2.0"),
+        render.install(plan, "0.2.0", "deploy_agent-0.2.0-py3-none-any.whl", offline=True),
         render.check_config(plan, plan.config_path),
         render.put_config_in_place(plan, plan.config_path + ".new"),
         render.systemd_install(plan),
@@ -84,7 +84,7 @@ def test_no_script_or_repr_carries_the_token(tmp_path: Path) -> None:
         repr(plan),
     ]
     assert all(TOKEN not in s and "secretpart" not in s for s in scripts)
-    assert "'/opt/deploy agent/venv'" in render.virtualenv(plan)
+    assert "'/opt/deploy agent/releases/0.2.0/venv'" in render.virtualenv(plan, "0.2.0")
 
 
 def test_systemd_install_makes_the_user_and_restarts_the_unit(tmp_path: Path) -> None:
@@ -119,12 +119,14 @@ def test_plans_are_checked_before_anything_runs(tmp_path: Path) -> None:
 
 
 def test_the_worker_unit_points_at_the_plans_paths_and_verifies(tmp_path: Path) -> None:
-    """The unit a bootstrap writes runs the program under --prefix with the config under
-    --config-dir, and `systemd-analyze verify` still accepts it."""
+    """The unit a bootstrap writes runs the guard under --prefix with the config under
+    --config-dir, may write that prefix's releases, and `systemd-analyze verify` still
+    accepts it."""
     plan = _plan(tmp_path, prefix="/srv/agent", config_dir="/srv/etc")
     text = render.unit_file(plan)
-    assert "ExecStart=/srv/agent/venv/bin/deploy-agent run -c /srv/etc/config.toml" in text
-    assert verify(tmp_path, UNIT_NAME, text, "/srv/agent/venv/bin/deploy-agent") == ""
+    assert "ExecStart=/srv/agent/bin/deploy-agent-guard run -c /srv/etc/config.toml" in text
+    assert "ReadWritePaths=-/srv/agent/releases\n" in text
+    assert verify(tmp_path, UNIT_NAME, text, "/srv/agent/bin/deploy-agent-guard") == ""
 
 
 class ScriptedHost:

@@ -99,7 +99,8 @@ async def test_openapi_document_covers_every_route(leader: InProcessLeader) -> N
     assert status == 200
     assert served == document()
     assert leader.leader.ctx is not None and leader.leader.scheduler is not None
-    app = build_app(leader.leader.ctx, leader.leader.scheduler)
+    assert leader.leader.rollouts is not None
+    app = build_app(leader.leader.ctx, leader.leader.scheduler, leader.leader.rollouts)
     routes = {
         (route.method.lower(), route.resource.canonical)
         for route in app.router.routes()

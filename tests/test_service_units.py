@@ -19,7 +19,7 @@ OVERALL = re.compile(r"Overall exposure level for (\S+): (\d+\.\d+) (\w+)")
 def test_both_units_are_there() -> None:
     """The repository ships a leader and a worker unit, and the package carries the same."""
     assert [u.name for u in UNITS] == ["deploy-agent-leader.service", "deploy-agent-worker.service"]
-    for unit in UNITS:
+    for unit in [*UNITS, ROOT / "systemd" / "deploy-agent-guard"]:
         assert (ROOT / "agent" / "units" / unit.name).read_text() == unit.read_text()
 
 
@@ -58,7 +58,7 @@ def test_unit_asks_systemd_for_what_the_agent_does(unit: Path) -> None:
         "SupplementaryGroups": ["docker"],
         "StateDirectory": ["deploy-agent"],
         "ExecStart": [
-            "/opt/deploy-agent/venv/bin/deploy-agent run -c /etc/deploy-agent/config.toml"
+            "/opt/deploy-agent/bin/deploy-agent-guard run -c /etc/deploy-agent/config.toml"
         ],
     }
     assert {key: found.get(key) for key in expected} == expected

@@ -65,13 +65,24 @@ class Plan:
                 "`deploy-agent join-token` on the leader"
             ) from None
 
+    # The releases layout: PREFIX/releases/VERSION/venv per release, `current` the one
+    # the guard (PREFIX/bin/deploy-agent-guard) starts; workers upgrade themselves there.
+
     @property
-    def venv(self) -> str:
-        return posixpath.join(self.prefix, "venv")
+    def releases_dir(self) -> str:
+        return posixpath.join(self.prefix, "releases")
+
+    def venv(self, version: str) -> str:
+        return posixpath.join(self.releases_dir, version, "venv")
+
+    @property
+    def guard_path(self) -> str:
+        return posixpath.join(self.prefix, "bin", "deploy-agent-guard")
 
     @property
     def agent_bin(self) -> str:
-        return posixpath.join(self.venv, "bin", "deploy-agent")
+        """The current release's program."""
+        return posixpath.join(self.releases_dir, "current", "venv", "bin", "deploy-agent")
 
     @property
     def wheels_dir(self) -> str:

@@ -13,7 +13,8 @@ from shlex import quote
 from agent.bootstrap.plan import UNIT_NAME, Plan
 
 SERVICE_USER = "deploy-agent"
-DEFAULT_EXEC = "/opt/deploy-agent/venv/bin/deploy-agent"
+DEFAULT_EXEC = "/opt/deploy-agent/bin/deploy-agent-guard"
+DEFAULT_RELEASES = "/opt/deploy-agent/releases"
 DEFAULT_CONFIG = "/etc/deploy-agent/config.toml"
 
 
@@ -44,7 +45,14 @@ def _toml(value: str) -> str:
 def unit_file(plan: Plan) -> str:
     """The packaged worker unit, pointed at this plan's virtualenv and config."""
     text = files("agent").joinpath("units", UNIT_NAME).read_text()
-    return text.replace(DEFAULT_EXEC, plan.agent_bin).replace(DEFAULT_CONFIG, plan.config_path)
+    text = text.replace(DEFAULT_EXEC, plan.guard_path).replace(DEFAULT_CONFIG, plan.config_path)
+    return text.replace(DEFAULT_RELEASES, plan.releases_dir)
+
+
+def guard() -> bytes:
+    """The guard the unit starts: it starts the current release, and falls back to the
+    previous one when a new one fails on trial."""
+    return files("agent").joinpath("units", "deploy-agent-guard").read_bytes()
 
 
 def engine_check(plan: Plan) -> str:
@@ -64,27 +72,39 @@ PYTHON_CHECK = (
 SYSTEMD_CHECK = "test -d /run/systemd/system && command -v systemctl >/dev/null && echo systemd"
 
 
-def virtualenv(plan: Plan) -> str:
-    """Reuses a working virtualenv (its pip too: one cut short may lack it), else makes
-    one; prints which."""
-    venv = quote(plan.venv)
+def virtualenv(plan: Plan, version: str) -> str:
+    """Reuses the release's working virtualenv (its pip too: one cut short may lack it),
+    else makes one; prints which."""
+    venv = quote(plan.venv(version))
     return (
         f"if {venv}/bin/python -m pip --version >/dev/null 2>&1; then echo reused; "
         f"else rm -rf {venv} && python3 -m venv {venv} && echo created; fi"
     )
 
 
-def install(plan: Plan, wheel_name: str, offline: bool) -> str:
+def install(plan: Plan, version: str, wheel_name: str, offline: bool) -> str:
     """Installs the locked dependencies, each checked against its hash (from the uploaded
-    wheels, or from the index), then the wheel itself, also over an equal version."""
-    pip = f"{quote(plan.venv)}/bin/pip install --disable-pip-version-check -q"
+    wheels, or from the index), then the wheel itself, also over an equal version; makes
+    the release current (the one it replaces stays as previous, and no trial: the
+    operator installs it), and prints the current program's version."""
+    pip = f"{quote(plan.venv(version))}/bin/pip install --disable-pip-version-check -q"
     wheel = quote(f"{plan.wheels_dir}/{wheel_name}")
     requirements = quote(f"{plan.wheels_dir}/requirements.txt")
     source = f"--no-index --find-links {quote(plan.wheels_dir)} " if offline else ""
-    return (
-        f"set -e; {pip} {source}--require-hashes -r {requirements}; "
-        f"{pip} --no-index --no-deps --force-reinstall {wheel}; "
-        f"{quote(plan.agent_bin)} --version"
+    releases = quote(plan.releases_dir)
+    return "; ".join(
+        [
+            "set -e",
+            f"{pip} {source}--require-hashes -r {requirements}",
+            f"{pip} --no-index --no-deps --force-reinstall {wheel}",
+            f"cd {releases}",
+            "old=$(readlink current || true)",
+            f'if [ -n "$old" ] && [ "$old" != {quote(version)} ]; then '
+            'ln -sfn "$old" .previous.new && mv -Tf .previous.new previous; fi',
+            f"ln -sfn {quote(version)} .current.new && mv -Tf .current.new current",
+            "rm -f trial trial.starts",
+            f"{quote(plan.agent_bin)} --version",
+        ]
     )
 
 
@@ -140,6 +160,8 @@ def systemd_install(plan: Plan) -> str:
             f"--shell /usr/sbin/nologin {user}",
             f"chown {user}:{user} {quote(plan.token_path)}",
             f"chown root:{user} {quote(plan.config_path)}",
+            # the worker installs new releases there itself (the unit lets it write there)
+            f"chown -R {user}:{user} {quote(plan.releases_dir)}",
             "systemctl daemon-reload",
             f"systemctl enable --quiet {UNIT_NAME}",
             f"systemctl restart {UNIT_NAME}",
@@ -151,7 +173,7 @@ def systemd_install(plan: Plan) -> str:
 def nohup_start(plan: Plan) -> str:
     """Stops the agent an earlier run started (if its pid is still ours), starts it anew
     detached from the session, and prints its pid."""
-    pidfile, agent = quote(plan.pid_path), quote(plan.agent_bin)
+    pidfile, agent = quote(plan.pid_path), quote(plan.guard_path)
     return "\n".join(
         [
             f"old=$(cat {pidfile} 2>/dev/null || true)",

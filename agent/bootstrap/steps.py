@@ -229,22 +229,32 @@ def dependency_wheels(wheelhouse: Path | None) -> list[Path]:
     return found
 
 
+def _version(s: Session) -> str:
+    assert s.wheel is not None
+    return s.wheel.name.split("-")[1]
+
+
 async def make_virtualenv(s: Session) -> Outcome:
-    why = f"cannot make a virtualenv in {s.plan.venv}"
-    done = await s.must_run("virtualenv", render.virtualenv(s.plan), deadline=110, why=why)
-    return ok(f"{done.stdout.strip()} {s.plan.venv}")
+    venv = s.plan.venv(_version(s))
+    why = f"cannot make a virtualenv in {venv}"
+    script = render.virtualenv(s.plan, _version(s))
+    done = await s.must_run("virtualenv", script, deadline=110, why=why)
+    return ok(f"{done.stdout.strip()} {venv}")
 
 
 async def install(s: Session) -> Outcome:
     assert s.wheel is not None
-    script = render.install(s.plan, s.wheel.name, offline=s.plan.wheelhouse is not None)
+    version = _version(s)
+    await s.remote.write_file(s.plan.guard_path, render.guard(), mode=0o755, deadline=30)
+    offline = s.plan.wheelhouse is not None
+    script = render.install(s.plan, version, s.wheel.name, offline=offline)
     why = "pip could not install deploy-agent"
     done = await s.must_run("install", script, deadline=590, why=why)
     reported = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
-    wanted = f"deploy-agent {s.wheel.name.split('-')[1]}"
+    wanted = f"deploy-agent {version}"
     if reported != wanted:
         raise BootstrapError("install", f"{s.plan.agent_bin} says {reported!r}, not {wanted!r}")
-    return ok(f"{wanted} in {s.plan.venv}")
+    return ok(f"{wanted} in {s.plan.venv(version)}, current; guard {s.plan.guard_path}")
 
 
 async def write_config(s: Session) -> Outcome:

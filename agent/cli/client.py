@@ -126,8 +126,9 @@ class Client:
                 raise _api_error(response.status, doc)
             return doc
 
-    async def events(self, dep_id: str) -> AsyncIterator[dict[str, Any]]:
-        url = f"{self._target.url}/v1/deployments/{dep_id}/events"
+    async def events(self, dep_id: str, kind: str = "deployments") -> AsyncIterator[dict[str, Any]]:
+        """The event stream of a deployment (or, with `kind`, of an upgrade)."""
+        url = f"{self._target.url}/v1/{kind}/{dep_id}/events"
         async with self._session.get(
             url, timeout=FOLLOW_TIMEOUT, allow_redirects=False
         ) as response:

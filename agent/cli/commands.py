@@ -17,12 +17,13 @@ from agent.cli.client import Client, Target
 from agent.cli.inputs import read_text
 from agent.config import Config, load_config
 from agent.errors import AgentError, BootstrapError, ConfigError
-from agent.worker.agent import LeaderTooOld, NodeRevoked
+from agent.worker.agent import LeaderTooOld, NodeRevoked, RestartRequested
 
 DEFAULT_CONFIG = "/etc/deploy-agent/config.toml"
 EXIT_CONFIG = 2  # the config is wrong: restarting cannot help until someone fixes it
 EXIT_REVOKED = 3  # a revoked worker: restarting it cannot help
 EXIT_LEADER_TOO_OLD = 4  # a worker newer than its leader: the leader is upgraded first
+EXIT_RESTART = 75  # a new release is current: the guard (or the unit) starts it at once
 
 
 def client_for(args: argparse.Namespace) -> Client:
@@ -48,25 +49,29 @@ def _leader_given(args: argparse.Namespace) -> bool:
     return bool(url and token)
 
 
+# How the daemon's end maps to its exit status, first match wins: the event it logs,
+# and the status the unit (or the guard) acts on.
+_ENDINGS: tuple[tuple[type[AgentError], str, int], ...] = (
+    (NodeRevoked, "agent.revoked", EXIT_REVOKED),
+    (LeaderTooOld, "agent.leader_too_old", EXIT_LEADER_TOO_OLD),
+    (RestartRequested, "agent.restarting", EXIT_RESTART),
+    (ConfigError, "agent.failed", EXIT_CONFIG),  # found once running (a token file gone)
+    (AgentError, "agent.failed", 1),
+)
+
+
 async def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     logs.configure(config.log.level, config.log.format)
+    log = logs.get_logger("agent")
     try:
         await daemon.run(config)
-    except NodeRevoked as exc:
-        logs.get_logger("agent").error("agent.revoked", error=exc.message)
-        return EXIT_REVOKED
-    except LeaderTooOld as exc:
-        logs.get_logger("agent").error("agent.leader_too_old", error=exc.message)
-        return EXIT_LEADER_TOO_OLD
-    except ConfigError as exc:  # found once running (a join token file gone, say)
-        logs.get_logger("agent").error("agent.failed", error=exc.message)
-        return EXIT_CONFIG
     except AgentError as exc:
-        logs.get_logger("agent").error("agent.failed", error=exc.message)
-        return 1
+        event, code = next((e, c) for kind, e, c in _ENDINGS if isinstance(exc, kind))
+        (log.info if code == EXIT_RESTART else log.error)(event, error=exc.message)
+        return code
     except OSError as exc:  # its own port taken, a read-only state directory…
-        logs.get_logger("agent").error("agent.failed", error=str(exc) or repr(exc))
+        log.error("agent.failed", error=str(exc) or repr(exc))
         return 1
     return 0
 

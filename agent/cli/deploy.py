@@ -13,7 +13,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -141,19 +141,33 @@ class EventSink(Protocol):
 
 
 async def follow(client: Client, dep_id: str, printer: EventSink) -> dict[str, Any]:
-    """Print the deployment's events to its end. A leader that restarts meanwhile (its
-    deployments resume) is followed again; the events it replays are not printed twice."""
+    """Print the deployment's events to its end, then its summary."""
+    await follow_events(client, dep_id, printer.event)
+    dep: dict[str, Any] = await client.call("GET", f"/v1/deployments/{dep_id}")
+    printer.summary(dep)
+    return dep
+
+
+async def follow_events(
+    client: Client,
+    stream_id: str,
+    on_event: Callable[[dict[str, Any]], None],
+    kind: str = "deployments",
+) -> None:
+    """Hand each event of a deployment (or, with `kind`, an upgrade) to `on_event`, to its
+    end. A leader that restarts meanwhile (its work resumes) is followed again; the
+    events it replays are not handed on twice."""
     seen = 0
     backoff = Backoff(initial=1.0, cap=10.0)
     lost_since: float | None = None
     while True:
         try:
-            async for event in client.events(dep_id):
+            async for event in client.events(stream_id, kind):
                 lost_since = None
                 if event.get("seq", seen + 1) > seen:
                     seen = event.get("seq", seen)
-                    printer.event(event)
-            break
+                    on_event(event)
+            return
         except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
             now = time.monotonic()
             lost_since = lost_since or now
@@ -165,9 +179,6 @@ async def follow(client: Client, dep_id: str, printer: EventSink) -> dict[str, A
                 file=sys.stderr,
             )
             await asyncio.sleep(delay)
-    dep: dict[str, Any] = await client.call("GET", f"/v1/deployments/{dep_id}")
-    printer.summary(dep)
-    return dep
 
 
 def query_params(

@@ -15,6 +15,7 @@ from agent import __version__
 from agent.cli import bootstrap as bootstrap_cmd
 from agent.cli import commands
 from agent.cli import deploy as deploy_cmd
+from agent.cli import upgrade as upgrade_cmd
 from agent.cli.client import ApiError, describe
 from agent.cli.inputs import InputError
 from agent.errors import ConfigError
@@ -109,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _registry_parser(sub)
     _nodes_parser(sub)
+    _client_flags(upgrade_cmd.add_parser(sub))
     boot = bootstrap_cmd.add_parser(sub)
     _client_flags(boot)
     boot.set_defaults(command=commands.bootstrap_host)

@@ -24,11 +24,20 @@ from agent import wire
 from agent.config import Config, LeaderConfig
 from agent.engine import Engine
 from agent.errors import AgentError, ConfigError
-from agent.leader.api import cluster, deployments, middleware, nodes, openapi, registry
-from agent.leader.api.keys import CONTEXT, SCHEDULER
+from agent.leader.api import (
+    cluster,
+    deployments,
+    middleware,
+    nodes,
+    openapi,
+    registry,
+    upgrades,
+)
+from agent.leader.api.keys import CONTEXT, ROLLOUTS, SCHEDULER
 from agent.leader.api.malformed import ApiRunner
 from agent.leader.certs import ServingCertificate
 from agent.leader.links.hub import Hub, ProgressSink
+from agent.leader.links.upgrades import Rollouts
 from agent.leader.metrics import LeaderMetrics
 from agent.leader.pipeline.build_server import Builders
 from agent.leader.pipeline.context import LeaderContext
@@ -70,18 +79,20 @@ LISTEN_BACKLOG = 4096
 REQUEST_LINE_LIMIT = 128 * 1024
 
 
-def build_app(ctx: LeaderContext, scheduler: Scheduler) -> web.Application:
+def build_app(ctx: LeaderContext, scheduler: Scheduler, rollouts: Rollouts) -> web.Application:
     app = web.Application(
         middlewares=[middleware.errors, middleware.bearer_auth(ctx.config.api_token)],
         client_max_size=JSON_BODY_LIMIT,
     )
     app[CONTEXT] = ctx
     app[SCHEDULER] = scheduler
+    app[ROLLOUTS] = rollouts
     for table in (
         deployments.routes,
         registry.routes,
         cluster.routes,
         nodes.routes,
+        upgrades.routes,
         openapi.routes,
     ):
         app.router.add_routes(table)
@@ -105,6 +116,7 @@ class Leader:
         self._history_task: asyncio.Task[None] | None = None
         self.ctx: LeaderContext | None = None
         self.scheduler: Scheduler | None = None
+        self.rollouts: Rollouts | None = None
 
     async def start(self) -> None:
         if self.leader_config.build_server is not None:
@@ -137,9 +149,11 @@ class Leader:
         await self._check_engine(engine)
         await self._seed_registry(reg)
         self.scheduler = Scheduler(ctx)
+        self.rollouts = Rollouts(store, hub, journal, state / "upgrades")
         # Listen first: a leader that cannot serve (its port taken, say) must not start
         # deployments, each start counting as an attempt, only to interrupt them.
-        await self._serve(build_app(ctx, self.scheduler), tls)
+        await self._serve(build_app(ctx, self.scheduler, self.rollouts), tls)
+        await self.rollouts.resume()
         self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
         self._lag_task = asyncio.create_task(metrics.watch_loop_lag(), name="loop-lag")
         self._trim_task = asyncio.create_task(
@@ -240,6 +254,8 @@ class Leader:
         # distributing needs its workers' answers, and its followers see it finish.
         if self.scheduler is not None:
             await self.scheduler.shutdown(self.leader_config.drain_timeout)
+        if self.rollouts is not None:
+            await self.rollouts.stop()  # where it is: the next start resumes it
         if self.ctx is not None:
             await self.ctx.hub.close_all()
         if self._runner is not None:

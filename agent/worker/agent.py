@@ -32,6 +32,8 @@ from agent.worker.identity import (
     save_identity,
 )
 from agent.worker.puller import Puller
+from agent.worker.releases import Releases
+from agent.worker.upgrade import Upgrade, UpgradeFailed
 
 log = get_logger(__name__)
 SEND_DEADLINE = 10.0
@@ -50,6 +52,9 @@ _NO_ROUTE = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH})
 # knocked on twice a second, forever. A link that held does: after a network cut or a
 # leader's restart, the leader is worth trying again at once.
 QUICK_CLOSE_SECONDS = 5.0
+# A release on trial that has not reached its leader within this long gives up (exit 1):
+# its guard counts the start, and falls back to the previous release after a few.
+TRIAL_SECONDS = 60.0
 # Closes that say the next try will fail the same way: it waits at the backoff's cap.
 _FUTILE_CLOSES = {
     wire.CLOSE_REPLACED: "another agent holds a link with this node's identity "
@@ -64,6 +69,14 @@ T = TypeVar("T")
 
 class NodeRevoked(AgentError):
     """The leader no longer accepts this node."""
+
+
+class RestartRequested(AgentError):
+    """A new release is installed and current: the agent stops to start again in it."""
+
+
+class TrialFailed(AgentError):
+    """This release, on trial after an upgrade, did not reach its leader in time."""
 
 
 class LeaderTooOld(AgentError):
@@ -86,6 +99,12 @@ class Worker:
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._send_lock = asyncio.Lock()
         self._told_moved = False
+        self.releases = Releases.from_environ()
+        self._stop: asyncio.Event | None = None
+        self._node: Identity | None = None  # once enrolled
+        self._upgrade: asyncio.Task[None] | None = None
+        self._restart_into: str | None = None
+        self._back_on_leader: asyncio.Event | None = None
         self.puller = Puller(
             self.engine,
             parallel=self.worker_config.max_parallel_pulls,
@@ -98,6 +117,8 @@ class Worker:
         """Wait for the engine, enrol if needed, report ready, then hold the link until
         `stop` is set."""
         notifier = notifier or Notifier(None)
+        self._stop, self._back_on_leader = stop, asyncio.Event()
+        trial = asyncio.create_task(self._watch_trial(stop), name="release-trial")
         try:
             if await self.engine.wait_until_up(stop, notifier.waiting_for_engine) is None:
                 return
@@ -108,10 +129,38 @@ class Worker:
             identity.ssl_for(self.leader_url(identity))  # a refused URL fails before ready
             notifier.ready(self.status_line())
             log.info("agent.ready", role="worker", node_id=identity.node_id)
+            self._node = identity
             await self._link_loop(identity, stop)
         finally:
+            trial.cancel()
+            await self._cancel_upgrade()
             await self.puller.close()
             await self.engine.close()
+        if self._restart_into is not None:
+            raise RestartRequested(f"restarting into release {self._restart_into}")
+        if trial.done() and not trial.cancelled() and trial.result():
+            raise TrialFailed(
+                f"release {__version__} did not reach its leader within {TRIAL_SECONDS:.0f} s "
+                "of its start after an upgrade"
+            )
+
+    async def _watch_trial(self, stop: asyncio.Event) -> bool:
+        """On trial after an upgrade: stop the agent (True) unless it is back on its
+        leader within TRIAL_SECONDS."""
+        assert self._back_on_leader is not None
+        releases = self.releases
+        trial = await asyncio.to_thread(releases.trial) if releases else None
+        if trial is None or trial.version != __version__:
+            return False
+        log.info("upgrade.on_trial", version=trial.version, within_s=TRIAL_SECONDS)
+        try:
+            async with asyncio.timeout(TRIAL_SECONDS):
+                await self._back_on_leader.wait()
+        except TimeoutError:
+            log.error("upgrade.trial_failed", version=trial.version)
+            stop.set()
+            return True
+        return False
 
     def status_line(self) -> str:
         """One line for the service manager: the link's state and the pulls under way."""
@@ -240,7 +289,11 @@ class Worker:
             engine_version, arch = "unavailable", platform.machine()
         name = self.worker_config.name or platform.node()
         return wire.Hello(
-            name=name, agent_version=__version__, engine_version=engine_version, arch=arch
+            name=name,
+            agent_version=__version__,
+            engine_version=engine_version,
+            arch=arch,
+            upgradable=self.releases is not None,
         )
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
@@ -274,11 +327,72 @@ class Worker:
                 await self._take_credentials(message.credentials)
                 for image in message.images:
                     self.puller.order(wire.SYNC_ORDER, image)
+                await self._back_on_link()
             case wire.PullOrder():
                 await self._take_credentials(message.credentials)
                 self.puller.order(message.order, message.image)
             case wire.Retain():
                 self.puller.retain(message.app, message.keep)
+            case wire.UpgradeOrder():
+                self._start_upgrade(message)
+
+    async def _back_on_link(self) -> None:
+        """Linked to the leader and synced: a release on trial has made it (its trial
+        ends), and one the guard fell back to tells the leader which release failed."""
+        assert self._back_on_leader is not None
+        self._back_on_leader.set()
+        if self.releases is None:
+            return
+        await asyncio.to_thread(self.releases.confirm, __version__)
+        failed = await asyncio.to_thread(self.releases.take_rolled_back)
+        if failed is not None:
+            log.warning("upgrade.rolled_back", version=failed.version, why=failed.why)
+            await self._send(
+                wire.UpgradeStatus(
+                    upgrade=failed.upgrade or "unknown",
+                    version=failed.version,
+                    state="rolled_back",
+                    detail=f"release {failed.version} {failed.why}; back on {__version__}",
+                )
+            )
+
+    def _start_upgrade(self, order: wire.UpgradeOrder) -> None:
+        if self._upgrade is not None and not self._upgrade.done():
+            log.info("upgrade.already_running", upgrade=order.upgrade)
+            return
+        self._upgrade = asyncio.create_task(self._upgrade_to(order), name="upgrade")
+
+    async def _upgrade_to(self, order: wire.UpgradeOrder) -> None:
+        async def report(state: str, detail: str | None) -> None:
+            log.info("upgrade.progress", upgrade=order.upgrade, state=state, detail=detail)
+            status = wire.UpgradeStatus(
+                upgrade=order.upgrade, version=order.version, state=state, detail=detail
+            )
+            await self._send(status)
+
+        if self.releases is None or self._node is None:
+            await report(
+                "unsupported",
+                "this worker does not run from the releases layout under its guard: "
+                "upgrade it by hand (deploy-agent bootstrap, or a package install)",
+            )
+            return
+        leader = self.leader_url(self._node)
+        work = Upgrade(order, self.releases, leader, self._node, report)
+        try:
+            await work.run()
+        except UpgradeFailed as exc:
+            await report("failed", wire.clip(exc.message))
+            return
+        await report("restarting", f"into {order.version}")
+        self._restart_into = order.version
+        assert self._stop is not None
+        self._stop.set()
+
+    async def _cancel_upgrade(self) -> None:
+        if self._upgrade is not None and not self._upgrade.done():
+            self._upgrade.cancel()
+            await asyncio.gather(self._upgrade, return_exceptions=True)
 
     async def _take_credentials(self, creds: wire.WireCredentials) -> None:
         held = self._credentials.version if self._credentials else 0

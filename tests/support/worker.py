@@ -28,10 +28,13 @@ class WorkerProcess:
         token: str,
         prefix: list[str] | None = None,
         python: str = sys.executable,
+        command: list[str] | None = None,
         **worker: Any,
     ) -> None:
         self.name = name
         self.python = python  # another virtualenv's: an earlier release of the agent
+        # what starts the agent, before `run -c CONFIG` (a guard, say)
+        self.command = command or [python, "-m", "agent"]
         self.prefix = prefix or []  # e.g. nsenter into a simulated host's namespace
         self.workdir = workdir
         self.state_dir = workdir / "state"
@@ -54,15 +57,17 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         CANARY.logs.add(self.log_path)
 
-    def start(self) -> WorkerProcess:
+    def start(self, env: dict[str, str] | None = None) -> WorkerProcess:
+        """Start it; `env` adds to the test's environment."""
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [*self.prefix, self.python, "-m", "agent", "run", "-c", str(self.config_path)],
+                [*self.prefix, *self.command, "run", "-c", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 # not the checkout: `-m agent` would import its code whatever `python` is
                 cwd=self.workdir,
-                env={**os.environ, JOIN_TOKEN_ENV: self.join_token},
+                # not as a service: a guard that finds INVOCATION_ID leaves restarts to systemd
+                env={**_outside_systemd(), **(env or {}), JOIN_TOKEN_ENV: self.join_token},
             )
         CANARY.sample_argv()
         return self
@@ -84,3 +89,7 @@ class WorkerProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
+
+
+def _outside_systemd() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "INVOCATION_ID"}

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from agent.errors import RequestError
 from agent.leader.api.keys import CONTEXT, SCHEDULER
+from agent.leader.api.streams import ndjson
 from agent.leader.pipeline.archive import check_context
 from agent.leader.pipeline.context import LeaderContext
 from agent.leader.pipeline.sources import (
@@ -301,12 +302,7 @@ async def get_deployment(request: web.Request) -> web.Response:
 @routes.get("/v1/deployments/{id}/events")
 async def events(request: web.Request) -> web.StreamResponse:
     dep = await _load(request)
-    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    await response.prepare(request)
-    async for doc in request.app[CONTEXT].journal.follow(dep.id):
-        await response.write(doc + b"\n")
-    await response.write_eof()
-    return response
+    return await ndjson(request, request.app[CONTEXT].journal.follow(dep.id))
 
 
 @routes.get("/v1/deployments/{id}/webhooks")

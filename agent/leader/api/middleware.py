@@ -4,6 +4,7 @@ but the health check needs the bearer token."""
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -15,6 +16,8 @@ from agent.logs import get_logger
 log = get_logger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC_PATHS = frozenset({"/healthz", "/v1/ca.pem", "/v1/join", "/v1/agent"})
+# Paths a node reaches with its own secret, checked by their handler: an upgrade's files.
+NODE_PATHS = re.compile(r"^/v1/upgrades/[^/]+/files/[^/]+$")
 _HTTP_CODES = {
     401: "unauthorized",
     403: "forbidden",
@@ -59,7 +62,7 @@ def bearer_auth(token: str) -> Middleware:
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in PUBLIC_PATHS:
+        if request.path in PUBLIC_PATHS or NODE_PATHS.match(request.path):
             return await handler(request)
         # headers are decoded with surrogateescape: a stray byte must not fail the encode
         given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")

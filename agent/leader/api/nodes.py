@@ -136,7 +136,7 @@ async def revoke_node(request: web.Request) -> web.Response:
 async def agent_link(request: web.Request) -> web.WebSocketResponse:
     ctx = request.app[CONTEXT]
     protocol = _protocol(request)
-    node = await _authenticate_node(ctx, request.headers.get("Authorization", ""))
+    node = await authenticate_node(ctx, request.headers.get("Authorization", ""))
     # No permessage-deflate: the frames are small, and each deflating link holds ~100 KiB
     # of zlib state on the leader.
     ws = LinkSocket(heartbeat=wire.HEARTBEAT_SECONDS, max_msg_size=1024 * 1024, compress=False)
@@ -165,7 +165,7 @@ def _protocol(request: web.Request) -> int:
     return announced
 
 
-async def _authenticate_node(ctx: LeaderContext, header: str) -> NodeRecord:
+async def authenticate_node(ctx: LeaderContext, header: str) -> NodeRecord:
     node_id, _, secret = header.removeprefix(NODE_AUTH_SCHEME).partition(":")
     known = await ctx.store.node_auth(node_id) if header.startswith(NODE_AUTH_SCHEME) else None
     if known is None or not hmac.compare_digest(secret_hash(secret), known[1]):

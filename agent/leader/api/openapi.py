@@ -80,6 +80,38 @@ _LIST_QUERY = [
 ]
 
 
+_WHEEL = {"content": {"application/octet-stream": {"schema": {"type": "string"}}}}
+
+
+def _upgrade_start() -> dict[str, Any]:
+    start = _op(
+        "Roll a new agent release out to the workers, one node at a time",
+        "202",
+        parameters=[
+            {
+                "name": "nodes",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": "comma-separated node names, in order (default: all, by name)",
+            },
+            {
+                "name": "node_timeout",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "number", "minimum": 10, "maximum": 3600},
+                "description": "seconds a node has to come back with the release",
+            },
+        ],
+    )
+    start["requestBody"] = {
+        "required": True,
+        "description": "a tar of the agent's wheel and, optionally, its dependencies' wheels",
+        "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}},
+    }
+    return start
+
+
 def _paths() -> dict[str, Any]:
     submit = _op(
         "Submit a deployment",
@@ -142,6 +174,29 @@ def _paths() -> dict[str, Any]:
         "/v1/agent": {
             "get": _op(
                 "The worker websocket (node secret)", "101", success=_NO_BODY, security=_PUBLIC
+            )
+        },
+        "/v1/upgrades": {
+            "post": _upgrade_start(),
+            "get": _op("Agent upgrades (rollouts), newest first"),
+        },
+        "/v1/upgrades/{id}": {"get": _op("One agent upgrade", parameters=_ID)},
+        "/v1/upgrades/{id}/events": {
+            "get": _op(
+                "NDJSON event stream of an upgrade: replays, then follows until it ends",
+                parameters=_ID,
+                success=_NDJSON,
+            )
+        },
+        "/v1/upgrades/{id}/files/{name}": {
+            "get": _op(
+                "A wheel of a running upgrade, for a worker (its node secret)",
+                parameters=[
+                    *_ID,
+                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                ],
+                success=_WHEEL,
+                security=_PUBLIC,
             )
         },
         "/v1/openapi.json": {"get": _op("This document")},

@@ -44,6 +44,8 @@ ProgressSink = Callable[[str, wire.PullProgress], Awaitable[None]]
 # Why a node has no answer to a pull order: offline when it was ordered, or its link
 # dropped before it answered (it was killed, or cut off, mid-pull).
 Unanswered = Literal["offline", "disconnected", "late"]
+# Told of what a worker says of itself (its Hello) and of its upgrades, as it arrives.
+NodeListener = Callable[[NodeRecord, wire.Hello | wire.UpgradeStatus], None]
 
 
 def wire_credentials(creds: RegistryCredentials | None, version: int) -> wire.WireCredentials:
@@ -200,6 +202,25 @@ class Hub:
         self._credentials: RegistryCredentials | None = None
         self._credentials_version = 0
         self._revoked: set[str] = set()  # revoked while this leader runs
+        self._listeners: list[NodeListener] = []
+
+    def listen(self, listener: NodeListener) -> None:
+        self._listeners.append(listener)
+
+    def send_to(self, node_id: str, message: wire.ToWorker) -> bool:
+        """Send `message` to one node in its link's version; False when it is not linked,
+        or its version has no such message."""
+        link = self._links.get(node_id)
+        framed = Framed(message).to(link.protocol) if link is not None else None
+        if link is None or framed is None:
+            return False
+        link.send(framed)
+        return True
+
+    def node(self, node_id: str) -> NodeRecord | None:
+        """A linked node's record, as its link keeps it up to date."""
+        link = self._links.get(node_id)
+        return link.node if link is not None else None
 
     def connected(self, node_id: str) -> bool:
         return node_id in self._links
@@ -339,7 +360,13 @@ class Hub:
                 node.info.agent_version = message.agent_version
                 node.info.engine_version = message.engine_version
                 node.info.arch = message.arch
+                node.info.protocol = link.protocol
+                node.info.upgradable = message.upgradable
                 self._touch(node)
+                self._tell(node, message)
+            case wire.UpgradeStatus():
+                self._touch(node)
+                self._tell(node, message)
             case wire.CredentialsAck():
                 node.info.credentials_version = message.version
                 self._touch(node)
@@ -361,6 +388,10 @@ class Hub:
                 self._touch(node)
                 self._count_pull(link, message)
         return None
+
+    def _tell(self, node: NodeRecord, message: wire.Hello | wire.UpgradeStatus) -> None:
+        for listener in self._listeners:
+            listener(node, message)
 
     def _count_pull(self, link: Link, result: wire.PullResult) -> None:
         if result.ok:

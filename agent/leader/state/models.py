@@ -228,6 +228,8 @@ class NodeInfo(msgspec.Struct, kw_only=True):
     arch: str | None = None
     credentials_version: int | None = None
     last_pull: LastPull | None = None
+    protocol: int | None = None  # the worker link's protocol version
+    upgradable: bool | None = None  # it can install a new agent release itself
 
 
 class NodeRecord(msgspec.Struct, kw_only=True):

@@ -22,6 +22,7 @@ import msgspec
 
 from agent.credentials import RegistryCredentials
 from agent.leader.state.models import CatchUp, Deployment, NodeInfo, NodeRecord, State
+from agent.leader.state.rollouts import Rollout
 from agent.leader.state.schema import migrate
 
 T = TypeVar("T")
@@ -31,6 +32,7 @@ _FINAL = tuple(s.value for s in State if s.final)
 _encoder = msgspec.json.Encoder()
 _decode_deployment = msgspec.json.Decoder(Deployment).decode
 _decode_info = msgspec.json.Decoder(NodeInfo).decode
+_decode_rollout = msgspec.json.Decoder(Rollout).decode
 
 
 class Store:
@@ -545,6 +547,42 @@ class Store:
             " FROM (SELECT DISTINCT app FROM deployments) apps"
         ).fetchall()
         return [image for (image,) in rows if image is not None]
+
+    # agent rollouts: their records, and their events in the events table by their id
+
+    async def save_rollout(self, rollout: Rollout, event: dict[str, Any] | None = None) -> None:
+        """Insert or update `rollout`, with `event` in the same transaction."""
+        await self._call(self._save_rollout, rollout, event)
+
+    def _save_rollout(self, rollout: Rollout, event: dict[str, Any] | None) -> None:
+        with self._tx(durable=True) as db:
+            db.execute(
+                "INSERT INTO upgrades (id, state, doc) VALUES (?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET state = excluded.state, doc = excluded.doc",
+                (rollout.id, rollout.state.value, _encoder.encode(rollout)),
+            )
+            if event is not None:
+                _insert_event_row(db, rollout.id, event)
+
+    async def rollout(self, rollout_id: str) -> Rollout | None:
+        return await self._call(self._rollout, rollout_id)
+
+    def _rollout(self, rollout_id: str) -> Rollout | None:
+        assert self._db is not None
+        row = self._db.execute("SELECT doc FROM upgrades WHERE id = ?", (rollout_id,)).fetchone()
+        return None if row is None else _decode_rollout(row[0])
+
+    async def rollouts(self, *, running: bool = False, limit: int = 20) -> list[Rollout]:
+        """The newest rollouts first; with `running`, only those not finished."""
+        return await self._call(self._rollouts, running, limit)
+
+    def _rollouts(self, running: bool, limit: int) -> list[Rollout]:
+        assert self._db is not None
+        rows = self._db.execute(
+            "SELECT doc FROM upgrades WHERE NOT ?1 OR state = 'running' ORDER BY seq DESC LIMIT ?2",
+            (running, limit),
+        ).fetchall()
+        return [_decode_rollout(r[0]) for r in rows]
 
 
 def _insert_event_row(db: sqlite3.Connection, dep_id: str, event: dict[str, Any]) -> int:
