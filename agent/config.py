@@ -101,6 +101,13 @@ class LeaderConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True
     swarm_listen_addr: str = "0.0.0.0:2377"
     webhooks: tuple[WebhookConfig, ...] = ()
     build_server: BuildServerConfig | None = None
+    # BuildKit unless the engine lacks it; "classic" for the deprecated classic builder.
+    builder: Literal["buildkit", "classic"] = "buildkit"
+    # The network of RUN steps: the engine's default bridge, as `docker build` gives them;
+    # "host" for an engine without one (dockerd --bridge=none); "none" to cut them off.
+    build_network: Literal["default", "host", "none"] = "default"
+    # BuildKit's build cache on the building engine is kept under this many bytes.
+    build_cache_max: Annotated[int, msgspec.Meta(ge=0)] = 10 * 1024**3
     stage_timeouts: StageTimeouts = msgspec.field(default_factory=StageTimeouts)
 
     def __post_init__(self) -> None:

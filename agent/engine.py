@@ -11,15 +11,17 @@ import contextlib
 import json
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiodocker
 import aiohttp
 from aiodocker.utils import compose_auth_header
 
 from agent.backoff import Backoff
+from agent.buildkit.trace import TRACE_ID, TraceDecoder
+from agent.buildlog import BuildEvent, BuildLine, event_type, plain
 from agent.credentials import RegistryCredentials
 from agent.errors import (
     BuildError,
@@ -112,8 +114,101 @@ class PushProgress:
     total: int | None
 
 
-LineSink = Callable[[str], Awaitable[None]]
+BuildSink = Callable[[BuildEvent], Awaitable[None]]
 ProgressSink = Callable[[PushProgress], Awaitable[None]]
+Builder = Literal["buildkit", "classic"]
+# BuildKit came with API 1.39 (Engine 18.09), on Linux engines only.
+BUILDKIT_MIN_API = (1, 39)
+# The Dockerfile frontend built into engines before 23.0 (BuildKit 0.8 to 0.10) does not
+# know COPY --link; without a `# syntax=` image it is the frontend there is.
+LINK_MIN_ENGINE = 23
+INLINE_CACHE_ARG = "BUILDKIT_INLINE_CACHE"
+
+
+@dataclass(frozen=True, slots=True)
+class BuildSpec:
+    """What to build and how: the Engine API's /build parameters the agent uses."""
+
+    tag: str
+    dockerfile: str = "Dockerfile"
+    build_args: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    target: str | None = None
+    platform: str | None = None  # os/arch, e.g. linux/arm64; None: the engine's own
+    builder: Builder = "buildkit"
+    network: str = "default"  # RUN steps' network: default (the engine's bridge), host, none
+    cache_from: tuple[str, ...] = ()
+
+    def params(self) -> dict[str, str]:
+        build_args = dict(self.build_args)
+        params = {
+            "t": self.tag,
+            "dockerfile": self.dockerfile,
+            "labels": json.dumps(dict(self.labels)),
+        }
+        if self.builder == "buildkit":
+            # The image carries its own cache metadata: another engine's build can reuse
+            # its layers from the registry (cache_from), with no cache export of its own.
+            build_args[INLINE_CACHE_ARG] = "1"
+            params["version"] = "2"
+        else:
+            params["forcerm"] = "1"
+        params["buildargs"] = json.dumps(build_args)
+        optional = {
+            "target": self.target,
+            "platform": self.platform,
+            "networkmode": None if self.network == "default" else self.network,
+            "cachefrom": json.dumps(list(self.cache_from)) if self.cache_from else None,
+        }
+        return params | {key: value for key, value in optional.items() if value}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineFacts:
+    """What the agent needs to know of an engine before it builds there."""
+
+    version: str
+    api_version: str
+    os: str
+    arch: str
+
+    @classmethod
+    def of(cls, info: Mapping[str, Any]) -> EngineFacts:
+        return cls(
+            version=str(info.get("Version", "")),
+            api_version=str(info.get("ApiVersion", "")),
+            os=str(info.get("Os", "")),
+            arch=str(info.get("Arch", "")),
+        )
+
+    @property
+    def buildkit(self) -> bool:
+        return self.os == "linux" and _version_tuple(self.api_version) >= BUILDKIT_MIN_API
+
+    @property
+    def copy_link(self) -> bool:
+        """Whether its built-in Dockerfile frontend knows COPY --link."""
+        return _version_tuple(self.version)[:1] >= (LINK_MIN_ENGINE,)
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePlatform:
+    os: str
+    arch: str
+    variant: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.os}/{self.arch}" + (f"/{self.variant}" if self.variant else "")
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    """`20.10.24+dfsg1` as (20, 10, 24); what is not a number ends it."""
+    numbers = []
+    for part in re.split(r"[.+~-]", text):
+        if not part.isdigit():
+            break
+        numbers.append(int(part))
+    return tuple(numbers)
 
 
 class Engine:
@@ -179,17 +274,37 @@ class Engine:
                         await stop.wait()
         return None
 
+    async def facts(self) -> EngineFacts:
+        return EngineFacts.of(await self.version())
+
+    async def image_platform(self, ref: str) -> ImagePlatform | None:
+        """The platform a local image was built for, or None when the engine lacks it."""
+        info = await self._inspect_image(ref)
+        if info is None:
+            return None
+        variant = info.get("Variant")
+        return ImagePlatform(str(info.get("Os")), str(info.get("Architecture")), variant or None)
+
+    async def prune_build_cache(self, keep_bytes: int) -> int:
+        """Remove BuildKit's least recently used build cache until at most `keep_bytes`
+        remain (what a running build uses stays); return the bytes freed."""
+        answer = await self.request("POST", "build/prune", params={"keep-storage": str(keep_bytes)})
+        return int((answer or {}).get("SpaceReclaimed") or 0)
+
     async def image_id(self, ref: str) -> str | None:
         """The id of a local image, or None when the engine does not hold it."""
+        info = await self._inspect_image(ref)
+        return None if info is None else str(info["Id"])
+
+    async def _inspect_image(self, ref: str) -> dict[str, Any] | None:
         try:
             async with self._deadline("image inspect"):
-                info = await self._docker.images.inspect(ref)
+                info: dict[str, Any] = await self._docker.images.inspect(ref)
         except aiodocker.DockerError as exc:
             if exc.status == 404:
                 return None
             raise EngineError(f"image inspect {ref}: {exc.message}") from None
-        image_id: str = info["Id"]
-        return image_id
+        return info
 
     async def remove_image(self, ref: str) -> None:
         try:
@@ -207,32 +322,21 @@ class Engine:
         except aiodocker.DockerError as exc:
             raise _engine_or_registry(exc) from None
 
-    async def build(
-        self,
-        context: Path,
-        *,
-        tag: str,
-        dockerfile: str,
-        build_args: Mapping[str, str],
-        labels: Mapping[str, str],
-        on_line: LineSink,
-    ) -> str:
-        """Build `context` (a tar, gzip or not) as `tag`; return the image id."""
-        log = _BuildLog(on_line)
-        params = {
-            "t": tag,
-            "dockerfile": dockerfile,
-            "forcerm": "1",
-            "buildargs": json.dumps(dict(build_args)),
-            "labels": json.dumps(dict(labels)),
-        }
+    async def build(self, context: Path, spec: BuildSpec, on_event: BuildSink) -> str:
+        """Build `context` (a tar, gzip or not) as `spec` says; return the image id.
+
+        Progress reaches `on_event` as it comes: BuildKit's steps and their output, or the
+        classic builder's lines."""
+        log = _BuildLog(on_event)
         headers = {
             "Content-Type": "application/x-tar",
             "Content-Encoding": "gzip" if _is_gzip(context) else "identity",
         }
         try:
             async with contextlib.aclosing(
-                self._stream("build", params=params, headers=headers, data=_read_file(context))
+                self._stream(
+                    "build", params=spec.params(), headers=headers, data=_read_file(context)
+                )
             ) as stream:
                 async for item in stream:
                     await log.feed(item)
@@ -383,16 +487,24 @@ class _Deadline:
 
 
 class _BuildLog:
-    """Joins the engine's stream fragments into lines and remembers the tail."""
+    """Turns the engine's build stream into build events and remembers the log's tail.
 
-    def __init__(self, on_line: LineSink) -> None:
-        self._on_line = on_line
+    BuildKit's progress comes as trace messages; the classic builder's as fragments of
+    text, joined here into lines."""
+
+    def __init__(self, on_event: BuildSink) -> None:
+        self._on_event = on_event
+        self._trace = TraceDecoder()
         self._partial = ""
         self.tail: list[str] = []
         self.image_id: str | None = None
 
     async def feed(self, item: Mapping[str, Any]) -> None:
         aux = item.get("aux")
+        if item.get("id") == TRACE_ID:
+            for event in self._trace.feed(aux):
+                await self._emit(event)
+            return
         if isinstance(aux, Mapping) and isinstance(aux.get("ID"), str):
             self.image_id = aux["ID"]
         text = item.get("stream") or item.get("status")
@@ -400,19 +512,25 @@ class _BuildLog:
             self._partial += text if "stream" in item else text + "\n"
             *lines, self._partial = self._partial.split("\n")
             for line in lines:
-                await self._emit(line)
+                await self._line(line)
 
     async def flush(self) -> None:
+        for event in self._trace.flush():
+            await self._emit(event)
         if self._partial:
-            await self._emit(self._partial)
+            await self._line(self._partial)
             self._partial = ""
 
-    async def _emit(self, line: str) -> None:
+    async def _line(self, line: str) -> None:
         line = line.rstrip()
-        if not line:
-            return
-        self.tail = [*self.tail[-(BUILD_LOG_TAIL - 1) :], line]
-        await self._on_line(line)
+        if line:
+            await self._emit(BuildLine(line))
+
+    async def _emit(self, event: BuildEvent) -> None:
+        text = plain(event_type(event), event.fields())
+        if text:
+            self.tail = [*self.tail[-(BUILD_LOG_TAIL - 1) :], text]
+        await self._on_event(event)
 
 
 def _cut(response: aiohttp.ClientResponse) -> None:

@@ -120,3 +120,13 @@ async def _remove(engine: Engine, image_id: str) -> bool:
         log.warning("retention.failed", image=image_id, error=exc.message)
         return False
     return True
+
+
+async def prune_build_cache(engine: Engine, keep_bytes: int) -> int:
+    """Remove the engine's least recently used BuildKit build cache until at most
+    `keep_bytes` remain; return the bytes freed. Callers run it only while no build runs
+    on that engine (agent/leader/pipeline/build_server.py, `Builders.prune_build_cache`)."""
+    freed = await engine.prune_build_cache(keep_bytes)
+    if freed:
+        log.info("retention.build_cache_pruned", freed_bytes=freed, kept_bytes=keep_bytes)
+    return freed

@@ -119,14 +119,15 @@ async def test_deploy_follows_the_build_to_success(leader: InProcessLeader, tmp_
 async def test_deploy_failure_exits_1_with_code_and_hint(
     leader: InProcessLeader, tmp_path: Path
 ) -> None:
-    """A failed build ends the command with exit 1, the error code, the log tail and a hint."""
+    """A failed build ends the command with exit 1, the error code, the log tail (the
+    failing step's output, numbered as BuildKit's plain progress numbers it) and a hint."""
     context = busybox_context(tmp_path / "app", run_step("echo cli-oops; exit 1"))
 
     code, out, _ = await _cli(leader, "deploy", "--app", "cli", "--context", str(context))
 
     assert code == 1
     assert "error: build_failed" in out
-    assert "| cli-oops" in out
+    assert re.search(r"\| #\d+ cli-oops", out), out
     assert "hint:" in out
 
 

@@ -19,7 +19,8 @@ import pytest
 from aiohttp import web
 
 from agent import engine as engine_module
-from agent.engine import Engine
+from agent.buildlog import BuildEvent
+from agent.engine import BuildSpec, Engine
 from agent.errors import BuildError, RegistryTransientError
 
 IDLE = 0.5
@@ -133,14 +134,7 @@ async def test_a_build_failed_mid_upload_cuts_its_connection(tmp_path: Path) -> 
     try:
         with pytest.raises(BuildError, match="no space left"):
             async with asyncio.timeout(10):
-                await engine.build(
-                    context,
-                    tag="t",
-                    dockerfile="Dockerfile",
-                    build_args={},
-                    labels={},
-                    on_line=_no_op_line,
-                )
+                await engine.build(context, BuildSpec(tag="t"), _no_op_event)
         assert await asyncio.wait_for(peer_gone, 10), "the connection stayed open"
     finally:
         await engine.close()
@@ -148,5 +142,5 @@ async def test_a_build_failed_mid_upload_cuts_its_connection(tmp_path: Path) -> 
         await server.wait_closed()
 
 
-async def _no_op_line(line: str) -> None:
+async def _no_op_event(event: BuildEvent) -> None:
     return None

@@ -122,7 +122,8 @@ async def test_images_removed_meanwhile_do_not_fail_retention(
     leader = await leader_factory(engine={"url": images_vanishing}, leader={"keep_images": 1})
     for i in range(2):
         dep = await leader.api.deploy_dir(busybox_context(tmp_path / f"c{i}"), "vanishing")
-        assert (await leader.api.wait_final(dep["id"]))["state"] == "succeeded"
+        final = await leader.api.wait_final(dep["id"])
+        assert final["state"] == "succeeded", final["error"]
     (retention,) = await leader.api.wait_retention(dep["id"])
     assert "error" not in retention, retention
     assert retention["removed"] == 0

@@ -21,36 +21,49 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import aiohttp
 
 from agent.backoff import Backoff
+from agent.buildlog import describe_build, describe_cache, plain
 from agent.cli.client import UPLOAD_TIMEOUT, Client, describe
 from agent.cli.commands import client_for
 from agent.cli.inputs import InputError, first_line, read_text
 from agent.cli.live import LivePrinter
+from agent.dockerignore import FILENAME, DockerIgnore, IgnoreFileError, whole_seconds
 
 SKIP = frozenset({".git"})
 REFOLLOW_WITHIN_S = 300.0  # how long a leader that went away is waited for
 
 
-def pack(directory: Path, dest: Path) -> None:
-    """Write `directory` as a tar.gz build context, without version-control folders.
+def pack(directory: Path, dest: Path, dockerfile: str = "Dockerfile") -> None:
+    """Write `directory` as a tar.gz build context, without version-control folders and
+    without what its .dockerignore excludes (Docker's rules). The Dockerfile and the
+    .dockerignore go whatever the patterns say, as the docker CLI sends them: the leader
+    needs the one to build and applies the other again.
 
     The gzip header carries no time, so an unchanged tree packs to the same bytes and a
     retried submission with the same Idempotency-Key is recognised.
     """
+    try:
+        ignore = DockerIgnore.of_directory(directory)
+    except IgnoreFileError as exc:
+        raise InputError(f"{directory}/{exc.message}") from None
+    keep = frozenset({dockerfile, FILENAME})
     with (
         gzip.GzipFile(dest, "wb", compresslevel=1, mtime=0) as compressed,
         tarfile.open(fileobj=compressed, mode="w") as archive,
     ):
-        for entry in sorted(directory.iterdir()):
-            if entry.name not in SKIP:
-                archive.add(entry, arcname=entry.name)
+        for path in ignore.walk(directory, keep=keep, skip=SKIP):
+            archive.add(directory / path, arcname=path, recursive=False, filter=whole_seconds)
 
 
 async def submit_directory(
-    client: Client, directory: Path, params: list[tuple[str, str]], key: str | None
+    client: Client,
+    directory: Path,
+    params: list[tuple[str, str]],
+    key: str | None,
+    dockerfile: str = "Dockerfile",
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="deploy-agent-") as tmp:
         archive = Path(tmp) / "context.tar.gz"
-        await asyncio.to_thread(pack, directory, archive)
+        await asyncio.to_thread(pack, directory, archive, dockerfile)
         with archive.open("rb") as body:
             doc: dict[str, Any] = await client.call(
                 "POST",
@@ -76,7 +89,6 @@ def _idempotency(key: str | None) -> dict[str, str]:
 
 _FORMATS = {
     "state": "==> {state}",
-    "log": "    {line}",
     "push.retry": "    push retry {attempt} in {wait_s} s: {error}",
 }
 
@@ -87,6 +99,15 @@ def _describe_push(event: dict[str, Any]) -> str | None:
     if event.get("status") in ("Pushed", "Layer already exists"):
         return f"    {event['layer']}: {event['status']}"
     return None
+
+
+_DESCRIBERS: dict[str, Callable[[dict[str, Any]], str | None]] = {
+    "push": _describe_push,
+    "log": lambda event: f"    {plain('log', event)}",
+    "step": lambda event: f"    {plain('step', event)}",
+    "build": lambda event: f"    {describe_build(event)}",
+    "cache": lambda event: f"    {describe_cache(event)}",
+}
 
 
 class Printer:
@@ -106,8 +127,8 @@ class Printer:
 
     def _describe(self, event: dict[str, Any]) -> str | None:
         kind = str(event.get("type"))
-        if kind == "push":
-            return _describe_push(event)
+        if kind in _DESCRIBERS:
+            return _DESCRIBERS[kind](event)
         if kind in _FORMATS:
             return _FORMATS[kind].format(**event)
         if kind in ("resumed", "interrupted", "source", "distribution", "release", "retention"):
@@ -187,9 +208,12 @@ def query_params(
     image: str | None,
     build_args: Sequence[str],
     labels: Sequence[str],
+    *,
+    target: str | None = None,
 ) -> list[tuple[str, str]]:
     params = [("app", app)]
     params += [("dockerfile", dockerfile)] if dockerfile else []
+    params += [("target", target)] if target else []
     params += [("image", image)] if image else []
     params += [("build_arg", item) for item in build_args]
     params += [("label", item) for item in labels]
@@ -202,9 +226,16 @@ async def command(args: argparse.Namespace) -> int:
             if not args.context.is_dir():
                 raise SystemExit(f"deploy-agent: {args.context} is not a directory")
             params = query_params(
-                args.app, args.dockerfile, args.image, args.build_arg, args.label
+                args.app,
+                args.dockerfile,
+                args.image,
+                args.build_arg,
+                args.label,
+                target=args.target,
             ) + _release_params(args)
-            dep = await submit_directory(client, args.context, params, args.idempotency_key)
+            dep = await submit_directory(
+                client, args.context, params, args.idempotency_key, args.dockerfile or "Dockerfile"
+            )
         else:
             body = _git_body(args)
             dep = await submit_git(client, body, args.idempotency_key)
@@ -297,6 +328,8 @@ def _git_body(args: argparse.Namespace) -> dict[str, Any]:
     body: dict[str, Any] = {"app": args.app, "git": {"url": url, "ref": args.ref}}
     if args.dockerfile:
         body["dockerfile"] = args.dockerfile
+    if args.target:
+        body["target"] = args.target
     if args.image:
         body["image"] = args.image
     body["build_args"] = dict(item.partition("=")[::2] for item in args.build_arg)

@@ -11,6 +11,18 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
 from rich.table import Table
+from rich.text import Text
+
+from agent.buildlog import describe_build, describe_cache, plain
+
+# How a build step's events look: its name as it starts, then how it ended.
+_STEP_STYLES = {
+    "running": "bold",
+    "cached": "blue",
+    "done": "green",
+    "cancelled": "yellow",
+    "error": "bold red",
+}
 
 
 class LivePrinter:
@@ -39,7 +51,14 @@ class LivePrinter:
         if kind == "state":
             self.console.print(f"[bold cyan]==> {event['state']}[/]")
         elif kind == "log":
-            self.console.print(f"  [dim]{event['line']}[/]", markup=False, highlight=False)
+            self.console.print(Text(f"  {plain('log', event)}", style="dim"))
+        elif kind == "step":
+            style = _STEP_STYLES.get(event.get("status", ""), "")
+            self.console.print(Text(f"  {plain('step', event)}", style=style))
+        elif kind == "build":
+            self.console.print(Text(f"  {describe_build(event)}"))
+        elif kind == "cache":
+            self.console.print(Text(f"  {describe_cache(event)}", style="dim"))
         elif kind == "push":
             self._layer("push", event)
         elif kind == "pull":

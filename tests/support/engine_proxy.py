@@ -37,13 +37,14 @@ async def refusing(
         async with session.request(
             request.method,
             f"http://docker{request.path_qs}",
-            headers=_kept(request.headers),
+            # the body as it came, compressed or not (the server does not decompress it)
+            headers=_kept(request.headers, keep_encoding=True),
             data=io.BytesIO(await request.read()),
         ) as answer:
             body = await answer.read()
             return web.Response(status=answer.status, body=body, headers=_kept(answer.headers))
 
-    app = web.Application(client_max_size=1024**3)
+    app = web.Application(client_max_size=1024**3, handler_args={"auto_decompress": False})
     app.router.add_route("*", "/{tail:.*}", forward)
     runner = web.AppRunner(app)
     await runner.setup()
@@ -57,7 +58,10 @@ async def refusing(
             await session.close()
 
 
-def _kept(headers: Mapping[str, str]) -> dict[str, str]:
-    """The headers of a message passed on whole: no framing of the hop it came by."""
-    dropped = {"host", "content-length", "transfer-encoding", "connection", "content-encoding"}
+def _kept(headers: Mapping[str, str], *, keep_encoding: bool = False) -> dict[str, str]:
+    """The headers of a message passed on whole: no framing of the hop it came by (and
+    no content encoding, for a body that was decoded on the way)."""
+    dropped = {"host", "content-length", "transfer-encoding", "connection"}
+    if not keep_encoding:
+        dropped.add("content-encoding")
     return {k: v for k, v in headers.items() if k.lower() not in dropped}

@@ -35,6 +35,8 @@ def leader_config(state_dir: Path, engine_url: str, **overrides: Any) -> dict[st
             "api_token": TOKEN,
             "push_retry_budget": 30,
             "git_allowed_schemes": ["file", "https"],
+            # the tests' engines run with --bridge=none: RUN steps get the host's network
+            "build_network": "host",
             "drain_timeout": 10,
             "stage_timeouts": {"building": 120, "pushing": 60},
         },

@@ -50,6 +50,7 @@ _QUERY_FIELDS = frozenset(
     {
         "app",
         "dockerfile",
+        "target",
         "image",
         "build_arg",
         "label",
@@ -112,7 +113,7 @@ def _request_from_query(request: web.Request) -> DeploymentRequest:
     if unknown:
         raise RequestError(400, "invalid_request", f"unknown query parameter(s): {sorted(unknown)}")
     fields: dict[str, Any] = {
-        k: request.query[k] for k in ("app", "dockerfile", "image") if k in request.query
+        k: request.query[k] for k in ("app", "dockerfile", "target", "image") if k in request.query
     }
     fields["build_args"] = _pairs(request.query.getall("build_arg", []), "build_arg")
     fields["labels"] = _pairs(request.query.getall("label", []), "label")

@@ -66,6 +66,7 @@ _UPLOAD_QUERY = [
     for name, schema, what in (
         ("app", {"type": "string"}, "the app (required with a tar body)"),
         ("dockerfile", {"type": "string"}, "path of the Dockerfile inside the context"),
+        ("target", {"type": "string"}, "the Dockerfile stage to build (default: the last)"),
         ("image", {"type": "string"}, "repository to push to"),
         ("build_arg", {"type": "array", "items": {"type": "string"}}, "KEY=VALUE, repeated"),
         ("label", {"type": "array", "items": {"type": "string"}}, "KEY=VALUE, repeated"),
@@ -159,7 +160,9 @@ def _paths() -> dict[str, Any]:
             "get": _op("The registry credentials, without the secret"),
             "delete": _op("Remove the registry credentials"),
         },
-        "/v1/cluster": {"get": _op("The mode and why, leader identity, counts")},
+        "/v1/cluster": {
+            "get": _op("The mode and why, the builder in use, leader identity, counts")
+        },
         "/v1/join-tokens": {"post": _op("A new worker join token (rotates the old one)")},
         "/v1/nodes": {"get": _op("Enrolled workers")},
         "/v1/nodes/{id}": {"delete": _op("Revoke a worker", parameters=_ID)},

@@ -7,18 +7,21 @@ its reason and never the leader.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.config import BuildServerConfig
-from agent.engine import Engine
+from agent.engine import Builder, Engine, EngineFacts
 from agent.errors import EngineError, SshError, SshRefused
 from agent.logs import get_logger
+from agent.retention import prune_build_cache
 from agent.ssh_target import SshTarget
 
 if TYPE_CHECKING:
@@ -39,8 +42,29 @@ class BuildServerRefused(BuildServerUnreachable, SshRefused):
     as configured: the next attempt would fail the same way."""
 
 
+@dataclass(frozen=True, slots=True)
+class BuilderChoice:
+    """The builder an engine builds with, and why."""
+
+    builder: Builder
+    reason: str
+
+
+def choose_builder(configured: Builder, facts: EngineFacts) -> BuilderChoice:
+    if configured == "classic":
+        return BuilderChoice("classic", 'leader.builder = "classic"')
+    if not facts.buildkit:
+        return BuilderChoice(
+            "classic",
+            f"the engine ({facts.os}, API {facts.api_version}) has no BuildKit: "
+            "it needs Linux and API 1.39 (Engine 18.09) or later",
+        )
+    return BuilderChoice("buildkit", f"the engine (Docker {facts.version}) has BuildKit")
+
+
 class Builders:
-    """Hands out the engine that builds: the local one, or a tunnel to the build server."""
+    """Hands out the engine that builds: the local one, or a tunnel to the build server.
+    Remembers the builder that engine was last found to build with."""
 
     def __init__(
         self, local: Engine, config: BuildServerConfig | None, state_dir: Path, timeout: float
@@ -49,6 +73,28 @@ class Builders:
         self._config = config
         self._state_dir = state_dir
         self._timeout = timeout
+        self.last_choice: BuilderChoice | None = None
+        self._builds = 0
+        self._no_new_builds = asyncio.Lock()  # held by a build cache prune while it runs
+
+    @contextlib.asynccontextmanager
+    async def building(self) -> AsyncIterator[None]:
+        """Marks a build under way (one waits for a build cache prune to end first)."""
+        async with self._no_new_builds:
+            self._builds += 1
+        try:
+            yield
+        finally:
+            self._builds -= 1
+
+    async def prune_build_cache(self, keep_bytes: int) -> int | None:
+        """Prune the build engine's build cache down to `keep_bytes`, if no build runs
+        there now (builds that start meanwhile wait for it); None when one runs."""
+        async with self._no_new_builds:
+            if self._builds:
+                return None
+            async with self.engine() as engine:
+                return await prune_build_cache(engine, keep_bytes)
 
     @property
     def remote(self) -> bool:

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from agent.errors import DeploymentError, EngineError, SshError
-from agent.leader.pipeline import release, stages
+from agent.leader.pipeline import building, release, stages
 from agent.leader.pipeline.context import LeaderContext
 from agent.leader.pipeline.sources import remove_quietly
 from agent.leader.state.models import (
@@ -30,7 +30,7 @@ from agent.logs import get_logger
 log = get_logger(__name__)
 StageFn = Callable[[LeaderContext, Deployment], Awaitable[None]]
 _STAGES: dict[State, StageFn] = {
-    State.BUILDING: stages.build,
+    State.BUILDING: building.build,
     State.PUSHING: stages.push,
     State.DISTRIBUTING: stages.distribute,
     State.RELEASING: release.release,
@@ -154,7 +154,7 @@ class Runner:
         return codes.get(self.dep.state, "release_failed")
 
     async def _fail(self, exc: DeploymentError) -> None:
-        tail = exc.log_tail if isinstance(exc, stages.BuildFailed) else None
+        tail = exc.log_tail if isinstance(exc, building.BuildFailed) else None
         error = ErrorInfo(code=exc.code, message=exc.message, hint=exc.hint, log_tail=tail)
         state = State.CANCELLED if exc.code == "cancelled" else State.FAILED
         await self._finish(state, error)

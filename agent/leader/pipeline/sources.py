@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
+from agent.dockerignore import DockerIgnore, IgnoreFileError, whole_seconds
 from agent.errors import DeploymentError, RequestError
 from agent.leader.pipeline.archive import too_large
 from agent.procs import communicate_within
@@ -104,11 +105,13 @@ def validate_git_url(url: str, allowed_schemes: tuple[str, ...]) -> None:
         )
 
 
-async def clone_to_context(url: str, ref: str, dest: Path, deadline: float, max_bytes: int) -> str:
-    """Clone `ref` of `url` shallow and pack it (without .git) into `dest`; return the
-    commit. The clone stops once the filesystem would keep less than the reserve free,
-    and the packing once the files pass `max_bytes`: a repository of any size must not
-    fill the disk the store is on."""
+async def clone_to_context(
+    url: str, ref: str, dest: Path, *, deadline: float, max_bytes: int, dockerfile: str
+) -> str:
+    """Clone `ref` of `url` shallow and pack it (without .git, and without what its
+    .dockerignore excludes) into `dest`; return the commit. The clone stops once the
+    filesystem would keep less than the reserve free, and the packing once the files pass
+    `max_bytes`: a repository of any size must not fill the disk the store is on."""
     with tempfile.TemporaryDirectory(prefix="clone-", dir=dest.parent) as tmp:
         work = Path(tmp) / "src"
         try:
@@ -120,7 +123,7 @@ async def clone_to_context(url: str, ref: str, dest: Path, deadline: float, max_
                 f"cloning {redact_url(url)} took longer than {deadline:.0f} s",
                 hint="check that the git host answers, or raise leader.git_timeout",
             ) from None
-        await asyncio.to_thread(_pack_dir, work, dest, max_bytes)
+        await asyncio.to_thread(_pack_dir, work, dest, max_bytes, dockerfile)
     return commit.strip()
 
 
@@ -203,7 +206,7 @@ def _verb(args: tuple[str, ...]) -> str:
     return next(a for a in args if a in ("init", "fetch", "checkout", "rev-parse"))
 
 
-def _pack_dir(src: Path, dest: Path, max_bytes: int) -> None:
+def _pack_dir(src: Path, dest: Path, max_bytes: int, dockerfile: str) -> None:
     packed = 0
 
     def counted(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -213,14 +216,22 @@ def _pack_dir(src: Path, dest: Path, max_bytes: int) -> None:
             raise DeploymentError(
                 "source_unavailable",
                 f"the repository's files pass the build context limit of {max_bytes} bytes",
-                hint="leave build outputs out of the repository, or raise leader.max_context_bytes",
+                hint="leave build outputs out of the repository (or list them in its "
+                ".dockerignore), or raise leader.max_context_bytes",
             )
-        return info
+        return whole_seconds(info)
 
+    try:
+        ignore = DockerIgnore.of_directory(src)
+    except IgnoreFileError as exc:
+        raise DeploymentError(
+            "build_failed",
+            f"the repository's {exc.message}",
+            hint="fix the pattern: .dockerignore uses Docker's rules, as `docker build` reads it",
+        ) from None
     with tarfile.open(dest, "w") as archive:
-        for entry in sorted(src.iterdir()):
-            if entry.name != ".git":
-                archive.add(entry, arcname=entry.name, filter=counted)
+        for path in ignore.walk(src, keep=frozenset({dockerfile}), skip=frozenset({".git"})):
+            archive.add(src / path, arcname=path, recursive=False, filter=counted)
 
 
 def sweep_contexts(directory: Path, unfinished: set[str]) -> list[str]:

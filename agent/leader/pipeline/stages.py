@@ -7,7 +7,6 @@ and report progress through the journal.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 from tenacity import (
     AsyncRetrying,
@@ -20,26 +19,23 @@ from tenacity import (
 from agent import wire
 from agent.engine import PushProgress
 from agent.errors import (
-    BuildError,
     DeploymentError,
     EngineError,
     RegistryAuthError,
     RegistryError,
     RegistryTransientError,
-    RequestError,
     SshError,
     SshRefused,
 )
 from agent.leader.links.hub import Unanswered
-from agent.leader.pipeline.archive import check_context
+from agent.leader.pipeline import platforms
+from agent.leader.pipeline.building import BUILD_SERVER_HINT
 from agent.leader.pipeline.context import LeaderContext
-from agent.leader.pipeline.sources import clone_to_context
 from agent.leader.state.models import Deployment
 from agent.logs import get_logger
 from agent.progress import LayerThrottle
-from agent.retention import APP_LABEL, prune_app_images
+from agent.retention import prune_app_images
 from agent.retrying import scoped
-from agent.urls import redact_url
 from agent.wire import PullResult
 
 
@@ -58,75 +54,12 @@ log = get_logger(__name__)
 # The build server's prune delays the deployment's end: bounded, the deployment has
 # succeeded (the build server answered its build and push moments before).
 BUILD_SERVER_RETAIN_S = 30.0
-BUILD_SERVER_HINT = (
-    "check the build server's SSH access and its Docker socket (leader.build_server)"
-)
+# Pruning gigabytes of build cache takes a while; it, too, runs after the final state.
+BUILD_CACHE_PRUNE_S = 120.0
 UNAUTHORIZED_HINT = (
     "check that the registry token has write (push) permission for this repository, "
     "then set it again with PUT /v1/registry"
 )
-
-
-async def build(ctx: LeaderContext, dep: Deployment) -> None:
-    context = await _prepare_context(ctx, dep)
-    # The classic builder commits one extra layer per label: the app label alone, which
-    # retention needs; the tag and the store already name the deployment.
-    labels = {**dep.request.labels, APP_LABEL: dep.app}
-
-    async def on_line(line: str) -> None:
-        await ctx.journal.record(dep.id, "log", line=line)
-
-    try:
-        async with ctx.builders.engine() as engine:
-            dep.image_id = await engine.build(
-                context,
-                tag=f"{dep.repository}:{dep.tag}",
-                dockerfile=dep.request.dockerfile,
-                build_args=dep.request.build_args,
-                labels=labels,
-                on_line=on_line,
-            )
-    except BuildError as exc:
-        raise BuildFailed(exc.message, exc.log_tail) from None
-    except EngineError as exc:
-        raise BuildFailed(exc.message, []) from None
-    except SshError as exc:
-        raise BuildFailed(exc.message, [], BUILD_SERVER_HINT) from None
-
-
-class BuildFailed(DeploymentError):
-    def __init__(
-        self,
-        message: str,
-        log_tail: list[str],
-        hint: str = "read the build log (deploy-agent deploy follows it) and fix the Dockerfile",
-    ) -> None:
-        super().__init__("build_failed", f"the image build failed: {message}", hint=hint)
-        self.log_tail = log_tail
-
-
-async def _prepare_context(ctx: LeaderContext, dep: Deployment) -> Path:
-    path = ctx.context_path(dep.id)
-    git = dep.request.git
-    if git is not None:
-        await ctx.journal.record(dep.id, "source", url=redact_url(git.url), ref=git.ref)
-        commit = await clone_to_context(
-            git.url, git.ref, path, ctx.config.git_timeout, ctx.config.max_context_bytes
-        )
-        await ctx.journal.record(dep.id, "source", commit=commit)
-        try:
-            await asyncio.to_thread(
-                check_context, path, dep.request.dockerfile, ctx.config.max_context_bytes
-            )
-        except RequestError as exc:
-            raise DeploymentError("source_unavailable", exc.message, exc.hint) from None
-    elif not path.exists():
-        raise DeploymentError(
-            "source_unavailable",
-            "the uploaded build context is no longer in the leader's state directory",
-            hint="submit the deployment again",
-        )
-    return path
 
 
 async def push(ctx: LeaderContext, dep: Deployment) -> None:
@@ -227,6 +160,9 @@ class _ProgressReporter:
 async def distribute(ctx: LeaderContext, dep: Deployment) -> None:
     """Have every connected worker pull the digest; offline ones are pending."""
     nodes = await ctx.store.nodes()
+    # Checked here again, for every image that reaches this stage: no worker pulls an
+    # image its architecture cannot run.
+    platforms.check_image(dep.platform, platforms.node_archs(nodes))
     await ctx.journal.record(dep.id, "distribution", workers=len(nodes), image=dep.image_ref)
     if not nodes:
         return
@@ -289,6 +225,28 @@ async def retain(ctx: LeaderContext, dep: Deployment) -> None:
         await ctx.journal.record(dep.id, "retention", kept=keep, error=exc.message)
     if ctx.builders.remote:
         await _retain_on_build_server(ctx, dep, keep)
+    await _retain_build_cache(ctx, dep)
+
+
+async def _retain_build_cache(ctx: LeaderContext, dep: Deployment) -> None:
+    """The building engine's build cache down to leader.build_cache_max, when no build
+    runs there (else at a later deployment's end). Best effort, bounded."""
+    if dep.builder != "buildkit":
+        return
+    limit = ctx.config.build_cache_max
+    try:
+        async with asyncio.timeout(BUILD_CACHE_PRUNE_S):
+            freed = await ctx.builders.prune_build_cache(limit)
+    except TimeoutError:
+        log.warning("retention.build_cache_failed", error="took too long")
+        return
+    except (EngineError, SshError) as exc:
+        log.warning("retention.build_cache_failed", error=exc.message)
+        return
+    if freed is None:
+        log.info("retention.build_cache_deferred", reason="a build runs")
+    elif freed:
+        await ctx.journal.record(dep.id, "retention", build_cache_freed=freed, kept_bytes=limit)
 
 
 async def _retain_on_build_server(ctx: LeaderContext, dep: Deployment, keep: int) -> None:

@@ -16,6 +16,8 @@ import msgspec
 AppName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")]
 DOCKERFILE_PATTERN = re.compile(r"^(?!/)(?!.*(?:^|/)\.\.(?:/|$))[^\x00]{1,255}$")
 BUILD_ARG_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# A Dockerfile stage's name (`FROM … AS name`), as BuildKit accepts it (in any case).
+STAGE_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$"
 LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 
 
@@ -88,6 +90,7 @@ class DeploymentRequest(_Spec, frozen=True, forbid_unknown_fields=True, kw_only=
     app: AppName
     git: GitSource | None = None
     dockerfile: str = "Dockerfile"
+    target: Annotated[str, msgspec.Meta(pattern=STAGE_PATTERN)] | None = None
     build_args: dict[str, str] = msgspec.field(default_factory=dict)
     labels: dict[str, str] = msgspec.field(default_factory=dict)
     image: str | None = None
@@ -129,6 +132,8 @@ class Deployment(msgspec.Struct, kw_only=True):
     repository: str
     tag: str
     credentials_version: int | None = None
+    builder: str | None = None  # "buildkit" or "classic", once the build started
+    platform: str | None = None  # what the image was built for (os/arch), once built
     image_id: str | None = None
     digest: str | None = None
     stages: dict[str, StageTiming] = msgspec.field(default_factory=dict)

@@ -1,0 +1,223 @@
+"""The build stage: the context made ready, the builder, platform and cache chosen, the
+image built and checked against the workers' architectures.
+
+BuildKit builds unless the engine lacks it or the config says classic. An image built
+for a platform the workers cannot run never leaves this stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from agent.buildlog import BuildEvent, event_type
+from agent.credentials import RegistryCredentials
+from agent.engine import BuildSpec, Engine, EngineFacts, PushProgress
+from agent.errors import BuildError, DeploymentError, EngineError, RequestError, SshError
+from agent.leader.pipeline import platforms
+from agent.leader.pipeline.archive import check_context
+from agent.leader.pipeline.build_server import BuilderChoice, choose_builder
+from agent.leader.pipeline.context import LeaderContext
+from agent.leader.pipeline.context_files import adapt_archive
+from agent.leader.pipeline.sources import clone_to_context
+from agent.leader.state.models import Deployment, Mode, State
+from agent.logs import get_logger
+from agent.retention import APP_LABEL
+from agent.urls import redact_url
+
+log = get_logger(__name__)
+BUILD_SERVER_HINT = (
+    "check the build server's SSH access and its Docker socket (leader.build_server)"
+)
+DOCKERFILE_HINT = "read the build log (deploy-agent deploy follows it) and fix the Dockerfile"
+SESSION_HINT = (
+    "RUN --mount=type=secret and --mount=type=ssh need a client session, which builds "
+    "through the Engine API do not have: pass what the step needs as a build argument, "
+    "or fetch it inside the step"
+)
+NETWORK_HINT = (
+    "the build engine has no default bridge network (dockerd --bridge=none): set "
+    'leader.build_network = "host", or give the engine its bridge'
+)
+# A pull of the previous image, for its cache, may take this long; then the build goes on
+# without it.
+CACHE_PULL_S = 300.0
+
+
+class BuildFailed(DeploymentError):
+    def __init__(self, message: str, log_tail: list[str], hint: str = DOCKERFILE_HINT) -> None:
+        super().__init__("build_failed", f"the image build failed: {message}", hint=hint)
+        self.log_tail = log_tail
+
+
+async def build(ctx: LeaderContext, dep: Deployment) -> None:
+    context = await _prepare_context(ctx, dep)
+    archs = await _worker_archs(ctx, dep)
+    try:
+        async with ctx.builders.engine() as engine, ctx.builders.building():
+            facts = await engine.facts()
+            choice = choose_builder(ctx.config.builder, facts)
+            ctx.builders.last_choice = choice
+            spec = await _spec(ctx, dep, engine, facts=facts, choice=choice, archs=archs)
+            drop_link = choice.builder == "buildkit" and not facts.copy_link
+            await _adapt(context, dep, drop_link=drop_link)
+            await _record_start(ctx, dep, choice, spec)
+            try:
+                dep.image_id = await engine.build(context, spec, _BuildEvents(ctx, dep))
+            except BuildError as exc:
+                raise _build_failure(exc, spec.platform, archs) from None
+            built = await engine.image_platform(spec.tag)
+    except EngineError as exc:
+        raise BuildFailed(exc.message, []) from None
+    except SshError as exc:
+        raise BuildFailed(exc.message, [], BUILD_SERVER_HINT) from None
+    dep.platform = str(built) if built else None
+    platforms.check_image(dep.platform, archs)
+
+
+async def _prepare_context(ctx: LeaderContext, dep: Deployment) -> Path:
+    path = ctx.context_path(dep.id)
+    git = dep.request.git
+    if git is not None:
+        await ctx.journal.record(dep.id, "source", url=redact_url(git.url), ref=git.ref)
+        commit = await clone_to_context(
+            git.url,
+            git.ref,
+            path,
+            deadline=ctx.config.git_timeout,
+            max_bytes=ctx.config.max_context_bytes,
+            dockerfile=dep.request.dockerfile,
+        )
+        await ctx.journal.record(dep.id, "source", commit=commit)
+        try:
+            await asyncio.to_thread(
+                check_context, path, dep.request.dockerfile, ctx.config.max_context_bytes
+            )
+        except RequestError as exc:
+            raise DeploymentError("source_unavailable", exc.message, exc.hint) from None
+    elif not path.exists():
+        raise DeploymentError(
+            "source_unavailable",
+            "the uploaded build context is no longer in the leader's state directory",
+            hint="submit the deployment again",
+        )
+    return path
+
+
+async def _worker_archs(ctx: LeaderContext, dep: Deployment) -> dict[str, str]:
+    """The architectures of the workers the image goes to (none in local mode)."""
+    if dep.mode is not Mode.REGISTRY:
+        return {}
+    return platforms.node_archs(await ctx.store.nodes())
+
+
+async def _spec(
+    ctx: LeaderContext,
+    dep: Deployment,
+    engine: Engine,
+    *,
+    facts: EngineFacts,
+    choice: BuilderChoice,
+    archs: dict[str, str],
+) -> BuildSpec:
+    # The classic builder commits one extra layer per label: the app label alone, which
+    # retention needs; the tag and the store already name the deployment.
+    labels = {**dep.request.labels, APP_LABEL: dep.app}
+    return BuildSpec(
+        tag=f"{dep.repository}:{dep.tag}",
+        dockerfile=dep.request.dockerfile,
+        build_args=dep.request.build_args,
+        labels=labels,
+        target=dep.request.target,
+        platform=platforms.target_platform(archs, facts.arch),
+        builder=choice.builder,
+        network=ctx.config.build_network,
+        cache_from=await _cache_sources(ctx, dep, engine),
+    )
+
+
+async def _adapt(context: Path, dep: Deployment, *, drop_link: bool) -> None:
+    """The context as the engine must see it: its .dockerignore applied, and `--link`
+    off the Dockerfile for a frontend that predates it."""
+    if await asyncio.to_thread(adapt_archive, context, dep.request.dockerfile, drop_link=drop_link):
+        log.info("build.context_adapted", drop_link=drop_link)
+
+
+async def _cache_sources(ctx: LeaderContext, dep: Deployment, engine: Engine) -> tuple[str, ...]:
+    """The app's current release, as a source of cached layers: its image carries its
+    build cache metadata (BUILDKIT_INLINE_CACHE). An engine that does not hold it (a new
+    build server, a new leader engine) pulls it from the registry first; without it the
+    build goes on uncached."""
+    previous = await ctx.store.list_deployments(app=dep.app, state=State.SUCCEEDED.value, limit=1)
+    if not previous or previous[0].image_id is None:
+        return ()
+    ref = previous[0].image_ref
+    if await engine.image_id(ref) is not None:
+        return (ref,)
+    creds = ctx.registry.current
+    if previous[0].digest is None or creds is None:
+        return ()
+    return (ref,) if await _pulled(ctx, dep, engine, ref, creds) else ()
+
+
+async def _pulled(
+    ctx: LeaderContext, dep: Deployment, engine: Engine, ref: str, creds: RegistryCredentials
+) -> bool:
+    async def quiet(progress: PushProgress) -> None:
+        return None
+
+    await ctx.journal.record(dep.id, "cache", status="pulling", image=ref)
+    try:
+        async with asyncio.timeout(CACHE_PULL_S):
+            await engine.pull(ref, creds, quiet)
+    except (EngineError, TimeoutError) as exc:
+        error = getattr(exc, "message", None) or f"no answer within {CACHE_PULL_S:.0f} s"
+        log.warning("build.cache_pull_failed", image=ref, error=error)
+        await ctx.journal.record(dep.id, "cache", status="unavailable", image=ref, error=error)
+        return False
+    await ctx.journal.record(dep.id, "cache", status="pulled", image=ref)
+    return True
+
+
+async def _record_start(
+    ctx: LeaderContext, dep: Deployment, choice: BuilderChoice, spec: BuildSpec
+) -> None:
+    dep.builder = choice.builder
+    await ctx.journal.save(
+        dep,
+        "build",
+        builder=choice.builder,
+        reason=choice.reason,
+        where=ctx.builders.describe(),
+        platform=spec.platform,
+        target=spec.target,
+        cache_from=list(spec.cache_from),
+    )
+
+
+class _BuildEvents:
+    """Build steps and lines, as they come, into the deployment's events."""
+
+    def __init__(self, ctx: LeaderContext, dep: Deployment) -> None:
+        self._ctx = ctx
+        self._dep = dep
+
+    async def __call__(self, event: BuildEvent) -> None:
+        await self._ctx.journal.record(self._dep.id, event_type(event), **event.fields())
+
+
+def _build_failure(exc: BuildError, platform: str | None, archs: dict[str, str]) -> DeploymentError:
+    text = exc.message.lower()
+    if "exec format error" in text and platform is not None:
+        return DeploymentError(
+            "platform_mismatch",
+            f"the build engine cannot run {platform} programs, the workers' ("
+            + ", ".join(f"{name} ({arch})" for name, arch in sorted(archs.items()))
+            + f"): {exc.message}",
+            hint=platforms.EMULATION_HINT,
+        )
+    if "no active session" in text:
+        return BuildFailed(exc.message, exc.log_tail, SESSION_HINT)
+    if "network bridge not found" in text:
+        return BuildFailed(exc.message, exc.log_tail, NETWORK_HINT)
+    return BuildFailed(exc.message, exc.log_tail)
