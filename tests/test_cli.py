@@ -23,7 +23,7 @@ from agent.cli.client import Client, Target
 from agent.cli.deploy import _git_url, follow
 from agent.cli.inputs import InputError
 from agent.cli.main import _parser
-from tests.support.contexts import busybox_context, run_step
+from tests.support.contexts import busybox_context, features_context, run_step
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader, LeaderProcess
 from tests.support.loopback import serving
@@ -285,6 +285,44 @@ async def test_deploy_on_a_terminal_shows_stages_and_a_summary_table(
     assert "==> building" in out
     assert "tty-build-line" in out
     assert "succeeded" in out and "image" in out and "building" in out
+
+
+async def test_every_build_feature_deploys_from_the_cli_with_its_steps_live(
+    leader: InProcessLeader, tmp_path: Path
+) -> None:
+    """A Dockerfile with parallel stages, a build argument, COPY --chmod and --link and a
+    cache mount deploys from `deploy-agent deploy` on a terminal, which shows each step
+    as buildx's plain progress does: its number and name, its output, DONE and its time."""
+    context = features_context(tmp_path / "app", cache_id=f"cli-{os.urandom(4).hex()}")
+
+    code, out = await _cli_on_tty(
+        leader, "deploy", "--app", "live", "--context", str(context), "--build-arg", "GREETING=hi"
+    )
+
+    assert code == 0, out
+    assert "building with buildkit" in out
+    assert re.search(r"#\d+ \[left 1/1\] RUN", out), out
+    assert re.search(r"#\d+ left-start", out), out
+    assert re.search(r"#\d+ DONE \d+\.\ds", out), out
+    assert re.search(r"#\d+ greeting=hi", out), out
+    # Engine 20.10's Dockerfile frontend predates --link: the leader took it off
+    assert re.search(r"#\d+ \[stage-4 4/5\] COPY (--link )?data.txt", out), out
+
+
+async def test_target_from_the_cli_builds_that_stage_and_prints_plain_steps(
+    leader: InProcessLeader, tmp_path: Path
+) -> None:
+    """`--target test` builds the test stage; without a terminal the steps are plain lines."""
+    context = features_context(tmp_path / "app", cache_id=f"tgt-{os.urandom(4).hex()}")
+
+    code, out, _ = await _cli(
+        leader, "deploy", "--app", "tgt", "--context", str(context), "--target", "test"
+    )
+
+    assert code == 0, out
+    assert "stage test" in out
+    assert re.search(r"^    #\d+ \[test 1/1\] RUN", out, re.MULTILINE), out
+    assert "[left " not in out
 
 
 async def test_ctrl_c_detaches_and_the_deployment_goes_on(

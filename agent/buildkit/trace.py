@@ -49,9 +49,11 @@ class TraceDecoder:
             log.warning("build.trace_unreadable", error=str(exc))
             return []
         events: list[BuildEvent] = []
-        # A step's end follows its output of the same message: a step without output
-        # there ends at once, so that `CACHED` follows its own name.
-        talking = {chunk.vertex for chunk in message.logs} | {w.vertex for w in message.warnings}
+        # A step's end follows its output of the same message: a step without any there
+        # ends at once, so that `CACHED` follows its own name.
+        talking = {chunk.vertex for chunk in message.logs}
+        talking |= {status.vertex for status in message.statuses}
+        talking |= {warning.vertex for warning in message.warnings}
         for vertex in message.vertexes:
             events += self._started(vertex)
             if vertex.digest not in talking:

@@ -36,3 +36,38 @@ def bulky_context(directory: Path, mbytes: int) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "bulk").write_bytes(os.urandom(mbytes * 1024 * 1024))
     return busybox_context(directory, "COPY bulk /bulk")
+
+
+def features_context(directory: Path, cache_id: str) -> Path:
+    """A context whose Dockerfile uses what BuildKit gives: two independent stages (each
+    a 2 s RUN), a `test` stage for --target, a build argument, COPY --chmod, COPY --link
+    and a RUN with a cache mount (`cache_id`) that counts its runs in the cache."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy(BUSYBOX, directory / "busybox")
+    (directory / "tool.sh").write_text("echo tool\n")
+    (directory / "data.txt").write_text("linked data\n")
+    cache = f"--mount=type=cache,id={cache_id},target=/cache"
+    lines = [
+        "FROM scratch AS base",
+        "COPY busybox /bin/busybox",
+        f"ENV TEST_CONTEXT={os.urandom(8).hex()}",
+        "FROM base AS left",
+        run_step("echo left-start; /bin/busybox sleep 2; echo left > /left"),
+        "FROM base AS right",
+        run_step("echo right-start; /bin/busybox sleep 2; echo right > /right"),
+        "FROM base AS test",
+        run_step("echo tested > /stage"),
+        'CMD ["/bin/busybox", "cat", "/stage"]',
+        "FROM base",
+        "ARG GREETING=hello",
+        "COPY --from=left /left /left",
+        "COPY --from=right /right /right",
+        "COPY --chmod=0750 tool.sh /tool.sh",
+        "COPY --link data.txt /data.txt",
+        f'RUN {cache} ["/bin/busybox", "sh", "-c", '
+        '"echo greeting=$GREETING; echo runs-before=$(cat /cache/runs 2>/dev/null | '
+        '/bin/busybox wc -l); echo run >> /cache/runs; echo $GREETING > /greeting"]',
+        'CMD ["/bin/busybox", "cat", "/greeting"]',
+    ]
+    (directory / "Dockerfile").write_text("\n".join(lines) + "\n")
+    return directory
