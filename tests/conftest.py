@@ -134,12 +134,14 @@ def worker_process(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
     def make(
-        name: str, engine: Dockerd, leader_url: str, token: str, **worker: Any
+        name: str, engine: Dockerd | str, leader_url: str, token: str, **worker: Any
     ) -> WorkerProcess:
+        """A worker on `engine`: a test's engine, or the URL of one (behind a proxy)."""
         workdir = tmp_path / f"worker-{name}-{len(started)}"
         workdir.mkdir()
+        url = engine if isinstance(engine, str) else engine.url
         proc = WorkerProcess(
-            workdir, name=name, engine_url=engine.url, leader_url=leader_url, token=token, **worker
+            workdir, name=name, engine_url=url, leader_url=leader_url, token=token, **worker
         )
         started.append(proc)
         return proc

@@ -14,7 +14,7 @@ from tests.support.worker import WorkerProcess
 async def start_cluster(
     leader: InProcessLeader | LeaderProcess,
     registry: Registry,
-    engines: list[Dockerd],
+    engines: list[Dockerd] | list[str],
     worker_process: Callable[..., WorkerProcess],
     **worker: Any,
 ) -> list[WorkerProcess]:

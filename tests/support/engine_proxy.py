@@ -1,13 +1,14 @@
-"""A Docker Engine behind a proxy that refuses chosen requests: the real engine answers
-everything else. For faults a real engine will not produce on demand (a Swarm API call
-refused with a 500, say)."""
+"""A Docker Engine behind a proxy that refuses or alters chosen requests: the real engine
+answers everything else. For what a real engine will not do on demand (a Swarm API call
+refused with a 500, say, or an engine on another architecture)."""
 
 from __future__ import annotations
 
 import io
+import json
 import re
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -27,25 +28,51 @@ async def refusing(
     regular expression `path` with `status`, and forwards every other request whole.
     Each request's method, path and headers go to `seen`, if given."""
     pattern = re.compile(path)
-    session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(engine_socket)))
 
-    async def forward(request: web.Request) -> web.StreamResponse:
+    async def answer(request: web.Request, session: aiohttp.ClientSession) -> web.Response:
         if seen is not None:
             seen.append((request.method, request.path, dict(request.headers)))
         if request.method == method and pattern.search(request.path):
             return web.json_response({"message": "refused by the test's proxy"}, status=status)
-        async with session.request(
-            request.method,
-            f"http://docker{request.path_qs}",
-            # the body as it came, compressed or not (the server does not decompress it)
-            headers=_kept(request.headers, keep_encoding=True),
-            data=io.BytesIO(await request.read()),
-        ) as answer:
-            body = await answer.read()
-            return web.Response(status=answer.status, body=body, headers=_kept(answer.headers))
+        return await _forward(request, session, request.path_qs)
+
+    async with _serving(engine_socket, answer) as url:
+        yield url
+
+
+@asynccontextmanager
+async def altered(
+    engine_socket: Path, *, arch: str | None = None, drop_params: frozenset[str] = frozenset()
+) -> AsyncIterator[str]:
+    """A unix:// engine URL whose engine says it runs on `arch` (in its /version answer),
+    and that never hears the query parameters `drop_params` (as an engine that ignores
+    them); everything else is the real engine's."""
+
+    async def answer(request: web.Request, session: aiohttp.ClientSession) -> web.Response:
+        query = [(k, v) for k, v in request.query.items() if k not in drop_params]
+        response = await _forward(request, session, request.path, query)
+        if arch is not None and request.path.endswith("/version") and response.body:
+            doc = json.loads(bytes(response.body))  # type: ignore[arg-type]
+            doc["Arch"] = arch
+            response.body = json.dumps(doc).encode()
+        return response
+
+    async with _serving(engine_socket, answer) as url:
+        yield url
+
+
+Answer = Callable[[web.Request, aiohttp.ClientSession], Awaitable[web.Response]]
+
+
+@asynccontextmanager
+async def _serving(engine_socket: Path, answer: Answer) -> AsyncIterator[str]:
+    session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(engine_socket)))
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await answer(request, session)
 
     app = web.Application(client_max_size=1024**3, handler_args={"auto_decompress": False})
-    app.router.add_route("*", "/{tail:.*}", forward)
+    app.router.add_route("*", "/{tail:.*}", handle)
     runner = web.AppRunner(app)
     await runner.setup()
     with tempfile.TemporaryDirectory(prefix="engine-proxy-") as directory:
@@ -56,6 +83,24 @@ async def refusing(
         finally:
             await runner.cleanup()
             await session.close()
+
+
+async def _forward(
+    request: web.Request,
+    session: aiohttp.ClientSession,
+    path: str,
+    query: list[tuple[str, str]] | None = None,
+) -> web.Response:
+    async with session.request(
+        request.method,
+        f"http://docker{path}",
+        params=query,
+        # the body as it came, compressed or not (the server does not decompress it)
+        headers=_kept(request.headers, keep_encoding=True),
+        data=io.BytesIO(await request.read()),
+    ) as answer:
+        body = await answer.read()
+        return web.Response(status=answer.status, body=body, headers=_kept(answer.headers))
 
 
 def _kept(headers: Mapping[str, str], *, keep_encoding: bool = False) -> dict[str, str]:

@@ -330,6 +330,7 @@ def render(dep: Deployment) -> dict[str, Any]:
         {"type": "git", "url": redact_url(git.url), "ref": git.ref} if git else {"type": "upload"}
     )
     doc["dockerfile"] = req["dockerfile"]
+    doc["target"] = req.get("target")
     doc["services"] = [svc["name"] for svc in req["services"]]
     doc["image"] = dep.image_ref
     for name, timing in dep.stages.items():

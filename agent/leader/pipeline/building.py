@@ -108,6 +108,7 @@ async def _worker_archs(ctx: LeaderContext, dep: Deployment) -> dict[str, str]:
     """The architectures of the workers the image goes to (none in local mode)."""
     if dep.mode is not Mode.REGISTRY:
         return {}
+    await ctx.hub.flush()  # what the workers' links told of them, written first
     return platforms.node_archs(await ctx.store.nodes())
 
 
@@ -208,7 +209,9 @@ class _BuildEvents:
 
 def _build_failure(exc: BuildError, platform: str | None, archs: dict[str, str]) -> DeploymentError:
     text = exc.message.lower()
-    if "exec format error" in text and platform is not None:
+    # runc says it in the step's output; the engine's error is then "exit code: 1"
+    foreign = any("exec format error" in line for line in [text, *exc.log_tail])
+    if foreign and platform is not None:
         return DeploymentError(
             "platform_mismatch",
             f"the build engine cannot run {platform} programs, the workers' ("

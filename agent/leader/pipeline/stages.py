@@ -159,6 +159,7 @@ class _ProgressReporter:
 
 async def distribute(ctx: LeaderContext, dep: Deployment) -> None:
     """Have every connected worker pull the digest; offline ones are pending."""
+    await ctx.hub.flush()  # the architectures the workers' links reported, written first
     nodes = await ctx.store.nodes()
     # Checked here again, for every image that reaches this stage: no worker pulls an
     # image its architecture cannot run.
