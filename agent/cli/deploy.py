@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import gzip
+import io
 import json
 import os
 import signal
@@ -32,24 +33,30 @@ SKIP = frozenset({".git"})
 REFOLLOW_WITHIN_S = 300.0  # how long a leader that went away is waited for
 
 
-def pack(directory: Path, dest: Path, dockerfile: str = "Dockerfile") -> None:
-    """Write `directory` as a tar.gz build context, without version-control folders and
-    without what its .dockerignore excludes (Docker's rules). The Dockerfile and the
-    .dockerignore go whatever the patterns say, as the docker CLI sends them: the leader
-    needs the one to build and applies the other again.
+def pack(
+    directory: Path, dest: Path, dockerfile: str = "Dockerfile", compress: bool = False
+) -> None:
+    """Write `directory` as a tar build context (gzip with `compress`), without
+    version-control folders and without what its .dockerignore excludes (Docker's
+    rules). The Dockerfile and the .dockerignore go whatever the patterns say, as the
+    docker CLI sends them: the leader needs the one to build and applies the other again.
 
-    The gzip header carries no time, so an unchanged tree packs to the same bytes and a
-    retried submission with the same Idempotency-Key is recognised.
+    Uncompressed by default, as `docker build` sends a context: compressing costs more
+    than it saves on a fast link. An unchanged tree packs to the same bytes (the gzip
+    header carries no time), so a retried submission with the same Idempotency-Key is
+    recognised.
     """
     try:
         ignore = DockerIgnore.of_directory(directory)
     except IgnoreFileError as exc:
         raise InputError(f"{directory}/{exc.message}") from None
     keep = frozenset({dockerfile, FILENAME})
-    with (
-        gzip.GzipFile(dest, "wb", compresslevel=1, mtime=0) as compressed,
-        tarfile.open(fileobj=compressed, mode="w") as archive,
-    ):
+    with contextlib.ExitStack() as stack:
+        out: io.BufferedIOBase = stack.enter_context(dest.open("wb"))
+        if compress:
+            gzipped = gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1, mtime=0)
+            out = stack.enter_context(gzipped)
+        archive = stack.enter_context(tarfile.open(fileobj=out, mode="w"))
         for path in ignore.walk(directory, keep=keep, skip=SKIP):
             archive.add(directory / path, arcname=path, recursive=False, filter=whole_seconds)
 
@@ -60,10 +67,13 @@ async def submit_directory(
     params: list[tuple[str, str]],
     key: str | None,
     dockerfile: str = "Dockerfile",
+    *,
+    compress: bool = False,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="deploy-agent-") as tmp:
-        archive = Path(tmp) / "context.tar.gz"
-        await asyncio.to_thread(pack, directory, archive, dockerfile)
+        archive = Path(tmp) / "context.tar"
+        await asyncio.to_thread(pack, directory, archive, dockerfile, compress)
+        content_type = "application/gzip" if compress else "application/x-tar"
         with archive.open("rb") as body:
             doc: dict[str, Any] = await client.call(
                 "POST",
@@ -71,7 +81,7 @@ async def submit_directory(
                 params=params,
                 data=body,
                 limits=UPLOAD_TIMEOUT,
-                headers={"Content-Type": "application/gzip", **_idempotency(key)},
+                headers={"Content-Type": content_type, **_idempotency(key)},
             )
     return doc
 
@@ -234,7 +244,12 @@ async def command(args: argparse.Namespace) -> int:
                 target=args.target,
             ) + _release_params(args)
             dep = await submit_directory(
-                client, args.context, params, args.idempotency_key, args.dockerfile or "Dockerfile"
+                client,
+                args.context,
+                params,
+                args.idempotency_key,
+                args.dockerfile or "Dockerfile",
+                compress=args.compress,
             )
         else:
             body = _git_body(args)

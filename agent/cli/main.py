@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     dep.add_argument("--ref", default="HEAD")
     dep.add_argument("--dockerfile")
     dep.add_argument("--target", help="the Dockerfile stage to build (default: the last)")
+    dep.add_argument(
+        "--compress", action="store_true", help="gzip the context for a slow link to the leader"
+    )
     dep.add_argument("--image", help="repository to push to (default: from the registry)")
     dep.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE")
     dep.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
