@@ -17,6 +17,10 @@ from agent.logs import get_logger
 
 log = get_logger(__name__)
 APP_LABEL = "deploy-agent.app"
+# The deployment that built an image: its id starts with its time (YYYYmmddHHMMSS), so
+# images sort by it. An image's own creation time cannot serve: BuildKit gives an image
+# the time of its newest layer, which a cached build took from an earlier one.
+DEPLOYMENT_LABEL = "deploy-agent.deployment"
 
 
 async def prune_app_images(engine: Engine, app: str, keep: int) -> list[str]:
@@ -40,10 +44,11 @@ async def prune_app_images(engine: Engine, app: str, keep: int) -> list[str]:
 
 
 async def _newest_first(engine: Engine, images: list[dict[str, Any]]) -> list[str]:
-    """The images' ids, newest first. The list's own creation times are whole seconds,
-    and deployments a second apart are common: each image's own record has them to
-    the nanosecond."""
-    created = {}
+    """The images' ids, newest first: by the deployment that built them, then (for
+    images of releases before that label) by creation time. The list's own creation
+    times are whole seconds, and deployments a second apart are common: each image's
+    own record has them to the nanosecond."""
+    created: dict[str, tuple[str, int]] = {}
     for image in images:
         try:
             info = await engine.request("GET", f"images/{image['Id']}/json")
@@ -51,7 +56,8 @@ async def _newest_first(engine: Engine, images: list[dict[str, Any]]) -> list[st
             if exc.status == 404:  # removed meanwhile (the retention of a deployment before)
                 continue
             raise
-        created[image["Id"]] = created_ns(info.get("Created"), image["Created"])
+        deployment = (image.get("Labels") or {}).get(DEPLOYMENT_LABEL, "")
+        created[image["Id"]] = (deployment, created_ns(info.get("Created"), image["Created"]))
     return sorted(created, key=created.__getitem__, reverse=True)
 
 

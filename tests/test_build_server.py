@@ -172,7 +172,7 @@ async def test_a_push_whose_tunnel_cannot_open_is_retried_through_a_new_one(
     context = busybox_context(tmp_path / "c", run_step("sleep 2"))
     dep = await leader.api.deploy_dir(context, "retunnel")
     # Stopping sshd before the build's connection is up would fail the build, not the push.
-    await _build_running_on(rig.builder, leader, dep["id"])
+    await _build_running_on(leader, dep["id"])
     rig.sshd.stop()  # the build's own connection goes on
     await leader.api.wait_state(dep["id"], "pushing")
     await asyncio.sleep(2)
@@ -194,7 +194,7 @@ async def test_a_push_the_build_server_refuses_is_not_retried(rig: Rig, tmp_path
     leader = await rig.leader(server, push_retry_budget=30)
     context = busybox_context(tmp_path / "c", run_step("sleep 2"))
     dep = await leader.api.deploy_dir(context, "refused")
-    await _build_running_on(rig.builder, leader, dep["id"])
+    await _build_running_on(leader, dep["id"])
     known_hosts.write_text(rig.sshd.impostor_known_hosts().read_text())
     changed_at = asyncio.get_running_loop().time()
 
@@ -224,12 +224,16 @@ async def test_old_images_are_removed_on_the_build_server_too(rig: Rig, tmp_path
     assert held == [finals[1]["id"]]
 
 
-async def _build_running_on(builder: Dockerd, leader: Any, dep_id: str) -> None:
-    """Wait for the deployment's RUN step to run on the build server's engine: the
+async def _build_running_on(leader: Any, dep_id: str) -> None:
+    """Wait for the deployment's RUN step to run on the build server's engine (BuildKit
+    says so in the build log; its steps are no containers for `docker ps` to list): the
     build's SSH connection is up from then on."""
     await leader.api.wait_state(dep_id, "building")
     async with asyncio.timeout(30):
-        while not builder.cli("ps", "-q").stdout.strip():
+        while True:
+            events = await leader.leader.ctx.store.events_after(dep_id, 0, 10_000)
+            if any(b'"status":"running"' in e and b"RUN" in e for e in events):
+                return
             await asyncio.sleep(0.1)
 
 

@@ -23,6 +23,7 @@ from agent.leader.state.models import (
     ServiceSpec,
     UpdateSettings,
 )
+from agent.retention import DEPLOYMENT_LABEL
 
 IMAGE = "fresh:d1"
 
@@ -54,9 +55,7 @@ def _task(task_id: str, state: str, deployment: str = "d1") -> dict[str, Any]:
     return {
         "ID": task_id,
         "DesiredState": "running",
-        "Spec": {
-            "ContainerSpec": {"Image": IMAGE, "Labels": {release.DEPLOYMENT_LABEL: deployment}}
-        },
+        "Spec": {"ContainerSpec": {"Image": IMAGE, "Labels": {DEPLOYMENT_LABEL: deployment}}},
         "Status": {"State": state, "Err": "task: non-zero exit (1)" if state == "failed" else ""},
     }
 

@@ -141,8 +141,8 @@ async def test_broken_dockerfile_fails_as_build_failed_with_the_log(
 
     assert final["state"] == "failed"
     assert final["error"]["code"] == "build_failed"
-    assert "returned a non-zero code: 3" in final["error"]["message"]
-    assert "about-to-fail" in final["error"]["log_tail"]
+    assert "exit code: 3" in final["error"]["message"]
+    assert any(line.endswith(" about-to-fail") for line in final["error"]["log_tail"])
     assert final["error"]["hint"]
 
 

@@ -22,7 +22,7 @@ from agent.leader.pipeline.context_files import adapt_archive
 from agent.leader.pipeline.sources import clone_to_context
 from agent.leader.state.models import Deployment, Mode, State
 from agent.logs import get_logger
-from agent.retention import APP_LABEL
+from agent.retention import APP_LABEL, DEPLOYMENT_LABEL
 from agent.urls import redact_url
 
 log = get_logger(__name__)
@@ -121,9 +121,8 @@ async def _spec(
     choice: BuilderChoice,
     archs: dict[str, str],
 ) -> BuildSpec:
-    # The classic builder commits one extra layer per label: the app label alone, which
-    # retention needs; the tag and the store already name the deployment.
-    labels = {**dep.request.labels, APP_LABEL: dep.app}
+    # Retention finds the app's images by the one label and orders them by the other.
+    labels = {**dep.request.labels, APP_LABEL: dep.app, DEPLOYMENT_LABEL: dep.id}
     return BuildSpec(
         tag=f"{dep.repository}:{dep.tag}",
         dockerfile=dep.request.dockerfile,

@@ -20,11 +20,10 @@ from agent.errors import AgentError, DeploymentError, EngineApiError, EngineErro
 from agent.leader.pipeline.context import LeaderContext
 from agent.leader.state.models import Deployment, Mode, ServiceSpec
 from agent.logs import get_logger
-from agent.retention import APP_LABEL
+from agent.retention import APP_LABEL, DEPLOYMENT_LABEL
 
 log = get_logger(__name__)
 POLL_SECONDS = 0.5
-DEPLOYMENT_LABEL = "deploy-agent.deployment"
 SERVICE_LABEL = "deploy-agent.service"
 NS = 1_000_000_000
 FAILED_TASKS_LIMIT = 3

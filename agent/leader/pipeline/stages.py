@@ -224,9 +224,9 @@ async def retain(ctx: LeaderContext, dep: Deployment) -> None:
     except EngineError as exc:
         log.warning("retention.failed", app=dep.app, error=exc.message)
         await ctx.journal.record(dep.id, "retention", kept=keep, error=exc.message)
+    await _retain_build_cache(ctx, dep)
     if ctx.builders.remote:
         await _retain_on_build_server(ctx, dep, keep)
-    await _retain_build_cache(ctx, dep)
 
 
 async def _retain_build_cache(ctx: LeaderContext, dep: Deployment) -> None:
