@@ -5,6 +5,9 @@ The real engine's traces are decoded in tests/test_buildkit.py."""
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
+from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from structlog.testing import capture_logs
@@ -140,3 +143,18 @@ def test_link_comes_off_copy_and_add_only() -> None:
         "RUN echo --link",
         "COPY --linked a b",
     ]
+
+
+def test_the_generated_classes_are_what_the_script_makes_of_the_protos() -> None:
+    """agent/buildkit/*_pb2.py(i) are scripts/gen-buildkit-proto's output for the .proto
+    files in proto/buildkit: nobody edited them by hand, nor changed one without the other."""
+    script = Path(__file__).parent.parent / "scripts" / "gen_buildkit_proto.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -113,8 +113,7 @@ async def test_a_worker_newer_than_its_leader_exits_4_and_says_to_upgrade_the_le
 ) -> None:
     """This release's worker against a previous-release leader: it exits with status 4
     (the unit does not restart it) and its log says to upgrade the leader first."""
-    # without the keys the previous release does not know (it refuses unknown keys)
-    leader = leader_process(python=previous_release.python, leader={**TLS, "build_network": None})
+    leader = leader_process(python=previous_release.python, leader=TLS)
     leader.start()
     token = await leader.api.join_token()
     worker = worker_process("ahead", worker_engines[0], leader.api.base_url, token).start()

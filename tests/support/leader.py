@@ -20,6 +20,8 @@ from tests.support.toml import to_toml
 
 TOKEN = CANARY.api_token
 TOKEN_ENV = "DEPLOY_AGENT_TEST_API_TOKEN"
+# Leader keys that leader_config sets and the previous release does not know.
+KEYS_OF_THIS_RELEASE = ("build_network",)
 
 
 def leader_config(state_dir: Path, engine_url: str, **overrides: Any) -> dict[str, Any]:
@@ -107,6 +109,9 @@ class LeaderProcess:
         token moves from the file to the environment here."""
         self.python = python
         raw = copy.deepcopy(raw)
+        if python != sys.executable:  # an earlier release refuses the keys it does not know
+            for key in KEYS_OF_THIS_RELEASE:
+                raw["leader"].pop(key, None)
         token = raw["leader"].pop("api_token", None)
         self.secret_env = {TOKEN_ENV: token} if token else {}
         if token:
