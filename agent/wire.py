@@ -93,15 +93,20 @@ class UpgradeFile(msgspec.Struct, frozen=True):
     size: int
 
 
+_UpgradeId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9-]{1,64}$")]
+
+
 class UpgradeOrder(_Message, frozen=True, kw_only=True, tag="upgrade"):
-    """Install `version` beside the running one, restart into it, and come back with it.
+    """Install `version` beside the running one, restart into it, and come back with it,
+    all within `within_s` (past it the leader has given up: the worker stops trying).
     `dependencies` empty: the worker installs the wheel's locked dependencies from its
     package index instead of the leader."""
 
-    upgrade: _Text
+    upgrade: _UpgradeId
     version: _Version
     wheel: UpgradeFile
     dependencies: list[UpgradeFile]
+    within_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0
 
 
 # worker → leader

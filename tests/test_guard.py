@@ -66,6 +66,19 @@ def _guard(layout: Path, *, systemd: bool, timeout: float = 30) -> subprocess.Co
     )
 
 
+def _guard_pid(layout: Path) -> tuple[int, int]:
+    """Run the guard as systemd would (INVOCATION_ID set): its status and its pid."""
+    env = {
+        "PATH": os.environ["PATH"],
+        "LOG": str(layout / "starts.log"),
+        "INVOCATION_ID": "0123",
+    }
+    guard = subprocess.Popen(
+        [str(layout / "bin" / "deploy-agent-guard"), "run"], env=env, stderr=subprocess.DEVNULL
+    )
+    return guard.wait(timeout=30), guard.pid
+
+
 def _starts(layout: Path) -> list[str]:
     return [line.split()[0] for line in (layout / "starts.log").read_text().splitlines()]
 
@@ -101,10 +114,37 @@ def test_under_systemd_it_becomes_the_agent_and_the_unit_restarts_count(layout: 
     is the agent's, for sd_notify), so each failed start ends it; the starts systemd
     makes are counted all the same, and the fourth falls back to 1.0."""
     _put_on_trial(layout)
-    statuses = [_guard(layout, systemd=True).returncode for _ in range(4)]
-    assert statuses == [1, 1, 1, 0]
+    runs = [_guard_pid(layout) for _ in range(4)]
+    assert [status for status, _ in runs] == [1, 1, 1, 0]
     assert _starts(layout) == ["2.0", "2.0", "2.0", "1.0"]
+    agent_pids = [int(line.split()[1]) for line in (layout / "starts.log").read_text().splitlines()]
+    assert agent_pids == [pid for _, pid in runs]  # the guard's own process became the agent
     assert os.readlink(layout / "releases" / "current") == "1.0"
+
+
+@pytest.mark.parametrize("status", [0, 2, 3, 4])
+def test_a_release_on_trial_that_ends_at_all_is_counted(layout: Path, status: int) -> None:
+    """Off trial, 0, 2, 3 and 4 end the guard (done, or a restart cannot help); on
+    trial, a release that ends with any of them has failed: counted, and undone."""
+    _release(layout / "releases", "2.5", f"exit {status}")
+    _put_on_trial(layout)
+    (layout / "releases" / "current").unlink()
+    (layout / "releases" / "current").symlink_to("2.5")
+    (layout / "releases" / "trial").write_text("2.5 up-2\n")
+    done = _guard(layout, systemd=False)
+    assert done.returncode == 0
+    assert _starts(layout) == ["2.5", "2.5", "2.5", "1.0"]
+
+
+def test_a_trial_marker_of_another_release_is_dropped_not_counted(layout: Path) -> None:
+    """A switch cut short (its trial written, `current` not yet moved) leaves a marker
+    that names another release than `current`: the guard drops it and never falls back."""
+    (layout / "releases" / "trial").write_text("2.0 up-3\n")
+    for _ in range(5):
+        assert _guard(layout, systemd=True).returncode == 0
+    assert _starts(layout) == ["1.0"] * 5
+    assert not (layout / "releases" / "trial").exists()
+    assert not (layout / "releases" / "rolled-back").exists()
 
 
 def test_exit_75_starts_the_new_current_release_at_once(layout: Path) -> None:

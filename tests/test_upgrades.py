@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from yarl import URL
 
 from tests.support.contexts import busybox_context
 from tests.support.dockerd import Dockerd
@@ -145,13 +147,21 @@ async def cluster(
 Cluster = tuple[LeaderProcess, list[Layout], list[WorkerProcess]]
 
 
+def _holds(engine: Dockerd, image: str) -> bool:
+    return engine.cli("image", "inspect", image, check=False).returncode == 0
+
+
 def _node_events(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return [(e["node"], e["status"]) for e in events if e["type"] == "node"]
 
 
 @pytest.mark.timeout(300)
 async def test_upgrade_moves_two_workers_one_at_a_time_while_the_cluster_deploys(
-    cluster: Cluster, wheelhouse: Wheelhouse, releases: dict[str, Path], tmp_path: Path
+    cluster: Cluster,
+    worker_engines: list[Dockerd],
+    wheelhouse: Wheelhouse,
+    releases: dict[str, Path],
+    tmp_path: Path,
 ) -> None:
     """Both workers go from 0.2.1 to 0.2.2, the second only once the first is back with
     it; the leader restarts in the middle and the rollout goes on; a deployment during
@@ -191,6 +201,9 @@ async def test_upgrade_moves_two_workers_one_at_a_time_while_the_cluster_deploys
         assert layout.versions() == {START, TARGET}
     final = await leader.api.wait_final(during["id"], timeout=120)
     assert final["state"] == "succeeded", final
+    async with asyncio.timeout(60):  # a node restarting then was pending, and caught up
+        while not all(_holds(engine, final["image"]) for engine in worker_engines):
+            await asyncio.sleep(0.5)
     after = await leader.api.deploy_dir(busybox_context(tmp_path / "after"), "after")
     final = await leader.api.wait_final(after["id"])
     assert final["state"] == "succeeded", final
@@ -214,7 +227,9 @@ async def test_a_bad_release_is_undone_on_the_first_node_and_the_rollout_stops(
     assert "the check step failed" in failed["detail"], failed
     assert layouts[0].current() == START and BROKEN_IMPORT not in layouts[0].versions()
 
-    code, events, _ = await _finished(await _upgrade(leader, releases[BROKEN_START], wheelhouse))
+    code, events, err = await _finished(await _upgrade(leader, releases[BROKEN_START], wheelhouse))
+    found = re.search(r"upgrade (up-[0-9a-f-]+):", err)
+    assert found is not None, err
     assert code == 1
     assert _node_events(events) == [("w1", "upgrading"), ("w1", "failed")]
     failed = next(e for e in events if e["type"] == "node" and e["status"] == "failed")
@@ -222,6 +237,13 @@ async def test_a_bad_release_is_undone_on_the_first_node_and_the_rollout_stops(
     assert f"release {BROKEN_START} did not start" in failed["detail"], failed
     assert layouts[0].current() == START
     assert layouts[1].current() == START and layouts[1].versions() == {START}
+    await asyncio.sleep(5)  # an order sent again to the node it was undone on is refused
+    downloads = [
+        line
+        for line in w1.log_text().splitlines()
+        if '"upgrade.progress"' in line and '"downloading"' in line and found.group(1) in line
+    ]
+    assert len(downloads) == 1, downloads
     await _versions(leader, {"w1": START, "w2": START})
     assert "deploy-agent-guard: release 0.2.4" in w1.log_text()
 
@@ -255,3 +277,31 @@ async def test_a_previous_release_worker_is_skipped_by_name(
     assert "needs a manual upgrade" in skipped["detail"]
     assert (await leader.api.nodes())["old"]["connected"] is True
     assert "bad_message" not in old.log_text()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/upgrades/%2E%2E/files/x.whl",
+        "/v1/upgrades/..%2F..%2Fstate/files/leader.whl",
+        "/v1/upgrades/up-20260101000000-0123abcd/files/deploy_agent-9.0-py3-none-any.whl",
+    ],
+)
+async def test_an_upgrade_file_is_served_only_from_the_running_upgrade(
+    leader_factory: Callable[..., Any], path: str
+) -> None:
+    """The files route takes a node's secret (no secret: 401), and serves nothing but the
+    files of the upgrade that runs: an id that climbs out of the upgrades directory, or
+    one that is not running, is refused, whatever secret comes with it."""
+    leader = await leader_factory(leader=TLS)
+    token = await leader.api.join_token()
+    status, node = await leader.api.request("POST", "/v1/join", json={"token": token, "name": "n"})
+    assert status == 201
+    url = URL(leader.api.base_url + path, encoded=True)  # sent as written, dots and all
+    async with leader.api.session.get(url, ssl=leader.api.ssl) as response:
+        assert response.status == 401
+    secret = {"Authorization": f"Node {node['node_id']}:{node['secret']}"}
+    async with leader.api.session.get(url, headers=secret, ssl=leader.api.ssl) as response:
+        # 404 where the route matched, 401 where the path is no node's (the API token's)
+        assert response.status in (401, 404)
+        assert "error" in await response.json()

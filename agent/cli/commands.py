@@ -11,13 +11,14 @@ import os
 import sys
 from pathlib import Path
 
-from agent import daemon, logs
+from agent import __version__, daemon, logs
 from agent.cli import bootstrap as bootstrap_cmd
 from agent.cli.client import Client, Target
 from agent.cli.inputs import read_text
 from agent.config import Config, load_config
 from agent.errors import AgentError, BootstrapError, ConfigError
 from agent.worker.agent import LeaderTooOld, NodeRevoked, RestartRequested
+from agent.worker.releases import Releases
 
 DEFAULT_CONFIG = "/etc/deploy-agent/config.toml"
 EXIT_CONFIG = 2  # the config is wrong: restarting cannot help until someone fixes it
@@ -60,7 +61,34 @@ _ENDINGS: tuple[tuple[type[AgentError], str, int], ...] = (
 )
 
 
+# Statuses after which the unit (and the guard) do not start the agent again.
+FINAL_STATUSES = frozenset({EXIT_CONFIG, EXIT_REVOKED, EXIT_LEADER_TOO_OLD})
+
+
 async def run(args: argparse.Namespace) -> int:
+    """The daemon; its exit status. A release on trial after an upgrade that ends with a
+    final status (its config refused by this release, say) has failed its trial: it exits
+    1, so that it is started again and its guard, counting, falls back."""
+    try:
+        code = await _run(args)
+    except ConfigError as exc:
+        if not _on_trial():
+            raise
+        print(f"deploy-agent: config error: {exc.message}", file=sys.stderr)
+        code = EXIT_CONFIG
+    if code in FINAL_STATUSES and _on_trial():
+        print(f"deploy-agent: exit {code} on trial: exit 1, for the guard", file=sys.stderr)
+        return 1
+    return code
+
+
+def _on_trial() -> bool:
+    releases = Releases.from_environ()
+    trial = releases.trial() if releases is not None else None
+    return trial is not None and trial.version == __version__
+
+
+async def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     logs.configure(config.log.level, config.log.format)
     log = logs.get_logger("agent")

@@ -32,7 +32,7 @@ from agent.worker.identity import (
     save_identity,
 )
 from agent.worker.puller import Puller
-from agent.worker.releases import Releases
+from agent.worker.releases import Releases, RolledBack
 from agent.worker.upgrade import Upgrade, UpgradeFailed
 
 log = get_logger(__name__)
@@ -104,6 +104,9 @@ class Worker:
         self._node: Identity | None = None  # once enrolled
         self._upgrade: asyncio.Task[None] | None = None
         self._restart_into: str | None = None
+        self._ordered_again = False
+        # the upgrade the guard fell back from, and why: never taken again
+        self._fell_back: RolledBack | None = None
         self._back_on_leader: asyncio.Event | None = None
         self.puller = Puller(
             self.engine,
@@ -347,19 +350,16 @@ class Worker:
         failed = await asyncio.to_thread(self.releases.take_rolled_back)
         if failed is not None:
             log.warning("upgrade.rolled_back", version=failed.version, why=failed.why)
-            await self._send(
-                wire.UpgradeStatus(
-                    upgrade=failed.upgrade or "unknown",
-                    version=failed.version,
-                    state="rolled_back",
-                    detail=f"release {failed.version} {failed.why}; back on {__version__}",
-                )
-            )
+            self._fell_back = failed
+        if self._fell_back is not None:
+            await self._send(_rolled_back(self._fell_back))
 
     def _start_upgrade(self, order: wire.UpgradeOrder) -> None:
         if self._upgrade is not None and not self._upgrade.done():
             log.info("upgrade.already_running", upgrade=order.upgrade)
+            self._ordered_again = True  # if this attempt fails, the order stands: again
             return
+        self._ordered_again = False
         self._upgrade = asyncio.create_task(self._upgrade_to(order), name="upgrade")
 
     async def _upgrade_to(self, order: wire.UpgradeOrder) -> None:
@@ -370,24 +370,46 @@ class Worker:
             )
             await self._send(status)
 
-        if self.releases is None or self._node is None:
-            await report(
-                "unsupported",
-                "this worker does not run from the releases layout under its guard: "
-                "upgrade it by hand (deploy-agent bootstrap, or a package install)",
-            )
+        refused = self._refusal(order)
+        if refused is not None:
+            await report(*refused)
             return
+        assert self.releases is not None and self._node is not None
         leader = self.leader_url(self._node)
-        work = Upgrade(order, self.releases, leader, self._node, report)
-        try:
-            await work.run()
-        except UpgradeFailed as exc:
-            await report("failed", wire.clip(exc.message))
-            return
+        for _ in range(2):  # once more if the leader ordered it again meanwhile (a link cut)
+            work = Upgrade(order, self.releases, leader, self._node, report)
+            try:
+                async with asyncio.timeout(order.within_s):
+                    await work.run()
+                break
+            except TimeoutError:
+                failure = f"not installed within {order.within_s:.0f} s: the leader gave up"
+            except UpgradeFailed as exc:
+                failure = exc.message
+            except Exception as exc:  # a disk that is full, a directory not writable…
+                log.exception("upgrade.crashed", upgrade=order.upgrade)
+                failure = f"{type(exc).__name__}: {exc}"
+            if not self._ordered_again:
+                await report("failed", wire.clip(failure))
+                return
+            self._ordered_again = False
+            log.info("upgrade.again", upgrade=order.upgrade, after=failure)
         await report("restarting", f"into {order.version}")
         self._restart_into = order.version
         assert self._stop is not None
         self._stop.set()
+
+    def _refusal(self, order: wire.UpgradeOrder) -> tuple[str, str] | None:
+        """Why this worker does not take `order` (state and detail), or None."""
+        if self.releases is None or self._node is None:
+            return (
+                "unsupported",
+                "this worker does not run from the releases layout under its guard: "
+                "upgrade it by hand (deploy-agent bootstrap, or a package install)",
+            )
+        if self._fell_back is not None and self._fell_back.upgrade == order.upgrade:
+            return "rolled_back", _rolled_back(self._fell_back).detail or ""
+        return None
 
     async def _cancel_upgrade(self) -> None:
         if self._upgrade is not None and not self._upgrade.done():
@@ -423,6 +445,15 @@ class Worker:
                     await ws.send_str(wire.encode(message))
             except (TimeoutError, ConnectionError, aiohttp.ClientError) as exc:
                 log.warning("link.send_failed", error=repr(exc))
+
+
+def _rolled_back(failed: RolledBack) -> wire.UpgradeStatus:
+    return wire.UpgradeStatus(
+        upgrade=failed.upgrade or "unknown",
+        version=failed.version,
+        state="rolled_back",
+        detail=f"release {failed.version} {failed.why}; back on {__version__}",
+    )
 
 
 def _pace_after_close(backoff: Backoff, code: int | None, up_s: float) -> None:

@@ -4,6 +4,7 @@ the files the workers fetch (with their node secret, not the API token)."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from typing import Any
 
@@ -28,6 +29,7 @@ NODE_TIMEOUT_RANGE = (10.0, 3600.0)
 @routes.post("/v1/upgrades")
 async def start(request: web.Request) -> web.Response:
     ctx, rollouts = request.app[CONTEXT], request.app[ROLLOUTS]
+    rollouts.check_free()  # before the upload is taken in
     timeout = _node_timeout(request.query.get("node_timeout"))
     steps = await _steps(request, request.query.get("nodes"))
     rollout_id = new_rollout_id()
@@ -47,7 +49,11 @@ async def start(request: web.Request) -> web.Response:
         steps=steps,
         created_at=time.time(),
     )
-    await rollouts.start(rollout)
+    try:
+        await rollouts.start(rollout)
+    except BaseException:  # refused (another started meanwhile), or the store failed
+        await asyncio.to_thread(shutil.rmtree, rollouts.files_of(rollout_id), True)
+        raise
     log.info("rollout.accepted", rollout=rollout_id, version=release.version, nodes=len(steps))
     return web.json_response(render(rollout), status=202)
 
@@ -115,10 +121,13 @@ async def file(request: web.Request) -> web.FileResponse:
     """A wheel of a running rollout, for an enrolled node (its node secret)."""
     ctx, rollouts = request.app[CONTEXT], request.app[ROLLOUTS]
     await authenticate_node(ctx, request.headers.get("Authorization", ""))
-    name = request.match_info["name"]
-    path = rollouts.files_of(request.match_info["id"]) / name
-    if not WHEEL_NAME.match(name) or not path.is_file():
-        raise RequestError(404, "not_found", f"no file {name} in this upgrade")
+    rollout_id, name = request.match_info["id"], request.match_info["name"]
+    running = rollouts.running
+    if running is None or running.id != rollout_id or not WHEEL_NAME.match(name):
+        raise RequestError(404, "not_found", f"no file {name[:80]} in a running upgrade")
+    path = rollouts.files_of(rollout_id) / name  # both parts checked: no way out of it
+    if not path.is_file():
+        raise RequestError(404, "not_found", f"no file {name} in upgrade {rollout_id}")
     return web.FileResponse(path)
 
 

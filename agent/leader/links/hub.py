@@ -70,6 +70,7 @@ class Link:
     queue: asyncio.Queue[Outgoing] = field(default_factory=lambda: asyncio.Queue(SEND_QUEUE))
     closer: asyncio.Task[bool] | None = None
 
+    introduced: bool = False  # its worker has said what it runs (Hello) on this link
     busy: bool = False  # the link's task is dealing with a message
     sending: bool = False  # the pump holds a message it has not finished sending
     _low: int = 0  # the transport's low-water mark
@@ -217,6 +218,11 @@ class Hub:
         link.send(framed)
         return True
 
+    def introduced(self, node_id: str) -> bool:
+        """Whether the node is linked and has said what it runs on this link."""
+        link = self._links.get(node_id)
+        return link is not None and link.introduced
+
     def node(self, node_id: str) -> NodeRecord | None:
         """A linked node's record, as its link keeps it up to date."""
         link = self._links.get(node_id)
@@ -362,6 +368,7 @@ class Hub:
                 node.info.arch = message.arch
                 node.info.protocol = link.protocol
                 node.info.upgradable = message.upgradable
+                link.introduced = True
                 self._touch(node)
                 self._tell(node, message)
             case wire.UpgradeStatus():

@@ -50,7 +50,9 @@ def _bad(message: str) -> RequestError:
 def _extract(archive: Path, directory: Path) -> list[UpgradeFile]:
     files: list[UpgradeFile] = []
     try:
-        with tarfile.open(archive, mode="r:*") as tar:
+        # uncompressed only (wheels are compressed already): no archive can unpack into
+        # more than the upload limit it came in under
+        with tarfile.open(archive, mode="r:") as tar:
             for member in tar:
                 if member.isdir():
                     continue

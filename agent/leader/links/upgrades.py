@@ -37,6 +37,11 @@ from agent.logs import get_logger
 
 log = get_logger(__name__)
 ENGINE_DOWN = "unavailable"  # what a worker's Hello says when its engine did not answer
+# How long a step waits for its node to link and say what it runs before judging it
+# offline: a leader that just started (a resumed rollout) has no links yet.
+READY_GRACE_S = 30.0
+# Of a node's timeout, what its restart into the new release is given after the install.
+ORDER_MARGIN_S = 15.0
 MANUAL = "needs a manual upgrade (deploy-agent bootstrap, or a package install): {why}"
 
 
@@ -59,31 +64,53 @@ class Rollouts:
     def running(self) -> Rollout | None:
         return self._rollout if self._task is not None and not self._task.done() else None
 
-    async def start(self, rollout: Rollout) -> None:
-        """Record `rollout` and run it; 409 while another one runs."""
-        if self.running is not None:
+    def check_free(self) -> None:
+        """409 while a rollout runs (or is being started): one at a time."""
+        busy = self._rollout
+        if busy is not None and (self._task is None or not self._task.done()):
             raise RequestError(
                 409,
                 "invalid_request",
-                f"rollout {self.running.id} is still running",
-                hint=f"follow it (GET /v1/upgrades/{self.running.id}/events) and start this "
+                f"upgrade {busy.id} is still running",
+                hint=f"follow it (GET /v1/upgrades/{busy.id}/events) and start this "
                 "one once it has ended",
             )
-        await self._store.save_rollout(rollout, _state_event(rollout))
+
+    async def start(self, rollout: Rollout) -> None:
+        """Record `rollout` and run it; 409 while another one runs."""
+        self.check_free()
+        self._rollout, self._task = rollout, None  # taken before the first await
+        try:
+            await self._store.save_rollout(rollout, _state_event(rollout))
+        except BaseException:
+            self._rollout = None
+            raise
         self._journal.wake(rollout.id)
         self._run(rollout)
 
     async def resume(self) -> None:
-        """At start: carry on with a rollout the last stop left running."""
+        """At start: carry on with a rollout the last stop left running. Its nodes
+        reconnect meanwhile: each step waits for its node a little (READY_GRACE_S)."""
         for rollout in await self._store.rollouts(running=True):
-            if self.running is None:
+            if self._rollout is None:
                 log.info("rollout.resumed", rollout=rollout.id)
                 await self._journal.record(rollout.id, "resumed")
-                self._run(rollout)
+                self._run(rollout, resumed=True)
 
-    def _run(self, rollout: Rollout) -> None:
+    def _run(self, rollout: Rollout, *, resumed: bool = False) -> None:
         self._rollout = rollout
-        self._task = asyncio.create_task(self._drive(rollout), name=f"rollout-{rollout.id}")
+        self._task = asyncio.create_task(
+            self._drive(rollout, resumed), name=f"rollout-{rollout.id}"
+        )
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # a store that failed, say: the record stays running, the next start resumes it
+            log.error(
+                "rollout.crashed", rollout=self._rollout and self._rollout.id, error=repr(exc)
+            )
+        self._rollout = None
 
     async def stop(self) -> None:
         """Leave the rollout where it is (the next start resumes it)."""
@@ -91,13 +118,12 @@ class Rollouts:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def _drive(self, rollout: Rollout) -> None:
+    async def _drive(self, rollout: Rollout, resumed: bool) -> None:
         log.info("rollout.started", rollout=rollout.id, version=rollout.version)
         for step in rollout.steps:
-            if step.status in STEP_ENDS:
-                continue
-            await self._step(rollout, step)
-            if step.status == "failed":
+            if step.status not in STEP_ENDS:
+                await self._step(rollout, step, resumed)
+            if step.status == "failed":  # also one that failed just before a stop
                 rollout.state = RolloutState.FAILED
                 rollout.error = f"{step.name}: {step.detail}"
                 break
@@ -111,8 +137,8 @@ class Rollouts:
             "rollout.finished", rollout=rollout.id, state=rollout.state.value, **rollout.counts()
         )
 
-    async def _step(self, rollout: Rollout, step: NodeStep) -> None:
-        node = self._hub.node(step.node_id)
+    async def _step(self, rollout: Rollout, step: NodeStep, resumed: bool) -> None:
+        node = await self._ready(step)
         skip = _why_skip(node, rollout.version) if step.status == "waiting" else None
         if skip is not None:
             await self._end(rollout, step, "skipped", skip)
@@ -126,8 +152,25 @@ class Rollouts:
             await self._save_step(rollout, step)
         started = step.started_at or time.time()
         left = started + rollout.node_timeout - time.time()
+        if resumed:  # the leader's own time away does not count against the node
+            left = max(left, READY_GRACE_S + ORDER_MARGIN_S)
         status, detail = await self._order_and_wait(rollout, step, left)
         await self._end(rollout, step, status, detail)
+
+    async def _ready(self, step: NodeStep) -> NodeRecord | None:
+        """The node once it is linked and has said what it runs (its Hello), waiting for
+        that up to READY_GRACE_S; None if it stays away (or silent)."""
+        heard: asyncio.Queue[wire.Hello | wire.UpgradeStatus] = asyncio.Queue()
+        self._waiting[step.node_id] = heard
+        try:
+            async with asyncio.timeout(READY_GRACE_S):
+                while not self._hub.introduced(step.node_id):
+                    await heard.get()
+        except TimeoutError:
+            pass
+        finally:
+            self._waiting.pop(step.node_id, None)
+        return self._hub.node(step.node_id) if self._hub.introduced(step.node_id) else None
 
     async def _order_and_wait(
         self, rollout: Rollout, step: NodeStep, seconds: float
@@ -136,12 +179,14 @@ class Rollouts:
         once it is back with the release, else skipped or failed, and why."""
         heard: asyncio.Queue[wire.Hello | wire.UpgradeStatus] = asyncio.Queue()
         self._waiting[step.node_id] = heard
+        deadline = time.monotonic() + max(seconds, 0.0)
         try:
-            self._order(rollout, step)
+            self._order(rollout, step, deadline)
             async with asyncio.timeout(max(seconds, 0.0)):
-                while (outcome := await self._outcome(rollout, step, await heard.get())) is None:
-                    pass
-                return outcome
+                while True:
+                    outcome = await self._outcome(rollout, step, await heard.get(), deadline)
+                    if outcome is not None:
+                        return outcome
         except TimeoutError:
             return "failed", (
                 f"not back with {rollout.version} within {rollout.node_timeout:.0f} s "
@@ -151,16 +196,21 @@ class Rollouts:
             self._waiting.pop(step.node_id, None)
 
     async def _outcome(
-        self, rollout: Rollout, step: NodeStep, message: wire.Hello | wire.UpgradeStatus
+        self,
+        rollout: Rollout,
+        step: NodeStep,
+        message: wire.Hello | wire.UpgradeStatus,
+        deadline: float,
     ) -> tuple[StepStatus, str] | None:
         """What one message from the node means for its step; None: not the end yet."""
         if isinstance(message, wire.Hello):
             node = self._hub.node(step.node_id)
             if node is not None and _is_back(node, rollout.version):
                 return "upgraded", f"back on {rollout.version}"
-            # Back without it: it was offline when ordered, or restarted mid-upgrade (a
-            # leader's restart cuts its downloads). Ordered again: an order twice is harmless.
-            self._order(rollout, step)
+            if message.agent_version != rollout.version:
+                # Back without it: offline when ordered, or restarted mid-upgrade (a
+                # leader's restart cuts its downloads). Ordered again: harmless twice.
+                self._order(rollout, step, deadline)
             return None
         if message.upgrade != rollout.id:
             return None
@@ -173,12 +223,16 @@ class Rollouts:
         )
         return None
 
-    def _order(self, rollout: Rollout, step: NodeStep) -> None:
+    def _order(self, rollout: Rollout, step: NodeStep, deadline: float) -> None:
+        """Order the node's upgrade, to be installed in time for its restart to fit in
+        what is left of its timeout (the worker stops trying past that)."""
+        within = max(deadline - time.monotonic() - ORDER_MARGIN_S, ORDER_MARGIN_S)
         order = wire.UpgradeOrder(
             upgrade=rollout.id,
             version=rollout.version,
             wheel=rollout.wheel,
             dependencies=rollout.dependencies,
+            within_s=round(within, 1),
         )
         if not self._hub.send_to(step.node_id, order):
             log.info("rollout.node_not_linked", rollout=rollout.id, node=step.name)
