@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -70,14 +71,18 @@ class BuildServerConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only
     def check_files(self) -> None:
         """The files it names are there: checked by the leader at start and by
         check-config, not by every reader of the config (the command line needs none)."""
+        problems = []
         for key in ("known_hosts", "identity_file"):
             path = getattr(self, key)
             try:
                 found = path is None or Path(path).is_file()
             except OSError as exc:  # a directory this user may not search
-                raise ConfigError(f"leader.build_server.{key}: {path}: {exc.strerror}") from None
+                problems.append(f"leader.build_server.{key}: {path}: {exc.strerror}")
+                continue
             if not found:
-                raise ConfigError(f"leader.build_server.{key}: {path} is not a file")
+                problems.append(f"leader.build_server.{key}: {path} is not a file")
+        if problems:
+            raise ConfigErrors(problems)
 
 
 class LeaderConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -111,16 +116,19 @@ class LeaderConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True
     stage_timeouts: StageTimeouts = msgspec.field(default_factory=StageTimeouts)
 
     def __post_init__(self) -> None:
+        problems = []
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("listen must be HOST:PORT, for example 0.0.0.0:7443")
+            problems.append("listen must be HOST:PORT, for example 0.0.0.0:7443")
         if len(self.api_token) < 16:
-            raise ValueError("api_token must be at least 16 characters")
+            problems.append("api_token must be at least 16 characters")
         if self.stage_timeouts.pushing <= self.push_retry_budget:
-            raise ValueError("stage_timeouts.pushing must exceed push_retry_budget")
+            problems.append("stage_timeouts.pushing must exceed push_retry_budget")
         urls = [hook.url for hook in self.webhooks]
         if len(set(urls)) < len(urls):  # each event would go twice, signed with one secret
-            raise ValueError("webhooks lists one url twice: give each receiver once")
+            problems.append("webhooks lists one url twice: give each receiver once")
+        if problems:  # all of them, a line each: the loader reports each under its table
+            raise ValueError("\n".join(problems))
 
     @property
     def host(self) -> str:
@@ -230,20 +238,95 @@ def parse_config(
     needed: frozenset[str] | None = None,
     unset_env: list[str] | None = None,
 ) -> Config:
+    """Validate `raw` into a Config; every problem found is reported at once, each
+    starting with its key (ConfigErrors, whose message lists them a line each)."""
+    problems = _resolve_secrets(raw, needed, unset_env)
+    problems += problems_of(raw, Config, "")
+    if problems:
+        raise ConfigErrors(problems)
+    return msgspec.convert(raw, Config)
+
+
+class ConfigErrors(ConfigError):
+    """One or more problems in a config, each naming its key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = tuple(problems)
+
+
+def _resolve_secrets(
+    raw: dict[str, Any], needed: frozenset[str] | None, unset_env: list[str] | None
+) -> list[str]:
+    """Put each secret in place of its `_file` or `_env` key; the problems found."""
+    places: list[tuple[dict[str, Any], str, str]] = []
     for table, keys in _SECRET_KEYS.items():
-        section = raw.get(table)
-        if isinstance(section, dict):
-            for key in keys:
-                _resolve_secret(section, key, f"{table}.{key}", needed, unset_env)
+        if isinstance(section := raw.get(table), dict):
+            places += [(section, key, f"{table}.{key}") for key in keys]
     hooks = raw.get("leader", {}).get("webhooks") if isinstance(raw.get("leader"), dict) else None
     for index, hook in enumerate(hooks if isinstance(hooks, list) else []):
         if isinstance(hook, dict):
-            name = f"leader.webhooks[{index}].secret"
-            _resolve_secret(hook, "secret", name, needed, unset_env)
+            places.append((hook, "secret", f"leader.webhooks[{index}].secret"))
+    problems = []
+    for section, key, name in places:
+        try:
+            _resolve_secret(section, key, name, needed, unset_env)
+        except ConfigError as exc:
+            problems.append(exc.message)
+            section[key] = UNREAD_SECRET  # told once: not "missing" again below
+    return problems
+
+
+def problems_of(value: object, kind: Any, key: str) -> list[str]:
+    """What is wrong with `value` as a `kind`, at `key`: msgspec stops at a struct's
+    first error, so each table is checked key by key, its nested tables in turn, and
+    its own checks (__post_init__) run once its keys are each valid."""
+    struct = _struct_in(kind, value)
+    if struct is not None:
+        assert isinstance(value, dict)
+        return _table_problems(value, struct, key)
+    if _is_table_list(kind) and isinstance(value, list):
+        (item,) = {arg for arg in typing.get_args(kind) if arg is not Ellipsis}
+        return [p for i, entry in enumerate(value) for p in problems_of(entry, item, f"{key}[{i}]")]
     try:
-        return msgspec.convert(raw, Config)
+        msgspec.convert(value, kind)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        return [_describe(exc, key)]
+    return []
+
+
+def _table_problems(table: dict[str, Any], struct: type[msgspec.Struct], key: str) -> list[str]:
+    fields = {f.encode_name: f for f in msgspec.structs.fields(struct)}
+    where = key or "(top level)"
+    problems = [f"{where}: Object contains unknown field `{k}`" for k in table if k not in fields]
+    for name, info in fields.items():
+        if name in table:
+            problems += problems_of(table[name], info.type, f"{key}.{name}" if key else name)
+        elif info.required:
+            problems.append(f"{where}: Object missing required field `{name}`")
+    if problems:
+        return problems
+    try:
+        msgspec.convert(table, struct)
+    except msgspec.ValidationError as exc:
+        where, _, said = _describe(exc, key).partition(": ")
+        return [f"{where}: {line}" for line in said.splitlines()]
+    return []
+
+
+def _struct_in(kind: Any, value: object) -> type[msgspec.Struct] | None:
+    """The table type that `kind` (a struct, or a struct or None) gives a dict `value`."""
+    if not isinstance(value, dict):
+        return None
+    for candidate in (kind, *typing.get_args(kind)):
+        if isinstance(candidate, type) and issubclass(candidate, msgspec.Struct):
+            return candidate
+    return None
+
+
+def _is_table_list(kind: Any) -> bool:
+    """Whether `kind` is a tuple of tables (`tuple[WebhookConfig, ...]`)."""
+    return typing.get_origin(kind) is tuple and _struct_in(typing.get_args(kind)[0], {}) is not None
 
 
 def _resolve_secret(
@@ -303,11 +386,11 @@ def _read_secret_env(var: object, name: str) -> str:
     return value
 
 
-def _describe(exc: msgspec.ValidationError) -> str:
-    """Turn msgspec's `… - at `$.leader.port`` into `leader.port: …`."""
-    text = str(exc)
-    message, sep, where = text.rpartition(" - at `")
+def _describe(exc: msgspec.ValidationError, key: str) -> str:
+    """Turn msgspec's `… - at `$.port`` about the value at `key` into `key.port: …`."""
+    message, sep, where = str(exc).rpartition(" - at `")
     if not sep:
-        return f"config: {text}"
-    key = where.rstrip("`").removeprefix("$").lstrip(".") or "(top level)"
-    return f"{key}: {message}"
+        message, where = str(exc), ""
+    inner = where.rstrip("`").removeprefix("$")
+    full = f"{key}{inner}" if key else inner.lstrip(".")
+    return f"{full or '(top level)'}: {message}"

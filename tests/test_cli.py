@@ -69,6 +69,16 @@ async def test_version_and_check_config(tmp_path: Path) -> None:
     code, _, err = await _cli(None, "check-config", "-c", str(bad))
     assert code == 2
     assert "leader.max_parallel_builds" in err
+    worse = tmp_path / "worse.toml"
+    worse.write_text(bad.read_text() + 'keep_images = "many"\n[engine]\ntimeout = 0\n')
+    code, _, err = await _cli(None, "check-config", "-c", str(worse))
+    assert code == 2
+    problems = [line for line in err.splitlines() if line.startswith("deploy-agent: config error:")]
+    assert [p.split(": ")[2] for p in problems] == [
+        "engine.timeout",
+        "leader.max_parallel_builds",
+        "leader.keep_images",
+    ], err
 
 
 async def test_check_config_notes_a_secret_set_only_in_the_services_environment(

@@ -49,6 +49,51 @@ def test_errors_name_the_key(leader: dict[str, Any], key: str) -> None:
     assert caught.value.message.startswith(key + ":"), caught.value.message
 
 
+def test_every_problem_is_reported_at_once_each_naming_its_key() -> None:
+    """A config with a mistake in several tables, several in one table and a secret that
+    cannot be read gets them all in one error, one line each, each starting with its key."""
+    raw = {
+        "role": "leader",
+        "log": {"level": "loud"},
+        "engine": {"timeout": -1},
+        "leader": {
+            "api_token_env": "DEPLOY_AGENT_TEST_NO_SUCH_VARIABLE",
+            "max_parallel_builds": "two",
+            "keep_images": 0,
+            "colour": "red",
+            "stage_timeouts": {"pushing": -1, "brewing": 1},
+            "webhooks": [{"url": "ftp://cp.test/h", "secret": "s" * 16}],
+        },
+        "registry": {"server": "r.test", "username": "u", "password": "p", "namespace": 7},
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw)
+    keys = [line.split(": ", 1)[0] for line in caught.value.message.splitlines()]
+    assert sorted(keys) == sorted(
+        [
+            "leader.api_token_env",
+            "log.level",
+            "engine.timeout",
+            "leader",  # the unknown key `colour`
+            "leader.max_parallel_builds",
+            "leader.keep_images",
+            "leader.stage_timeouts",  # the unknown key `brewing`
+            "leader.stage_timeouts.pushing",
+            "leader.webhooks[0].url",
+            "registry.namespace",
+        ]
+    ), caught.value.message
+    assert "`colour`" in caught.value.message and "`brewing`" in caught.value.message
+
+
+def test_a_tables_own_checks_are_all_reported() -> None:
+    """Checks across a table's keys (listen, api_token length) are each reported too."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(_raw(listen="nohost", api_token="short"))
+    lines = caught.value.message.splitlines()
+    assert len(lines) == 2 and all(line.startswith("leader: ") for line in lines), lines
+
+
 @pytest.mark.parametrize("port", ["99999", "0"])
 def test_a_build_server_port_out_of_range_is_a_config_error(port: str, tmp_path: Path) -> None:
     """Found when the config loads, not at the first build (port 0 became 22 before)."""

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     except ConfigError as exc:
-        print(f"deploy-agent: config error: {exc.message}", file=sys.stderr)
+        for problem in exc.message.splitlines():  # each problem found, a line each
+            print(f"deploy-agent: config error: {problem}", file=sys.stderr)
         raise SystemExit(2) from None
     except InputError as exc:
         print(f"deploy-agent: {exc}", file=sys.stderr)
