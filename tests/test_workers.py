@@ -147,6 +147,8 @@ async def test_revoked_node_is_disconnected_and_refused(
 
     assert status == 200
     assert await asyncio.to_thread(w1.wait_exit, 20) == 3
+    assert "the leader revoked this node" in w1.log_text()  # told by the 4403 close itself
+    assert "link.reconnect" not in w1.log_text()
     assert "w1" not in await leader.api.nodes()
     w1.start()
     assert await asyncio.to_thread(w1.wait_exit, 20) == 3

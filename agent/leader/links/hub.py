@@ -68,7 +68,8 @@ class Link:
     request: web.Request
     protocol: int = wire.PROTOCOL_VERSION  # the one the worker announced: it is spoken to in it
     queue: asyncio.Queue[Outgoing] = field(default_factory=lambda: asyncio.Queue(SEND_QUEUE))
-    closer: asyncio.Task[bool] | None = None
+    closing: tuple[int, str] | None = None  # the close code and reason, once kicked
+    _stalled: asyncio.TimerHandle | None = None  # cuts a kicked link that does not close
 
     introduced: bool = False  # its worker has said what it runs (Hello) on this link
     busy: bool = False  # the link's task is dealing with a message
@@ -89,7 +90,7 @@ class Link:
             self.send(framed)
 
     def send(self, message: Outgoing) -> None:
-        if self.closer is not None or self.ws.closed:
+        if self.closing is not None or self.ws.closed:
             return  # closing: a data frame may not follow the close frame
         if not self.sending and self.queue.empty() and self._writable():
             self._write_now(message)
@@ -125,7 +126,7 @@ class Link:
         """Send what was queued, one message at a time, each within SEND_DEADLINE."""
         while True:
             message = await self.queue.get()
-            if self.closer is not None:
+            if self.closing is not None:
                 return  # closing: a data frame may not follow the close frame
             self.sending = True
             try:
@@ -156,29 +157,37 @@ class Link:
         _drop_tracebacks(self.ws.exception())
 
     def kick(self, code: int, reason: str) -> None:
-        """Close with `code`; a worker that has not finished the close handshake within
-        CLOSE_DEADLINE (it stopped reading, say) is cut off."""
-        if self.closer is None:
-            self.closer = asyncio.create_task(self.ws.close(code=code, message=reason.encode()))
-            deadline = asyncio.get_running_loop().call_later(CLOSE_DEADLINE, self._close_stalled)
-            self.closer.add_done_callback(lambda _: deadline.cancel())
+        """Close with `code`. The link's own task sends the close frame once its read
+        loop has ended (see `finish`): the worker then gets the close frame with its code
+        and answers it before the connection ends. A link not closed within
+        CLOSE_DEADLINE (its worker stopped reading, say) is cut off."""
+        if self.closing is not None or self.ws.closed:
+            return
+        self.closing = (code, reason)
+        self.ws.end_reading()
+        self._stalled = asyncio.get_running_loop().call_later(CLOSE_DEADLINE, self._close_stalled)
 
     def _close_stalled(self) -> None:
         log.info("link.close_stalled", node=self.node.name, deadline_s=CLOSE_DEADLINE)
         self.drop()
 
     async def finish(self) -> None:
-        """Wait briefly for a close handshake under way; cut the connection if it stalls."""
-        if self.closer is None:
+        """Once the read loop has ended: close a kicked link, and wait for the worker's
+        answering close under the deadline; cut the connection if it stalls."""
+        if self.closing is None:
             return
+        code, reason = self.closing
         try:
             async with asyncio.timeout(CLOSE_DEADLINE):
-                await self.closer
+                await self.ws.close(code=code, message=reason.encode())
         except TimeoutError:
             log.info("link.close_stalled", node=self.node.name, deadline_s=CLOSE_DEADLINE)
             self.drop()
         except (ConnectionError, RuntimeError) as exc:
             log.info("link.close_failed", node=self.node.name, error=repr(exc))
+        finally:
+            if self._stalled is not None:
+                self._stalled.cancel()
 
 
 def _drop_tracebacks(exc: BaseException | None) -> None:

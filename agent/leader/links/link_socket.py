@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import WSMsgType, web
 from aiohttp._websocket.reader import WebSocketDataQueue
 from aiohttp.helpers import DEFAULT_CHUNK_SIZE
-from aiohttp.http import WebSocketReader
+from aiohttp.http import WS_CLOSED_MESSAGE, WebSocketReader
 
 if TYPE_CHECKING:
     from aiohttp.web_request import BaseRequest
@@ -34,6 +34,12 @@ class TakingQueue(WebSocketDataQueue):
     nothing is queued ahead of it (so messages are still dealt with in order)."""
 
     taker: TextTaker | None = None
+
+    def end_reading(self) -> None:
+        """Queue, behind what is queued, a message that ends the reader's `async for`
+        without marking the socket as closing (see LinkSocket.end_reading)."""
+        self.taker = None
+        super().feed_data(WS_CLOSED_MESSAGE, 0)
 
     def feed_data(self, data: Any, size: int) -> None:
         taker = self.taker
@@ -60,6 +66,18 @@ class LinkSocket(web.WebSocketResponse):
     _clock: Callable[[], float] = staticmethod(lambda: 0.0)
     _heard: Heard | None = None  # when the peer last sent anything
     _pinged_at = 0.0
+
+    def end_reading(self) -> None:
+        """End the read loop (`async for` over this socket) once it has dealt with what
+        came before, so that its own task can then close the link.
+
+        aiohttp's close(), called while another task waits in receive(), marks the socket
+        as closing and cuts the connection right after its close frame, without waiting
+        for the peer's answering close: the peer, whose answer then cannot be written,
+        sees code 1006 (connection lost) in place of the one sent. Called from the task
+        that reads, close() waits for that answer as RFC 6455 has it."""
+        assert self._taking is not None, "end_reading before prepare"
+        self._taking.end_reading()
 
     def take_text(self, taker: TextTaker | None) -> None:
         """Offer every text message to `taker` from now on (None: stop offering)."""
