@@ -34,45 +34,14 @@ from tests.support.cluster import start_cluster
 from tests.support.contexts import busybox_context
 from tests.support.dockerd import Dockerd
 from tests.support.leader import LeaderProcess
+from tests.support.load import FINAL, submit, wait_all_final
+from tests.support.load import status_kib as rss_kib
 from tests.support.registry import Registry
 from tests.support.worker import WorkerProcess
 
 LOAD = int(os.environ.get("DEPLOY_AGENT_LOAD", "200"))
 APPS = [f"load{i}" for i in range(8)]
-FINAL = {"succeeded", "failed", "cancelled"}
 TRIM_INTERVAL_S = 2.0
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
-async def _submit(api: Api, app: str, body: bytes) -> str:
-    status, doc = await api.request(
-        "POST",
-        "/v1/deployments",
-        params={"app": app},
-        data=body,
-        headers={"Content-Type": "application/gzip"},
-    )
-    assert status == 202, doc
-    return str(doc["id"])
-
-
-async def _wait_all_final(api: Api, ids: set[str], timeout: float) -> dict[str, Any]:
-    """Poll each app's list until every id in `ids` is final; those deployments."""
-    async with asyncio.timeout(timeout):
-        while True:
-            found: dict[str, Any] = {}
-            for app in APPS:
-                _, doc = await api.request("GET", f"/v1/deployments?app={app}&limit=1000")
-                found |= {d["id"]: d for d in doc["deployments"] if d["id"] in ids}
-            if found.keys() == ids and {d["state"] for d in found.values()} <= FINAL:
-                return found
-            await asyncio.sleep(1)
 
 
 def _stage_means(deployments: list[dict[str, Any]]) -> str:
@@ -149,15 +118,15 @@ async def test_many_deployments_at_once_all_finish_and_memory_returns(
     api = leader.api
     baseline = rss_kib(leader.proc.pid)
     await _burst_of_refused_uploads(api, bodies[APPS[0]])
-    warm = {await _submit(api, app, body) for app, body in bodies.items()}
-    await _wait_all_final(api, warm, 120)
+    warm = {await submit(api, app, body) for app, body in bodies.items()}
+    await wait_all_final(api, APPS, warm, 120)
     before = await _settled_rss(leader.proc.pid, api)
 
     started = time.monotonic()
     ids = await asyncio.gather(
-        *(_submit(api, APPS[i % len(APPS)], bodies[APPS[i % len(APPS)]]) for i in range(LOAD))
+        *(submit(api, APPS[i % len(APPS)], bodies[APPS[i % len(APPS)]]) for i in range(LOAD))
     )
-    done = await _wait_all_final(api, set(ids), 120 + LOAD)
+    done = await wait_all_final(api, APPS, set(ids), 120 + LOAD)
     elapsed = time.monotonic() - started
     limit = asyncio.Semaphore(16)
     finals = await asyncio.gather(*(_final_events(api, dep_id, limit) for dep_id in ids))

@@ -100,6 +100,7 @@ def _idempotency(key: str | None) -> dict[str, str]:
 _FORMATS = {
     "state": "==> {state}",
     "push.retry": "    push retry {attempt} in {wait_s} s: {error}",
+    "build.retry": "    build again: {error}",
 }
 
 

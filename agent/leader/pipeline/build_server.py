@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 from agent.config import BuildServerConfig
 from agent.engine import Builder, Engine, EngineFacts
 from agent.errors import EngineError, SshError, SshRefused
+from agent.leader.pipeline.build_gate import BuildGate
 from agent.logs import get_logger
 from agent.retention import prune_build_cache
 from agent.ssh_target import SshTarget
@@ -76,16 +78,24 @@ class Builders:
         self.last_choice: BuilderChoice | None = None
         self._builds = 0
         self._no_new_builds = asyncio.Lock()  # held by a build cache prune while it runs
+        self._gate = BuildGate()  # no image removed on the building engine during a build
 
     @contextlib.asynccontextmanager
     async def building(self) -> AsyncIterator[None]:
-        """Marks a build under way (one waits for a build cache prune to end first)."""
+        """Marks a build under way (one waits for a build cache prune to end first), and
+        holds the building engine's gate: no image goes there meanwhile."""
         async with self._no_new_builds:
             self._builds += 1
         try:
-            yield
+            async with self._gate.build():
+                yield
         finally:
             self._builds -= 1
+
+    def pruning(self, *, local: bool) -> AbstractAsyncContextManager[None]:
+        """Hold builds off an engine while images are removed there: the leader's own
+        (`local`) or the build server's. One that does not build needs no holding."""
+        return self._gate.prune() if local != self.remote else contextlib.nullcontext()
 
     async def prune_build_cache(self, keep_bytes: int) -> int | None:
         """Prune the build engine's build cache down to `keep_bytes`, if no build runs

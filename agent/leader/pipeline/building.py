@@ -39,6 +39,8 @@ NETWORK_HINT = (
     "the build engine has no default bridge network (dockerd --bridge=none): set "
     'leader.build_network = "host", or give the engine its bridge'
 )
+# What the engine says when an image a build is using was removed meanwhile.
+IMAGE_VANISHED = "unable to find image"
 # A pull of the previous image, for its cache, may take this long; then the build goes on
 # without it.
 CACHE_PULL_S = 300.0
@@ -63,7 +65,7 @@ async def build(ctx: LeaderContext, dep: Deployment) -> None:
             await _adapt(context, dep, drop_link=drop_link)
             await _record_start(ctx, dep, choice, spec)
             try:
-                dep.image_id = await engine.build(context, spec, _BuildEvents(ctx, dep))
+                dep.image_id = await _again_if_an_image_vanished(ctx, dep, engine, context, spec)
             except BuildError as exc:
                 raise _build_failure(exc, spec.platform, archs) from None
             built = await engine.image_platform(spec.tag)
@@ -73,6 +75,21 @@ async def build(ctx: LeaderContext, dep: Deployment) -> None:
         raise BuildFailed(exc.message, [], BUILD_SERVER_HINT) from None
     dep.platform = str(built) if built else None
     platforms.check_image(dep.platform, archs)
+
+
+async def _again_if_an_image_vanished(
+    ctx: LeaderContext, dep: Deployment, engine: Engine, context: Path, spec: BuildSpec
+) -> str:
+    """Build; once more if an image the build used was removed under it. Retention waits
+    for builds (build_gate.py), but an operator's `docker image prune` does not."""
+    try:
+        return await engine.build(context, spec, _BuildEvents(ctx, dep))
+    except BuildError as exc:
+        if IMAGE_VANISHED not in exc.message:
+            raise
+        log.warning("build.retry", deployment=dep.id, error=exc.message)
+        await ctx.journal.record(dep.id, "build.retry", error=exc.message)
+    return await engine.build(context, spec, _BuildEvents(ctx, dep))
 
 
 async def _prepare_context(ctx: LeaderContext, dep: Deployment) -> Path:

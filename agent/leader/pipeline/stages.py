@@ -215,11 +215,13 @@ async def retain(ctx: LeaderContext, dep: Deployment) -> None:
     """Once a deployment has succeeded, the app's images beyond the newest
     `keep_images` go, here, on the build server and on every connected worker (unless
     something still uses one). Each engine's outcome is a `retention` event, recorded
-    after the deployment's final state."""
+    after the deployment's final state. On the engine that builds, removals wait until
+    no build runs there (build_gate.py): a build may use any image as a cache candidate."""
     keep = ctx.config.keep_images
     ctx.hub.broadcast(wire.Retain(app=dep.app, keep=keep))
     try:
-        removed = await prune_app_images(ctx.engine, dep.app, keep)
+        async with ctx.builders.pruning(local=True):
+            removed = await prune_app_images(ctx.engine, dep.app, keep)
         await ctx.journal.record(dep.id, "retention", removed=len(removed), kept=keep)
     except EngineError as exc:
         log.warning("retention.failed", app=dep.app, error=exc.message)
@@ -254,7 +256,11 @@ async def _retain_on_build_server(ctx: LeaderContext, dep: Deployment, keep: int
     """Every build leaves its image on the build server: without this, they pile up
     there until its disk is full. Best effort: the deployment has succeeded."""
     try:
-        async with asyncio.timeout(BUILD_SERVER_RETAIN_S), ctx.builders.engine() as engine:
+        async with (
+            ctx.builders.pruning(local=False),
+            asyncio.timeout(BUILD_SERVER_RETAIN_S),
+            ctx.builders.engine() as engine,
+        ):
             removed = await prune_app_images(engine, dep.app, keep)
     except TimeoutError:
         log.warning("retention.build_server_failed", app=dep.app, error="took too long")
