@@ -22,6 +22,7 @@ from tests.support.contexts import busybox_context, run_step
 from tests.support.dockerd import Dockerd
 from tests.support.git_http import git_http
 from tests.support.leader import InProcessLeader
+from tests.support.store_files import files_holding
 
 
 async def test_two_deployments_of_one_app_run_in_submission_order(
@@ -330,3 +331,4 @@ async def test_a_git_token_in_the_url_reaches_git_alone(
         assert server.served > 0
         assert final["source"]["url"] == f"http://***@{host}/repo"
         assert GIT_TOKEN not in json.dumps([dep, final, events]) + repr(logs)
+        assert files_holding(Path(leader.config.state_dir) / "leader.db", GIT_TOKEN) == []

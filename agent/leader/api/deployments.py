@@ -7,6 +7,7 @@ import hashlib
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 from aiohttp import web
@@ -34,7 +35,7 @@ from agent.leader.state.models import (
     new_deployment_id,
 )
 from agent.leader.state.store import IdempotencyConflict
-from agent.urls import redact_url
+from agent.urls import redact_url, without_userinfo
 
 routes = web.RouteTableDef()
 TAR_TYPES = frozenset(
@@ -233,11 +234,36 @@ async def _create(
         if req.git is not None:
             validate_git_url(req.git.url, ctx.config.git_allowed_schemes)
         dep = await _new_deployment(ctx, req)
-        return await ctx.store.create(dep, None if key is None else (key, fingerprint))
+        return await _stored(ctx, dep, req, None if key is None else (key, fingerprint))
     except IdempotencyConflict:
         raise RequestError(
             422, "invalid_request", "this Idempotency-Key was used for a different request"
         ) from None
+
+
+async def _stored(
+    ctx: LeaderContext, dep: Deployment, req: DeploymentRequest, key: tuple[str, str] | None
+) -> tuple[Deployment, bool]:
+    """Store the new deployment; its git credentials, if any, stay in memory for its
+    clone (kept before the record exists, so the scheduler never finds it without)."""
+    if dep.git_credentials and req.git is not None:
+        ctx.git_credentials.keep(dep.id, req.git.url)
+    try:
+        made, created = await ctx.store.create(dep, key)
+    except BaseException:
+        ctx.git_credentials.forget(dep.id)
+        raise
+    if not created:  # an earlier request's deployment: this one was never made
+        ctx.git_credentials.forget(dep.id)
+    return made, created
+
+
+def _without_git_credentials(req: DeploymentRequest) -> DeploymentRequest:
+    """The request as it is stored: its git URL without user name and password."""
+    if req.git is None:
+        return req
+    git = msgspec.structs.replace(req.git, url=without_userinfo(req.git.url))
+    return msgspec.structs.replace(req, git=git)
 
 
 async def _new_deployment(ctx: LeaderContext, req: DeploymentRequest) -> Deployment:
@@ -262,8 +288,9 @@ async def _new_deployment(ctx: LeaderContext, req: DeploymentRequest) -> Deploym
         id=dep_id,
         app=req.app,
         mode=decision.mode,
-        request=req,
+        request=_without_git_credentials(req),
         source="git" if req.git else "upload",
+        git_credentials=req.git is not None and without_userinfo(req.git.url) != req.git.url,
         created_at=now,
         updated_at=now,
         repository=repository,
@@ -321,14 +348,23 @@ async def cancel(request: web.Request) -> web.Response:
     return web.json_response(render(dep))
 
 
+def _source(dep: Deployment) -> dict[str, Any]:
+    git = dep.request.git
+    if git is None:
+        return {"type": "upload"}
+    url = redact_url(git.url)
+    if dep.git_credentials:  # stored without them: shown masked, as they were given
+        parts = urlsplit(url)
+        url = urlunsplit(parts._replace(netloc=f"***@{parts.netloc}"))
+    return {"type": "git", "url": url, "ref": git.ref}
+
+
 def render(dep: Deployment) -> dict[str, Any]:
     """The API's view of a deployment: no secret, the source URL without its password."""
     doc: dict[str, Any] = msgspec.to_builtins(dep)
     req = doc.pop("request")
-    git = dep.request.git
-    doc["source"] = (
-        {"type": "git", "url": redact_url(git.url), "ref": git.ref} if git else {"type": "upload"}
-    )
+    doc["source"] = _source(dep)
+    del doc["git_credentials"]
     doc["dockerfile"] = req["dockerfile"]
     doc["target"] = req.get("target")
     doc["services"] = [svc["name"] for svc in req["services"]]

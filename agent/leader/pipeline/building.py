@@ -96,9 +96,10 @@ async def _prepare_context(ctx: LeaderContext, dep: Deployment) -> Path:
     path = ctx.context_path(dep.id)
     git = dep.request.git
     if git is not None:
+        url = _git_url(ctx, dep, git.url)
         await ctx.journal.record(dep.id, "source", url=redact_url(git.url), ref=git.ref)
         commit = await clone_to_context(
-            git.url,
+            url,
             git.ref,
             path,
             deadline=ctx.config.git_timeout,
@@ -119,6 +120,22 @@ async def _prepare_context(ctx: LeaderContext, dep: Deployment) -> Path:
             hint="submit the deployment again",
         )
     return path
+
+
+def _git_url(ctx: LeaderContext, dep: Deployment, stored: str) -> str:
+    """The URL to clone: with the credentials it was given with, which the leader kept
+    in memory for this clone only; gone after a restart."""
+    if not dep.git_credentials:
+        return stored
+    url = ctx.git_credentials.take(dep.id)
+    if url is None:
+        raise DeploymentError(
+            "source_unavailable",
+            "the git credentials of this deployment were kept in memory only, and the "
+            "leader restarted before its clone",
+            hint="submit the deployment again with its credentials",
+        )
+    return url
 
 
 async def _worker_archs(ctx: LeaderContext, dep: Deployment) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.config import LeaderConfig
@@ -10,6 +10,7 @@ from agent.engine import Engine
 from agent.leader.links.hub import Hub
 from agent.leader.metrics import LeaderMetrics
 from agent.leader.pipeline.build_server import Builders
+from agent.leader.pipeline.sources import GitCredentials
 from agent.leader.registry.credentials import RegistryService
 from agent.leader.state.journal import Journal
 from agent.leader.state.store import Store
@@ -28,6 +29,7 @@ class LeaderContext:
     tls: LeaderTLS | None
     metrics: LeaderMetrics
     builders: Builders
+    git_credentials: GitCredentials = field(default_factory=GitCredentials)
 
     @property
     def contexts_dir(self) -> Path:

@@ -173,6 +173,7 @@ class Runner:
             state=state.value, code=error.code if error else ""
         ).inc()
         log.info("deployment.finished", state=state.value, code=error.code if error else None)
+        self.ctx.git_credentials.forget(self.dep.id)  # a clone that never came
         await asyncio.to_thread(remove_quietly, self.ctx.context_path(self.dep.id))
 
     async def _settle_caught_up(self) -> None:

@@ -37,6 +37,25 @@ esac
 """
 
 
+class GitCredentials:
+    """The git URLs that carry credentials (`https://user:token@host/…`), in memory only,
+    each until its deployment's clone takes it: the store keeps the URL without them,
+    so no file of the leader's ever holds a git password."""
+
+    def __init__(self) -> None:
+        self._urls: dict[str, str] = {}
+
+    def keep(self, dep_id: str, url: str) -> None:
+        self._urls[dep_id] = url
+
+    def take(self, dep_id: str) -> str | None:
+        """The deployment's URL with its credentials, gone from here once taken."""
+        return self._urls.pop(dep_id, None)
+
+    def forget(self, dep_id: str) -> None:
+        self._urls.pop(dep_id, None)
+
+
 async def receive_upload(request: web.Request, dest: Path, limit: int) -> None:
     """Stream the request body to `dest`, refusing it past `limit` bytes (413) or when
     the filesystem would keep less than DISK_RESERVE_BYTES free (507)."""

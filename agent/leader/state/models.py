@@ -134,6 +134,9 @@ class Deployment(msgspec.Struct, kw_only=True):
     credentials_version: int | None = None
     builder: str | None = None  # "buildkit" or "classic", once the build started
     platform: str | None = None  # what the image was built for (os/arch), once built
+    # The git URL was given with credentials: the leader kept them in memory only, and
+    # a clone after a restart cannot have them.
+    git_credentials: bool = False
     image_id: str | None = None
     digest: str | None = None
     stages: dict[str, StageTiming] = msgspec.field(default_factory=dict)

@@ -24,10 +24,12 @@ from agent.credentials import RegistryCredentials
 from agent.leader.state.models import CatchUp, Deployment, NodeInfo, NodeRecord, State
 from agent.leader.state.rollouts import Rollout
 from agent.leader.state.schema import migrate
+from agent.logs import get_logger
 
 T = TypeVar("T")
 PAGE_CACHE_KIB = 256
 IDEMPOTENCY_TTL_S = 24 * 3600.0  # a retried submission arrives well within a day
+log = get_logger(__name__)
 _FINAL = tuple(s.value for s in State if s.final)
 _encoder = msgspec.json.Encoder()
 _decode_deployment = msgspec.json.Decoder(Deployment).decode
@@ -397,7 +399,20 @@ class Store:
                 "(server, username, password, namespace, created_at) VALUES (?, ?, ?, ?, ?)",
                 (*values, time.time()),
             )
-            return int(cursor.lastrowid or 0)
+            version = int(cursor.lastrowid or 0)
+        self._erase_superseded()
+        return version
+
+    def _erase_superseded(self) -> None:
+        """Rid the files of what the last write superseded. secure_delete zeroes the old
+        password's bytes in the page that held it, but the WAL still holds earlier images
+        of that page until a checkpoint copies the newest into the database: TRUNCATE
+        does that and empties the WAL. Only this connection uses the store, so nothing
+        holds the WAL back; should something, the next rotation or stop erases it."""
+        assert self._db is not None
+        busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            log.warning("store.checkpoint_busy", reason="superseded secrets stay in the WAL")
 
     # nodes
 
