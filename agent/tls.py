@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
+import re
 import secrets
 import socket
 import ssl
@@ -29,6 +30,10 @@ from agent.logs import get_logger
 
 log = get_logger(__name__)
 TOKEN_PREFIX = "DAT1"  # noqa: S105 (a format marker, not a secret)
+# A join token: the prefix, the CA's sha256 in hex, and a secret as new_secret() makes
+# them; blanks around it are allowed (the ASCII ones: JSON Schema's \s is not Python's).
+_BLANKS = " \t\r\n"
+JOIN_TOKEN_PATTERN = rf"^[ \t\r\n]*{TOKEN_PREFIX}-[0-9A-Fa-f]{{64}}-[A-Za-z0-9_-]+[ \t\r\n]*$"
 CA_DAYS = 3650
 SERVER_DAYS = 825
 RENEW_BEFORE = datetime.timedelta(days=30)
@@ -288,16 +293,12 @@ def make_join_token(fingerprint: str, secret: str) -> str:
 
 
 def parse_join_token(token: str) -> tuple[str, str]:
-    """Split a join token into (CA fingerprint, secret)."""
-    prefix, _, rest = token.strip().partition("-")
-    fingerprint, _, secret = rest.partition("-")
-    if prefix != TOKEN_PREFIX or len(fingerprint) != 64 or not secret:
+    """Split a join token into (CA fingerprint, secret). Its shape is JOIN_TOKEN_PATTERN,
+    which the API's document states: blanks around it (a copied line) do not count."""
+    if re.fullmatch(JOIN_TOKEN_PATTERN, token) is None:
         raise JoinTokenError(
             "the join token is malformed: expected DAT1-<64 hex digits>-<secret>; "
             "get a new one with `deploy-agent join-token` on the leader"
         )
-    try:
-        int(fingerprint, 16)
-    except ValueError:
-        raise JoinTokenError("the join token's CA fingerprint is not hex") from None
+    _, fingerprint, secret = token.strip(_BLANKS).split("-", 2)
     return fingerprint.lower(), secret

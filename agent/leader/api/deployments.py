@@ -62,6 +62,7 @@ _QUERY_FIELDS = frozenset(
 )
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 MAX_PAIRS = 100
+MAX_LIST_LIMIT = 1000
 
 
 @routes.post("/v1/deployments")
@@ -309,8 +310,10 @@ async def list_deployments(request: web.Request) -> web.Response:
         limit = int(query.get("limit", "50"))
     except ValueError:
         limit = 0
-    if not 1 <= limit <= 1000:
-        raise RequestError(400, "invalid_request", "limit must be a whole number from 1 to 1000")
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise RequestError(
+            400, "invalid_request", f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}"
+        )
     deps = await request.app[CONTEXT].store.list_deployments(query.get("app"), state, limit)
     return web.json_response({"deployments": [render(d) for d in deps]})
 

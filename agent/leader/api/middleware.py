@@ -51,7 +51,9 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         code = _HTTP_CODES.get(exc.status, "invalid_request")
-        return error_body(exc.status, code, exc.reason)
+        # a 405 says which methods the resource has (RFC 9110): aiohttp's Allow header
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_body(exc.status, code, exc.reason, headers=allow)
     except Exception:
         log.exception("api.internal_error", path=request.path, method=request.method)
         return error_body(500, "internal", "the leader failed to handle this request")

@@ -12,13 +12,15 @@ import msgspec
 from aiohttp import web
 
 from agent import __version__
+from agent.leader.api.deployments import MAX_LIST_LIMIT
 from agent.leader.api.nodes import JoinRequest
 from agent.leader.api.registry import CredentialsBody
-from agent.leader.state.models import DeploymentRequest
+from agent.leader.state.models import DeploymentRequest, State
+from agent.tls import JOIN_TOKEN_PATTERN
 
 routes = web.RouteTableDef()
 _REF = "#/components/schemas/{name}"
-_ERRORS = ("400", "401", "404", "409", "413", "415", "422", "507")
+_ERRORS = ("400", "401", "404", "409", "413", "415", "422", "503", "507")
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -52,7 +54,15 @@ _TAR_UPLOAD = {
     "description": "a JSON deployment with a git source, or a tar / tar.gz build context "
     "with the other fields as query parameters",
     "content": {
-        "application/json": {"schema": _ref("DeploymentRequest")},
+        # as JSON, a deployment's source is its git repository: `git` is required
+        "application/json": {
+            "schema": {
+                "allOf": [
+                    _ref("DeploymentRequest"),
+                    {"required": ["git"], "properties": {"git": _ref("GitSource")}},
+                ]
+            }
+        },
         "application/x-tar": {"schema": {"type": "string", "format": "binary"}},
         "application/gzip": {"schema": {"type": "string", "format": "binary"}},
     },
@@ -76,8 +86,12 @@ _UPLOAD_QUERY = [
     )
 ]
 _LIST_QUERY = [
-    {"name": name, "in": "query", "required": False, "schema": {"type": kind}}
-    for name, kind in (("app", "string"), ("state", "string"), ("limit", "integer"))
+    {"name": name, "in": "query", "required": False, "schema": schema}
+    for name, schema in (
+        ("app", {"type": "string"}),
+        ("state", {"enum": [state.value for state in State]}),
+        ("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": 50}),
+    )
 ]
 
 
@@ -231,6 +245,7 @@ def document() -> dict[str, Any]:
     _, components = msgspec.json.schema_components(
         [DeploymentRequest, CredentialsBody, JoinRequest], ref_template=_REF
     )
+    components["JoinRequest"]["properties"]["token"]["pattern"] = JOIN_TOKEN_PATTERN
     components["Deployment"] = _DEPLOYMENT
     components["Error"] = {
         "type": "object",
