@@ -8,7 +8,7 @@ import msgspec
 from aiohttp import web
 
 from agent.credentials import RegistryCredentials
-from agent.errors import RequestError
+from agent.errors import EngineError, RequestError
 from agent.leader.api.keys import CONTEXT
 
 routes = web.RouteTableDef()
@@ -35,7 +35,16 @@ async def put_registry(request: web.Request) -> web.Response:
         password=body.password,
         namespace=body.namespace,
     )
-    stored = await request.app[CONTEXT].registry.set(creds)
+    try:
+        stored = await request.app[CONTEXT].registry.set(creds)
+    except EngineError as exc:  # the engine verifies them: without it, nothing can
+        raise RequestError(
+            503,
+            "engine_unavailable",
+            f"could not verify the credentials: the leader's Docker Engine: {exc.message}",
+            hint="check that the Docker Engine runs and that engine.url names it; "
+            "the previous credentials stay in force",
+        ) from None
     return web.json_response({"registry": stored.public()})
 
 

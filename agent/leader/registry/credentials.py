@@ -13,7 +13,7 @@ import msgspec
 
 from agent.credentials import RegistryCredentials
 from agent.engine import Engine
-from agent.errors import EngineError, RegistryAuthError, RegistryError, RequestError
+from agent.errors import RegistryAuthError, RegistryError, RequestError
 from agent.leader.state.models import Mode
 from agent.leader.state.store import Store
 from agent.logs import get_logger, redactor
@@ -78,14 +78,6 @@ class RegistryService:
                 "registry_unreachable",
                 f"could not verify the credentials with {creds.server}: {exc.message}",
                 hint="check the server address and that the registry answers",
-            ) from None
-        except EngineError as exc:  # the engine verifies them: without it, nothing can
-            raise RequestError(
-                503,
-                "engine_unavailable",
-                f"could not verify the credentials: the leader's Docker Engine: {exc.message}",
-                hint="check that the Docker Engine runs and that engine.url names it; "
-                "the previous credentials stay in force",
             ) from None
         version = await self._store.put_credentials(creds)
         stored = dataclasses.replace(creds, version=version)
