@@ -31,6 +31,7 @@ from schemathesis.schemas import APIOperation
 from agent.config import parse_config
 from agent.leader.api.openapi import document
 from agent.leader.server import Leader
+from tests.support import schemathesis_hooks  # noqa: F401 (registers the tar serializer)
 from tests.support.dockerd import Dockerd
 from tests.support.leader import TOKEN, base_url, leader_config
 
@@ -52,7 +53,6 @@ include-method = "PUT"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422"]
 """
 schema = schemathesis.openapi.from_dict(document())
-schemathesis.serializer.alias(["application/x-tar", "application/gzip"], "application/octet-stream")
 
 
 class ThreadedLeader:
@@ -157,6 +157,11 @@ def test_schemathesis_with_every_check_finds_nothing(
             *("--max-examples", str(CLI_EXAMPLES), "--tls-verify", served.ca, "--seed", "1"),
         ],
         cwd=tmp_path,  # its cache goes there
+        env={
+            **os.environ,
+            "SCHEMATHESIS_HOOKS": "tests.support.schemathesis_hooks",
+            "PYTHONPATH": str(Path(__file__).parent.parent),
+        },
         capture_output=True,
         text=True,
         timeout=60 + 20 * CLI_EXAMPLES,

@@ -33,7 +33,9 @@ def _worker(tmp_path: Path, url: str) -> Worker:
             "worker": {"leader_url": url},
         }
     )
-    return Worker(config)
+    worker = Worker(config)
+    worker._back_on_leader = asyncio.Event()  # what run() sets up before the link loop
+    return worker
 
 
 async def _revoke_idle_node(
