@@ -20,10 +20,16 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts)
 
 
+# Where a URL's user name may be a token (`https://TOKEN@host/…`). Elsewhere (ssh, git)
+# a bare user name is the login a key authenticates, `ssh://git@host/…`: no secret.
+_TOKEN_AS_USER = frozenset({"http", "https"})
+
+
 def without_userinfo(url: str) -> str:
-    """The URL without its credentials."""
+    """The URL without its credentials: a password, or a user name that may be a token."""
     parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
+    user_is_secret = parts.username is not None and parts.scheme in _TOKEN_AS_USER
+    if parts.password is None and not user_is_secret:
         return url
     return urlunsplit(parts._replace(netloc=host_of(parts)))
 

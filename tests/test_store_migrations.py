@@ -28,6 +28,12 @@ from tests.support.registry import Registry
 from tests.support.releases import Installed
 
 TLS = {"plain_http": None}
+GIT_SECRET = "glpat-not-a-real-token-4711"
+
+
+def _store_bytes(state: Path) -> bytes:
+    """Every byte of the store's files, the WAL's included."""
+    return b"".join(p.read_bytes() for p in state.glob("leader.db*") if p.is_file())
 
 
 def _store_version(state: Path) -> int:
@@ -71,6 +77,12 @@ async def test_a_store_of_the_previous_release_keeps_everything_and_its_queue_ru
         assert status == 201, node
         done = await old.api.deploy_dir(busybox_context(tmp_path / "done"), "done")
         assert (await old.api.wait_final(done["id"]))["state"] == "succeeded"
+        git = {"url": f"https://deploy:{GIT_SECRET}@127.0.0.1:{free_port()}/app.git"}
+        status, cloned = await old.api.request(
+            "POST", "/v1/deployments", json={"app": "git", "git": git}
+        )
+        assert status == 202, cloned
+        assert (await old.api.wait_final(cloned["id"]))["state"] == "failed"
         failing = busybox_context(tmp_path / "bad", run_step("exit 3"))
         bad = await old.api.deploy_dir(failing, "bad")
         assert (await old.api.wait_final(bad["id"]))["state"] == "failed"
@@ -82,6 +94,7 @@ async def test_a_store_of_the_previous_release_keeps_everything_and_its_queue_ru
         old.kill()
         await old.api.close()
     assert _store_version(state) == 0  # the previous release kept no version
+    assert GIT_SECRET.encode() in _store_bytes(state)  # as that release kept it
 
     (tmp_path / "new").mkdir()
     new = LeaderProcess(raw, tmp_path / "new")
@@ -109,6 +122,9 @@ async def test_a_store_of_the_previous_release_keeps_everything_and_its_queue_ru
         assert {h["event_state"] for h in hooks["webhooks"]} >= {"queued", "succeeded"}
         events = await api.events(done["id"])
         assert [e["state"] for e in events if e["type"] == "state"][-1] == "succeeded"
+        _, doc = await api.request("GET", f"/v1/deployments/{cloned['id']}")
+        assert doc["source"]["url"].startswith("https://***@127.0.0.1:"), doc["source"]
+        assert GIT_SECRET.encode() not in _store_bytes(state)  # gone from every file
     finally:
         new.terminate()
         await new.api.close()

@@ -240,6 +240,20 @@ def test_git_is_given_the_url_without_credentials(url: str) -> None:
     assert redact_url(url) == "https://***@git.example.com:8443/r.git"
 
 
+@pytest.mark.parametrize(
+    ("url", "kept"),
+    [
+        ("ssh://git@github.com/acme/app.git", "ssh://git@github.com/acme/app.git"),
+        ("ssh://git:pw@github.com/acme/app.git", "ssh://github.com/acme/app.git"),
+        ("git://example.com/app.git", "git://example.com/app.git"),
+    ],
+)
+def test_an_ssh_login_name_is_no_credential(url: str, kept: str) -> None:
+    """Over ssh a bare user name is the login a key authenticates (`git@`): kept, so a
+    clone still works after a restart; a password is a credential whatever the scheme."""
+    assert without_userinfo(url) == kept
+
+
 def test_a_shown_url_hides_its_query_string() -> None:
     """Tokens travel in query strings too (`?access_token=`): a URL shown in a log line
     or an API answer keeps its host and path, for the operator to tell which it is."""

@@ -12,11 +12,13 @@ at a time (`executescript` would commit), never a query that depends on the cloc
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.errors import ConfigError
+from agent.leader.state.scrub import scrub_git_userinfo
 from agent.logs import get_logger
 
 log = get_logger(__name__)
@@ -92,6 +94,22 @@ def _statements(*sql: str) -> Callable[[sqlite3.Connection], None]:
     return run
 
 
+def _scrub_git_credentials(db: sqlite3.Connection) -> None:
+    """Release 0.1.0 kept a git source's user and password in the stored request's URL,
+    for good: they go (a deployment still waiting for its clone then fails, asking to be
+    submitted again). secure_delete zeroes the old pages; the WAL is emptied after."""
+    rows = db.execute(
+        "SELECT id, doc FROM deployments WHERE json_extract(doc, '$.request.git.url') LIKE '%@%'"
+    ).fetchall()
+    for dep_id, doc in rows:
+        scrubbed = scrub_git_userinfo(json.loads(doc))
+        db.execute(
+            "UPDATE deployments SET doc = ? WHERE id = ?",
+            (json.dumps(scrubbed, separators=(",", ":")).encode(), dep_id),
+        )
+    log.info("store.git_credentials_scrubbed", deployments=len(rows))
+
+
 @dataclass(frozen=True, slots=True)
 class Migration:
     version: int  # the schema's version once it has run
@@ -114,6 +132,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX upgrades_state ON upgrades (state, seq)",
         ),
     ),
+    Migration(3, "git sources' credentials out of the stored requests", _scrub_git_credentials),
 )
 LATEST = MIGRATIONS[-1].version
 
@@ -150,4 +169,6 @@ def migrate(db: sqlite3.Connection, path: str) -> list[int]:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
+    # What a migration replaced (a secret, say) may still be in the WAL's older pages.
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return [m.version for m in pending]
