@@ -1,5 +1,5 @@
 """The systemd units: they verify, they rate "OK" or better in `systemd-analyze security`
-with the exposure the README records, and they say what the agent needs of systemd."""
+with the exposure the docs record, and they say what the agent needs of systemd."""
 
 from __future__ import annotations
 
@@ -31,16 +31,16 @@ def test_unit_verifies_cleanly(unit: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.stem)
-def test_unit_rates_ok_with_the_exposure_the_readme_records(unit: Path) -> None:
-    """`systemd-analyze security --offline=yes` rates the unit OK or better, and the README
-    states its exposure score as measured."""
+def test_unit_rates_ok_with_the_exposure_the_docs_record(unit: Path) -> None:
+    """`systemd-analyze security --offline=yes` rates the unit OK or better, and
+    docs/security.md states its exposure score as measured."""
     done = analyze("security", "--offline=yes", str(unit))
     assert done.returncode == 0, done.stderr
     found = OVERALL.search(done.stdout)
     assert found, done.stdout[-500:]
     score, level = found.group(2), found.group(3)
     assert level in GOOD_LEVELS, f"{unit.name} rated {score} {level}"
-    assert f"| `{unit.name}` | {score} {level} |" in (ROOT / "README.md").read_text()
+    assert f"| `{unit.name}` | {score} {level} |" in (ROOT / "docs" / "security.md").read_text()
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.stem)

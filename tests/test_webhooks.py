@@ -26,7 +26,7 @@ SECRET = "webhook-secret-0123456789"
 
 
 def verify(secret: str, timestamp: str, body: bytes, signature: str) -> bool:
-    """How a receiver checks a delivery (the README shows the same)."""
+    """How a receiver checks a delivery (docs/webhooks.md shows the same)."""
     expected = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
     return hmac.compare_digest("sha256=" + expected.hexdigest(), signature)
 
