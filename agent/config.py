@@ -30,8 +30,16 @@ class LogConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+DOCKER_SOCKET = "unix:///var/run/docker.sock"
+
+
+def _engine_url() -> str:
+    """The engine the docker CLI here talks to: DOCKER_HOST, else Docker's own socket."""
+    return os.environ.get("DOCKER_HOST", "").strip() or DOCKER_SOCKET
+
+
 class EngineConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    url: str = "unix:///var/run/docker.sock"
+    url: str = msgspec.field(default_factory=_engine_url)
     timeout: Seconds = 30.0
 
 

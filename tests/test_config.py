@@ -27,6 +27,17 @@ def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.leader.push_retry_budget == 300
 
 
+def test_engine_defaults_to_docker_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without `[engine] url` the agent talks to the engine DOCKER_HOST names, as the docker
+    CLI beside it does, else to Docker's own socket; a url in the file wins over both."""
+    monkeypatch.setenv("DOCKER_HOST", "unix:///tmp/other/docker.sock")
+    assert parse_config(_raw()).engine.url == "unix:///tmp/other/docker.sock"
+    given = parse_config(_raw() | {"engine": {"url": "tcp://127.0.0.1:2375"}})
+    assert given.engine.url == "tcp://127.0.0.1:2375"
+    monkeypatch.delenv("DOCKER_HOST")
+    assert parse_config(_raw()).engine.url == "unix:///var/run/docker.sock"
+
+
 @pytest.mark.parametrize(
     ("leader", "key"),
     [
