@@ -17,7 +17,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 REQUIREMENTS = ROOT / "requirements.txt"
 NOT_SOURCES = shutil.ignore_patterns(
-    ".git", ".venv*", ".tools", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".demo"
+    ".git",
+    ".venv*",
+    ".tools",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".*_cache",
+    ".demo",
+    ".quickstart",
+    "venv",
+    "site",
 )
 
 
