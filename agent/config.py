@@ -16,6 +16,7 @@ import msgspec
 
 from agent.errors import ConfigError
 from agent.ssh_target import SshTarget
+from agent.validation import explain, required_key, unknown_key
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -299,25 +300,25 @@ def problems_of(value: object, kind: Any, key: str) -> list[str]:
     try:
         msgspec.convert(value, kind)
     except msgspec.ValidationError as exc:
-        return [_describe(exc, key)]
+        return [_describe(exc, kind, value, key)]
     return []
 
 
 def _table_problems(table: dict[str, Any], struct: type[msgspec.Struct], key: str) -> list[str]:
     fields = {f.encode_name: f for f in msgspec.structs.fields(struct)}
     where = key or "(top level)"
-    problems = [f"{where}: Object contains unknown field `{k}`" for k in table if k not in fields]
+    problems = [f"{where}: {unknown_key(k, list(fields))}" for k in table if k not in fields]
     for name, info in fields.items():
         if name in table:
             problems += problems_of(table[name], info.type, f"{key}.{name}" if key else name)
         elif info.required:
-            problems.append(f"{where}: Object missing required field `{name}`")
+            problems.append(f"{where}: {_required(key, name)}")
     if problems:
         return problems
     try:
         msgspec.convert(table, struct)
     except msgspec.ValidationError as exc:
-        where, _, said = _describe(exc, key).partition(": ")
+        where, _, said = _describe(exc, struct, table, key).partition(": ")
         return [f"{where}: {line}" for line in said.splitlines()]
     return []
 
@@ -394,11 +395,20 @@ def _read_secret_env(var: object, name: str) -> str:
     return value
 
 
-def _describe(exc: msgspec.ValidationError, key: str) -> str:
-    """Turn msgspec's `… - at `$.port`` about the value at `key` into `key.port: …`."""
-    message, sep, where = str(exc).rpartition(" - at `")
-    if not sep:
-        message, where = str(exc), ""
-    inner = where.rstrip("`").removeprefix("$")
-    full = f"{key}{inner}" if key else inner.lstrip(".")
+def _describe(exc: msgspec.ValidationError, kind: Any, value: object, key: str) -> str:
+    """`leader.max_parallel_builds: must be a whole number, at least 1, not 0`: what is
+    wrong with `value` (a `kind`, at `key`), in words."""
+    inner, message = explain(exc, kind, value)
+    if inner and key:
+        full = key + inner if inner.startswith("[") else f"{key}.{inner}"
+    else:
+        full = key or inner
     return f"{full or '(top level)'}: {message}"
+
+
+def _required(table: str, name: str) -> str:
+    """A missing key; a secret may also come as KEY_file or KEY_env."""
+    said = required_key(name)
+    if name in _SECRET_KEYS.get(table, ()):
+        said += f" (or {name}_file, or {name}_env)"
+    return said

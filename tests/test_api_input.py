@@ -321,3 +321,45 @@ async def test_a_tls_handshake_sent_to_a_plain_leader_is_refused_quietly(
     assert (status, body["error"]["code"]) == (400, "invalid_request")
     refused = [e for e in logs if e["event"] == "http.bad_request"]
     assert [(e["log_level"], e["reason"]) for e in refused] == [("debug", "BadHttpMethod")]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "says"),
+    [
+        (
+            {"json": {"app": "My_App", "git": {"url": "https://h/r"}}},
+            "invalid deployment: app: must be an app name: 1 to 63 lowercase letters",
+        ),
+        (
+            {
+                "params": {"app": "My_App"},
+                "data": b"",
+                "headers": {"Content-Type": "application/x-tar"},
+            },
+            "invalid deployment: app: must be an app name",
+        ),
+        (
+            {"json": {"app": "a", "git": {"url": "https://h/r"}, "colour": "red"}},
+            "invalid deployment: unknown key `colour`",
+        ),
+        (
+            {
+                "json": {
+                    "app": "a",
+                    "git": {"url": "https://h/r"},
+                    "services": [{"name": "w", "replicas": "2"}],
+                }
+            },
+            "invalid deployment: services[0].replicas: must be a whole number, not text ('2')",
+        ),
+    ],
+)
+async def test_an_invalid_field_is_named_in_the_apis_words(
+    leader: InProcessLeader, kwargs: dict[str, Any], says: str
+) -> None:
+    """A 400 names the field and what it must be, not msgspec's wording of its schema."""
+    got, doc = await leader.api.request("POST", "/v1/deployments", **kwargs)
+    assert got == 400, doc
+    message = doc["error"]["message"]
+    assert message.startswith(says), message
+    assert "Expected" not in message and "$." not in message and "regex" not in message

@@ -233,3 +233,42 @@ def test_registry_password_comes_from_exactly_one_source(tmp_path: Path) -> None
     secret.write_text("first-line\nsecond-line\n")
     config = parse_config({**base, "registry": {**registry, "password_file": str(secret)}})
     assert config.registry is not None and config.registry.password == "first-line"
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        ({"role": "leeder"}, "role: must be one of 'leader', 'worker', not 'leeder'"),
+        ({"logs": {"level": "debug"}}, "(top level): unknown key `logs`; did you mean `log`?"),
+        ({"log": {"level": "loud"}}, "log.level: must be one of 'debug', 'error', 'info'"),
+        (
+            {"leader": {"api_token": "t" * 20, "max_parallel_builds": 0}},
+            "leader.max_parallel_builds: must be a whole number, at least 1, not 0",
+        ),
+        (
+            {"leader": {"api_token": "t" * 20, "stage_timeouts": {"biulding": 5}}},
+            "leader.stage_timeouts: unknown key `biulding`; did you mean `building`?",
+        ),
+        (
+            {
+                "leader": {
+                    "api_token": "t" * 20,
+                    "webhooks": [{"url": "ftp://h", "secret": "s" * 16}],
+                }
+            },
+            "leader.webhooks[0].url: must be an http:// or https:// URL, not 'ftp://h'",
+        ),
+        (
+            {"leader": {}},
+            "leader: `api_token` is required here (or api_token_file, or api_token_env)",
+        ),
+    ],
+)
+def test_mistakes_are_told_in_the_products_words(raw: dict[str, Any], says: str) -> None:
+    """A config mistake names the key, the allowed values or what a pattern stands for,
+    and the nearest known key; none of msgspec's own wording (`Expected`, `$.`) leaks."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"role": "leader"} | raw)
+    message = caught.value.message
+    assert message.startswith(says), message
+    assert "Expected" not in message and "$." not in message and "regex" not in message

@@ -13,6 +13,7 @@ import msgspec
 from aiohttp import web
 
 from agent.errors import RequestError
+from agent.leader.api.bodies import converted, from_json
 from agent.leader.api.keys import CONTEXT, SCHEDULER
 from agent.leader.api.streams import ndjson
 from agent.leader.pipeline.archive import check_context
@@ -95,10 +96,7 @@ async def submit(request: web.Request) -> web.Response:
 
 
 def _decode_json(body: bytes) -> DeploymentRequest:
-    try:
-        req = msgspec.json.decode(body, type=DeploymentRequest)
-    except msgspec.DecodeError as exc:
-        raise RequestError(400, "invalid_request", f"invalid deployment: {exc}") from None
+    req = from_json(body, DeploymentRequest, "deployment")
     if req.git is None:
         raise RequestError(
             400,
@@ -124,11 +122,7 @@ def _request_from_query(request: web.Request) -> DeploymentRequest:
             fields[flag] = _boolean(request.query[flag], flag)
     if "services" in request.query:
         fields["services"] = _json_param(request.query["services"], "services")
-    try:
-        req = msgspec.convert(fields, DeploymentRequest)
-    except msgspec.ValidationError as exc:
-        raise RequestError(400, "invalid_request", f"invalid deployment: {exc}") from None
-    return _validated(req)
+    return _validated(converted(fields, DeploymentRequest, "deployment"))
 
 
 def _boolean(value: str, name: str) -> bool:

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from agent.credentials import RegistryCredentials
 from agent.errors import EngineError, RequestError
+from agent.leader.api.bodies import from_json
 from agent.leader.api.keys import CONTEXT
 
 routes = web.RouteTableDef()
@@ -25,10 +26,7 @@ class CredentialsBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
 
 @routes.put("/v1/registry")
 async def put_registry(request: web.Request) -> web.Response:
-    try:
-        body = msgspec.json.decode(await request.read(), type=CredentialsBody)
-    except msgspec.DecodeError as exc:
-        raise RequestError(400, "invalid_request", f"invalid credentials: {exc}") from None
+    body = from_json(await request.read(), CredentialsBody, "credentials")
     creds = RegistryCredentials(
         server=body.server,
         username=body.username,
