@@ -649,3 +649,97 @@ def test_a_git_token_comes_from_a_file_or_the_environment_not_argv(
     given = "https://u:visible@git.example.com/r.git"
     assert _git_url(given, None) == given
     assert "process list" in capsys.readouterr().err
+
+
+def _every_parser(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += _every_parser(sub)
+    return found
+
+
+def test_every_command_and_flag_has_help_text() -> None:
+    """`--help` explains every flag and argument of every command, and the top level
+    describes the product, not a module of its code."""
+    top = _parser()
+    missing = [
+        f"{parser.prog} {'/'.join(action.option_strings) or action.dest}"
+        for parser in _every_parser(top)
+        for action in parser._actions
+        if not isinstance(action, argparse._SubParsersAction) and not action.help
+    ]
+    assert missing == [], missing
+    assert "Entry point" not in (top.description or "")
+    registry = next(p for p in _every_parser(top) if p.prog.endswith(" registry"))
+    assert all(word in registry.format_help() for word in ("set", "show", "remove"))
+
+
+@pytest.mark.parametrize("case", ["missing", "a-file"])
+async def test_a_context_that_is_no_directory_is_a_usage_error_naming_the_flag(
+    case: str, tmp_path: Path
+) -> None:
+    """`deploy --context` with a path that is not a directory exits 2 naming --context
+    and the path, before any call to the leader (none listens at the URL given)."""
+    path = tmp_path / "context"
+    if case == "a-file":
+        path.write_text("not a directory")
+    args = ["deploy", "--url", "http://127.0.0.1:9", "--app", "web", "--context", str(path)]
+    code, _, err = await _cli(None, *args, extra_env={"DEPLOY_AGENT_TOKEN": "t"})
+    assert code == 2, err
+    assert f"--context {path}: " in err, err
+    assert "cannot reach the leader" not in err and "Traceback" not in err
+
+
+async def test_status_and_nodes_print_a_header_or_say_there_is_nothing(
+    leader: InProcessLeader, tmp_path: Path
+) -> None:
+    """With nothing to list, `status` and `nodes` say so in words; with a deployment,
+    `status` prints it under a header line."""
+    code, out, err = await _cli(leader, "status")
+    assert (code, out) == (0, "no deployments\n"), err
+    code, out, err = await _cli(leader, "status", "--app", "web", "--state", "failed")
+    assert (code, out) == (0, "no deployments of app web in state failed\n"), err
+    code, out, err = await _cli(leader, "nodes")
+    assert code == 0 and out.startswith("no workers enrolled"), out + err
+
+    context = busybox_context(tmp_path / "app")
+    code, _, err = await _cli(leader, "deploy", "--app", "web", "--context", str(context))
+    assert code == 0, err
+    code, out, err = await _cli(leader, "status")
+    header, row = out.splitlines()
+    assert header.split() == ["ID", "APP", "STATE", "MODE", "IMAGE", "ERROR"]
+    assert row.split()[1:4] == ["web", "succeeded", "local"]
+
+
+async def test_a_failed_git_deploy_reads_plainly_and_names_no_image(
+    leader: InProcessLeader,
+) -> None:
+    """Without a terminal, a git deployment whose clone fails prints its source as words
+    (not a Python dict), ends with exit 1 and names no image, since none was built."""
+    url = f"https://127.0.0.1:{free_port()}/acme/api.git"
+
+    code, out, err = await _cli(leader, "deploy", "--app", "api", "--git", url, "--ref", "main")
+
+    assert code == 1, out + err
+    assert f"    cloning {url} at main\n" in out, out
+    assert "  image: none (not built)\n" in out, out
+    assert "error: source_unavailable" in out
+    assert not re.search(r"\{'\w+': ", out), out  # a Python dict's repr
+
+
+async def test_a_build_log_with_brackets_shows_as_written_on_a_terminal(
+    leader: InProcessLeader, tmp_path: Path
+) -> None:
+    """On a terminal a build log line holding `[red]…[/]` is shown as the build wrote
+    it, no line is wrapped in visible markup, and the summary has no empty header row."""
+    context = busybox_context(tmp_path / "app", run_step("echo '[red]as-written[/]'"))
+
+    code, out = await _cli_on_tty(leader, "deploy", "--app", "tty", "--context", str(context))
+
+    assert code == 0, out
+    assert "[red]as-written[/]" in out, out
+    assert "[dim]" not in out and "[bold" not in out, out
+    assert "┃" not in out, out  # rich's heavy line under a header row
+    assert "image" in out and "succeeded" in out

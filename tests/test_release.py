@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from agent.cli.output import event_line
 from agent.leader.state.models import NodeRecord
 from tests.support.contexts import busybox_context
 from tests.support.dockerd import Dockerd
@@ -106,6 +107,11 @@ async def test_failing_image_is_rolled_back_and_the_old_version_keeps_running(
     assert "flaky_api" in second["error"]["message"]
     assert _service_image(swarm_engine, "flaky_api") == first["image"]
     assert _tasks(swarm_engine, "flaky_api") == [(first["image"], "Running")] * 2
+    # the progress of the rollback counts what still serves: the previous version's tasks
+    events = await leader.api.events(second["id"])
+    rollback = [e for e in events if str(e.get("update_state")).startswith("rollback")]
+    assert rollback and all(e["others_running"] >= 1 for e in rollback), events
+    assert "previous version running" in (event_line(rollback[0]) or "")
 
 
 async def test_a_failed_first_release_removes_the_services_it_created(

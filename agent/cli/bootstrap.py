@@ -20,12 +20,22 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         description="Install deploy-agent on a host over SSH, enrol it as a worker, and "
         "wait until the leader shows it connected. Safe to run again.",
     )
-    boot.add_argument("target", metavar="ssh://USER@HOST[:PORT]")
-    boot.add_argument("--role", choices=["worker"], required=True)
+    boot.add_argument("target", metavar="ssh://USER@HOST[:PORT]", help="the host to install")
+    boot.add_argument("--role", choices=["worker"], required=True, help="what the host becomes")
     boot.add_argument("--leader-url", required=True, help="the leader's URL, as the host sees it")
-    boot.add_argument("--join-token-file", required=True, type=Path)
+    boot.add_argument(
+        "--join-token-file",
+        required=True,
+        type=Path,
+        help="file with a join token (`deploy-agent join-token > FILE`)",
+    )
     boot.add_argument("--name", help="node name (default: the host's hostname)")
-    boot.add_argument("--known-hosts", type=Path, default=Path("~/.ssh/known_hosts"))
+    boot.add_argument(
+        "--known-hosts",
+        type=Path,
+        default=Path("~/.ssh/known_hosts"),
+        help="the host keys to check the host's against (default: %(default)s)",
+    )
     boot.add_argument("--identity", type=Path, help="SSH private key (default: agent, ~/.ssh)")
     boot.add_argument("--wheel", type=Path, help="deploy-agent wheel (default: build one)")
     boot.add_argument(

@@ -10,11 +10,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from agent import __version__, daemon, logs
 from agent.cli import bootstrap as bootstrap_cmd
 from agent.cli.client import Client, Target
 from agent.cli.inputs import read_text
+from agent.cli.output import built, print_table
 from agent.config import Config, load_config
 from agent.errors import AgentError, BootstrapError, ConfigError
 from agent.worker.agent import LeaderTooOld, NodeRevoked, RestartRequested
@@ -127,13 +129,26 @@ async def status(args: argparse.Namespace) -> int:
             return 0
         params = {"limit": args.limit} | {k: v for k in ("app", "state") if (v := getattr(args, k))}
         doc = await client.call("GET", "/v1/deployments", params=params)
-    for dep in doc["deployments"]:
-        error = dep.get("error") or {}
-        print(
-            f"{dep['id']}  {dep['app']:<20} {dep['state']:<12} {dep['mode']:<8} "
-            f"{dep['image']}  {error.get('code', '')}"
-        )
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    rows = [
+        (d["id"], d["app"], d["state"], d["mode"], d["image"] if built(d) else "-", _code(d))
+        for d in doc["deployments"]
+    ]
+    headers = ("ID", "APP", "STATE", "MODE", "IMAGE", "ERROR")
+    print_table(headers, rows, empty=_no_deployments(args))
     return 0
+
+
+def _code(dep: dict[str, Any]) -> str:
+    return str((dep.get("error") or {}).get("code") or "")
+
+
+def _no_deployments(args: argparse.Namespace) -> str:
+    which = [f"of app {args.app}"] if args.app else []
+    which += [f"in state {args.state}"] if args.state else []
+    return " ".join(["no deployments", *which])
 
 
 async def cancel(args: argparse.Namespace) -> int:
@@ -180,15 +195,29 @@ async def nodes_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
-    for node in doc["nodes"]:
-        state = "connected" if node["connected"] else "offline"
-        last = node.get("last_pull") or {}
-        print(
-            f"{node['id']}  {node['name']:<20} {state:<10} creds v{node['credentials_version']}"
-            f"  engine {node['engine_version']} {node['arch']}  last pull: "
-            f"{last.get('image', '-')} {'ok' if last.get('ok') else last.get('error', '')}"
-        )
+    headers = ("ID", "NAME", "LINK", "CREDENTIALS", "ENGINE", "ARCH", "LAST PULL")
+    rows = [_node_row(node) for node in doc["nodes"]]
+    print_table(headers, rows, empty=NO_WORKERS)
     return 0
+
+
+NO_WORKERS = "no workers enrolled (`deploy-agent join-token` makes a token to enrol one)"
+
+
+def _node_row(node: dict[str, Any]) -> tuple[str, ...]:
+    last = node.get("last_pull") or {}
+    pull = "-"
+    if last:
+        pull = f"{last.get('image', '?')} " + ("ok" if last.get("ok") else str(last.get("error")))
+    return (
+        node["id"],
+        node["name"],
+        "connected" if node["connected"] else "offline",
+        f"v{node['credentials_version']}" if node.get("credentials_version") else "-",
+        str(node.get("engine_version") or "-"),
+        str(node.get("arch") or "-"),
+        pull,
+    )
 
 
 async def nodes_revoke(args: argparse.Namespace) -> int:

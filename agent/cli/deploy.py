@@ -22,11 +22,11 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import aiohttp
 
 from agent.backoff import Backoff
-from agent.buildlog import describe_build, describe_cache, plain
 from agent.cli.client import UPLOAD_TIMEOUT, Client, describe
 from agent.cli.commands import client_for
 from agent.cli.inputs import InputError, first_line, read_text
 from agent.cli.live import LivePrinter
+from agent.cli.output import event_line, summary_rows
 from agent.dockerignore import FILENAME, DockerIgnore, IgnoreFileError, whole_seconds
 
 SKIP = frozenset({".git"})
@@ -97,30 +97,6 @@ def _idempotency(key: str | None) -> dict[str, str]:
     return {"Idempotency-Key": key} if key else {}
 
 
-_FORMATS = {
-    "state": "==> {state}",
-    "push.retry": "    push retry {attempt} in {wait_s} s: {error}",
-    "build.retry": "    build again: {error}",
-}
-
-
-def _describe_push(event: dict[str, Any]) -> str | None:
-    if event.get("digest"):
-        return f"    pushed {event['digest']}"
-    if event.get("status") in ("Pushed", "Layer already exists"):
-        return f"    {event['layer']}: {event['status']}"
-    return None
-
-
-_DESCRIBERS: dict[str, Callable[[dict[str, Any]], str | None]] = {
-    "push": _describe_push,
-    "log": lambda event: f"    {plain('log', event)}",
-    "step": lambda event: f"    {plain('step', event)}",
-    "build": lambda event: f"    {describe_build(event)}",
-    "cache": lambda event: f"    {describe_cache(event)}",
-}
-
-
 class Printer:
     """Renders events as plain lines for people, or as JSON lines for programs."""
 
@@ -132,36 +108,19 @@ class Printer:
         if self._json:
             self._line(json.dumps(event))
             return
-        text = self._describe(event)
-        if text:
-            self._line(text)
-
-    def _describe(self, event: dict[str, Any]) -> str | None:
-        kind = str(event.get("type"))
-        if kind in _DESCRIBERS:
-            return _DESCRIBERS[kind](event)
-        if kind in _FORMATS:
-            return _FORMATS[kind].format(**event)
-        if kind in ("resumed", "interrupted", "source", "distribution", "release", "retention"):
-            details = {k: v for k, v in event.items() if k not in ("seq", "at", "type")}
-            return f"    {kind} {details}"
-        return None
+        text = event_line(event)
+        if text is not None:
+            self._line(text if event.get("type") == "state" else f"    {text}")
 
     def summary(self, dep: dict[str, Any]) -> None:
         if self._json:
             self._line(json.dumps(dep))
             return
         self._line(f"deployment {dep['id']}: {dep['state']}")
-        self._line(f"  image: {dep['image']}")
-        for stage, timing in dep.get("stages", {}).items():
-            self._line(f"  {stage}: {timing.get('seconds') or 0:.1f} s")
-        error = dep.get("error")
-        if error:
-            self._line(f"  error: {error['code']}: {error['message']}")
-            for line in error.get("log_tail") or []:
-                self._line(f"    | {line}")
-            if error.get("hint"):
-                self._line(f"  hint: {error['hint']}")
+        for label, value in summary_rows(dep):
+            self._line(f"  {label}: {value}")
+        for line in (dep.get("error") or {}).get("log_tail") or []:
+            self._line(f"    | {line}")
 
     def _line(self, text: str) -> None:
         print(text, file=self._out, flush=True)
@@ -232,10 +191,10 @@ def query_params(
 
 
 async def command(args: argparse.Namespace) -> int:
+    if args.context is not None:
+        _check_context(args.context)
     async with client_for(args) as client:
         if args.context is not None:
-            if not args.context.is_dir():
-                raise SystemExit(f"deploy-agent: {args.context} is not a directory")
             params = query_params(
                 args.app,
                 args.dockerfile,
@@ -262,6 +221,14 @@ async def command(args: argparse.Namespace) -> int:
     if final is None:
         return 130
     return 0 if final["state"] == "succeeded" else 1
+
+
+def _check_context(path: Path) -> None:
+    """A usage error (exit 2) naming the flag, before anything reaches the leader."""
+    if not path.exists():
+        raise InputError(f"--context {path}: no such directory")
+    if not path.is_dir():
+        raise InputError(f"--context {path}: not a directory")
 
 
 async def _follow_until_done_or_detached(

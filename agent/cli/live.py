@@ -13,8 +13,16 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColum
 from rich.table import Table
 from rich.text import Text
 
-from agent.buildlog import describe_build, describe_cache, plain
+from agent.cli.output import event_line, summary_rows
 
+_STYLES = {
+    "state": "bold cyan",
+    "log": "dim",
+    "cache": "dim",
+    "push.retry": "yellow",
+    "build.retry": "yellow",
+    "interrupted": "yellow",
+}
 # How a build step's events look: its name as it starts, then how it ended.
 _STEP_STYLES = {
     "running": "bold",
@@ -23,6 +31,13 @@ _STEP_STYLES = {
     "cancelled": "yellow",
     "error": "bold red",
 }
+
+
+def _style(event: dict[str, Any]) -> str:
+    kind = str(event.get("type"))
+    if kind == "step":
+        return _STEP_STYLES.get(str(event.get("status")), "")
+    return _STYLES.get(kind, "")
 
 
 class LivePrinter:
@@ -47,32 +62,17 @@ class LivePrinter:
         self.progress.stop()
 
     def event(self, event: dict[str, Any]) -> None:
-        kind = event.get("type")
-        if kind == "state":
-            self.console.print(f"[bold cyan]==> {event['state']}[/]")
-        elif kind == "log":
-            self.console.print(Text(f"  {plain('log', event)}", style="dim"))
-        elif kind == "step":
-            style = _STEP_STYLES.get(event.get("status", ""), "")
-            self.console.print(Text(f"  {plain('step', event)}", style=style))
-        elif kind == "build":
-            self.console.print(Text(f"  {describe_build(event)}"))
-        elif kind == "cache":
-            self.console.print(Text(f"  {describe_cache(event)}", style="dim"))
-        elif kind == "push":
+        kind = str(event.get("type"))
+        if kind == "push":
             self._layer("push", event)
         elif kind == "pull":
             self._layer(f"pull {event['node']}", event)
-        elif kind == "push.retry":
-            self.console.print(
-                f"  [yellow]push retry {event['attempt']} in {event['wait_s']} s:"
-                f" {event['error']}[/]"
-            )
-        elif kind == "release" and "running" in event:
-            self.console.print(
-                f"  {event['service']}: {event['running']}/{event['desired']} "
-                f"running ({event.get('update_state') or 'new'})"
-            )
+        elif (text := event_line(event)) is not None:
+            self._print(Text(text if kind == "state" else f"  {text}", style=_style(event)))
+
+    def _print(self, text: Text) -> None:
+        """Text as it is: a build log line holding `[dim]` or `[/]` is not markup."""
+        self.console.print(text, highlight=False)
 
     def _layer(self, bar: str, event: dict[str, Any]) -> None:
         layers = self._layers.setdefault(bar, {})
@@ -87,23 +87,15 @@ class LivePrinter:
 
     def summary(self, dep: dict[str, Any]) -> None:
         self.progress.stop()
-        colour = "green" if dep["state"] == "succeeded" else "red"
-        table = Table(title=f"deployment {dep['id']}: [{colour}]{dep['state']}[/]")
-        table.add_column("")
-        table.add_column("")
-        table.add_row("image", dep["image"])
-        for stage, timing in dep.get("stages", {}).items():
-            table.add_row(stage, f"{timing.get('seconds') or 0:.1f} s")
-        for node, result in (dep.get("nodes") or {}).items():
-            table.add_row(
-                f"node {node}",
-                result["status"] + (f": {result['error']}" if result.get("error") else ""),
-            )
-        error = dep.get("error")
-        if error:
-            table.add_row("error", f"[red]{error['code']}[/]: {error['message']}")
-            if error.get("hint"):
-                table.add_row("hint", error["hint"])
+        ok = dep["state"] == "succeeded"
+        title = Text.assemble(
+            f"deployment {dep['id']}: ", (dep["state"], "green" if ok else "bold red")
+        )
+        table = Table(title=title, show_header=False)
+        table.add_column(style="bold")
+        table.add_column()
+        for label, value in summary_rows(dep):
+            table.add_row(label, Text(value, style="red" if label == "error" else ""))
         self.console.print(table)
-        for line in (error or {}).get("log_tail") or []:
-            self.console.print(f"  | {line}", markup=False, highlight=False)
+        for line in (dep.get("error") or {}).get("log_tail") or []:
+            self._print(Text(f"  | {line}"))

@@ -21,6 +21,11 @@ from agent.cli.inputs import InputError
 from agent.errors import ConfigError
 from agent.eventloop import daemon_loop
 
+STATES = (
+    "queued", "building", "pushing", "distributing", "releasing",
+    "succeeded", "failed", "cancelled",
+)  # fmt: skip
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
@@ -55,21 +60,28 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deploy-agent", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="deploy-agent",
+        description="The node agent of a Docker Swarm cluster: `run` is the daemon (leader or "
+        "worker); the other commands drive a leader from a shell.",
+        epilog="Exit codes: 0 ok, 1 failed, 2 usage or config error (or the leader "
+        "unreachable), 3 revoked worker, 4 worker newer than its leader. "
+        "`deploy-agent COMMAND --help` for a command's flags.",
+    )
     parser.add_argument("--version", action="version", version=f"deploy-agent {__version__}")
     sub = parser.add_subparsers()
 
     run = sub.add_parser("run", help="run the agent daemon")
-    run.add_argument("-c", "--config", required=True)
+    run.add_argument("-c", "--config", required=True, help="the agent's config file (TOML)")
     run.set_defaults(command=commands.run, loop=daemon_loop)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
-    check.add_argument("-c", "--config", required=True)
+    check.add_argument("-c", "--config", required=True, help="the config file to check")
     check.set_defaults(command=commands.check_config)
 
     dep = sub.add_parser("deploy", help="submit a deployment and follow it")
     _client_flags(dep)
-    dep.add_argument("--app", required=True)
+    dep.add_argument("--app", required=True, help="the app's name (lowercase, digits, '-')")
     source = dep.add_mutually_exclusive_group(required=True)
     source.add_argument("--context", type=Path, help="directory to send as the build context")
     source.add_argument("--git", help="git URL to build from")
@@ -78,15 +90,21 @@ def _parser() -> argparse.ArgumentParser:
         help="file with the git token for --git (or DEPLOY_AGENT_GIT_PASSWORD): kept off "
         "the command line, sent in the request body",
     )
-    dep.add_argument("--ref", default="HEAD")
-    dep.add_argument("--dockerfile")
+    dep.add_argument("--ref", default="HEAD", help="branch, tag or commit of --git (default: HEAD)")
+    dep.add_argument(
+        "--dockerfile", help="the Dockerfile's path inside the context (default: Dockerfile)"
+    )
     dep.add_argument("--target", help="the Dockerfile stage to build (default: the last)")
     dep.add_argument(
         "--compress", action="store_true", help="gzip the context for a slow link to the leader"
     )
     dep.add_argument("--image", help="repository to push to (default: from the registry)")
-    dep.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE")
-    dep.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    dep.add_argument(
+        "--build-arg", action="append", default=[], metavar="KEY=VALUE", help="repeatable"
+    )
+    dep.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE", help="image label, repeatable"
+    )
     dep.add_argument(
         "--services",
         type=Path,
@@ -94,23 +112,36 @@ def _parser() -> argparse.ArgumentParser:
         help="JSON list of Swarm services to release: name, command, replicas, env, ...",
     )
     dep.add_argument("--prune", action="store_true", help="remove the app's unlisted services")
-    dep.add_argument("--allow-manager-placement", action="store_true")
-    dep.add_argument("--idempotency-key")
-    dep.add_argument("--no-follow", action="store_true")
+    dep.add_argument(
+        "--allow-manager-placement",
+        action="store_true",
+        help="let the services run on Swarm managers too (with workers enrolled)",
+    )
+    dep.add_argument(
+        "--idempotency-key", help="a retry with the same key returns the first deployment"
+    )
+    dep.add_argument(
+        "--no-follow", action="store_true", help="return once the leader has accepted it"
+    )
     dep.add_argument("--json", action="store_true", help="print events as JSON lines")
     dep.set_defaults(command=deploy_cmd.command)
 
     status = sub.add_parser("status", help="list deployments, or show one")
     _client_flags(status)
-    status.add_argument("id", nargs="?")
-    status.add_argument("--app")
-    status.add_argument("--state")
-    status.add_argument("--limit", type=int, default=20)
+    status.add_argument("id", nargs="?", help="one deployment, shown as JSON")
+    status.add_argument("--app", help="only this app's deployments")
+    status.add_argument(
+        "--state",
+        choices=STATES,
+        help="only deployments in this state",
+    )
+    status.add_argument("--limit", type=int, default=20, help="at most this many (default: 20)")
+    status.add_argument("--json", action="store_true", help="the API's JSON document")
     status.set_defaults(command=commands.status)
 
     cancel = sub.add_parser("cancel", help="cancel a deployment")
     _client_flags(cancel)
-    cancel.add_argument("id")
+    cancel.add_argument("id", help="the deployment's id")
     cancel.set_defaults(command=commands.cancel)
 
     _registry_parser(sub)
@@ -125,12 +156,12 @@ def _parser() -> argparse.ArgumentParser:
 def _nodes_parser(sub: Any) -> None:
     nodes = sub.add_parser("nodes", help="list workers, or revoke one")
     _client_flags(nodes)
-    nodes.add_argument("--json", action="store_true")
+    nodes.add_argument("--json", action="store_true", help="the API's JSON document")
     nodes.set_defaults(command=commands.nodes_list)
     nodes_sub = nodes.add_subparsers()
     revoke = nodes_sub.add_parser("revoke", help="disconnect a worker and refuse it from now on")
     _client_flags(revoke, nested=True)
-    revoke.add_argument("id")
+    revoke.add_argument("id", help="the node's id (`deploy-agent nodes` lists them)")
     revoke.set_defaults(command=commands.nodes_revoke)
     token = sub.add_parser("join-token", help="make a new worker join token (rotates the old)")
     _client_flags(token)
@@ -138,17 +169,26 @@ def _nodes_parser(sub: Any) -> None:
 
 
 def _registry_parser(sub: Any) -> None:
-    reg = sub.add_parser("registry", help="registry credentials")
-    reg_sub = reg.add_subparsers(required=True)
+    reg = sub.add_parser(
+        "registry",
+        help="the cluster's registry credentials: set, show, remove",
+        description="The cluster's registry credentials: `set` verifies and stores them "
+        "(the password from stdin or --password-file), `show` prints them without the "
+        "password, `remove` deletes them (back to local mode, if no worker is enrolled).",
+    )
+    reg_sub = reg.add_subparsers(required=True, metavar="{set,show,remove}")
     put = reg_sub.add_parser("set", help="verify and store credentials")
     _client_flags(put)
-    put.add_argument("--server", required=True)
-    put.add_argument("--username", required=True)
+    put.add_argument("--server", required=True, help="the registry's host (ghcr.io, ...)")
+    put.add_argument("--username", required=True, help="the registry user")
     put.add_argument("--password-file", help="file with the password (default: read stdin)")
-    put.add_argument("--namespace")
+    put.add_argument("--namespace", help="where images go (default: the username)")
     put.set_defaults(command=commands.registry_set)
-    for name, fn in (("show", commands.registry_show), ("remove", commands.registry_remove)):
-        p = reg_sub.add_parser(name)
+    for name, fn, what in (
+        ("show", commands.registry_show, "the credentials in force, without the password"),
+        ("remove", commands.registry_remove, "remove the credentials"),
+    ):
+        p = reg_sub.add_parser(name, help=what, description=what)
         _client_flags(p)
         p.set_defaults(command=fn)
 

@@ -341,6 +341,7 @@ class ServiceFailed(DeploymentError):
 @dataclass
 class _Progress:
     running_ids: list[str]
+    others_running: int  # tasks of earlier versions: during a rollback, what still serves
     desired: int
     update_state: str | None
     message: str | None
@@ -374,7 +375,7 @@ async def _converge(ctx: LeaderContext, dep: Deployment) -> None:
                 log.warning("release.poll_failed", service=name, error=str(exc), failures=failures)
                 continue
             failures = 0
-            key = (progress.running, progress.desired, progress.update_state)
+            key = (progress.running, progress.others_running, progress.update_state)
             if seen.get(name) != key:
                 seen[name] = key
                 await ctx.journal.record(
@@ -382,6 +383,7 @@ async def _converge(ctx: LeaderContext, dep: Deployment) -> None:
                     "release",
                     service=name,
                     running=progress.running,
+                    others_running=progress.others_running,
                     desired=progress.desired,
                     update_state=progress.update_state,
                 )
@@ -449,16 +451,17 @@ async def _progress(engine: Engine, name: str, dep_id: str, desired: int) -> _Pr
     filters = json.dumps({"service": [name]})
     tasks = await _call(engine, "GET", "tasks", params={"filters": filters})
     ours = [t for t in tasks if _made_by(t, dep_id)]
-    running_ids = [
-        t["ID"]
-        for t in ours
-        if t["DesiredState"] == "running" and t["Status"]["State"] == "running"
-    ]
+    running_ids = [t["ID"] for t in ours if _running(t)]
+    others = sum(1 for t in tasks if _running(t) and not _made_by(t, dep_id))
     failed = [t for t in ours if t["Status"]["State"] in ("failed", "complete", "rejected")]
     error = next((t["Status"].get("Err") or t["Status"].get("Message") for t in failed), None)
     return _Progress(
-        running_ids, desired, status.get("State"), status.get("Message"), len(failed), error
+        running_ids, others, desired, status.get("State"), status.get("Message"), len(failed), error
     )
+
+
+def _running(task: Mapping[str, Any]) -> bool:
+    return bool(task["DesiredState"] == "running" and task["Status"]["State"] == "running")
 
 
 def _made_by(task: Mapping[str, Any], dep_id: str) -> bool:
