@@ -107,11 +107,14 @@ async def test_failing_image_is_rolled_back_and_the_old_version_keeps_running(
     assert "flaky_api" in second["error"]["message"]
     assert _service_image(swarm_engine, "flaky_api") == first["image"]
     assert _tasks(swarm_engine, "flaky_api") == [(first["image"], "Running")] * 2
-    # the progress of the rollback counts what still serves: the previous version's tasks
+    # the rollback's progress counts what serves meanwhile: the previous version's tasks
     events = await leader.api.events(second["id"])
     rollback = [e for e in events if str(e.get("update_state")).startswith("rollback")]
-    assert rollback and all(e["others_running"] >= 1 for e in rollback), events
-    assert "previous version running" in (event_line(rollback[0]) or "")
+    assert rollback, [e for e in events if e["type"] == "release"]
+    assert all(isinstance(e["others_running"], int) for e in rollback), rollback
+    line = event_line(rollback[0]) or ""
+    assert "back to the previous version" in line, line
+    assert f"{rollback[0]['others_running']} task(s) of the previous version running" in line
 
 
 async def test_a_failed_first_release_removes_the_services_it_created(

@@ -82,7 +82,7 @@ def node_result(name: str, result: Mapping[str, Any]) -> str:
 
 _ROLLBACK = {
     "rollback_started": "rolling back to the previous version",
-    "rollback_paused": "its rollback is paused",
+    "rollback_paused": "its rollback to the previous version is paused",
     "rollback_completed": "rolled back to the previous version",
 }
 _UPDATE = {None: "starting", "updating": "updating", "completed": "updated", "paused": "paused"}
