@@ -123,6 +123,7 @@ class LeaderConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True
     # BuildKit's build cache on the building engine is kept under this many bytes.
     build_cache_max: Annotated[int, msgspec.Meta(ge=0)] = 10 * 1024**3
     stage_timeouts: StageTimeouts = msgspec.field(default_factory=StageTimeouts)
+    api_token_file: str | None = None  # where api_token was read, to check who may read it
 
     def __post_init__(self) -> None:
         problems = []
@@ -214,6 +215,8 @@ class Config(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
 
 # Secrets needed for a first start only: a worker enrolled may lose its join token file.
 _NEEDED_ONCE = frozenset({"worker.join_token"})
+# Secrets whose file stays named in the config: the leader checks who may read it.
+_PATH_KEPT = frozenset({"leader.api_token"})
 _SECRET_KEYS = {"leader": ("api_token",), "registry": ("password",), "worker": ("join_token",)}
 
 
@@ -353,10 +356,7 @@ def _resolve_secret(
         section[key] = UNREAD_SECRET
         return
     if f"{key}_file" in section:
-        path = section[f"{key}_file"]
-        if name in _NEEDED_ONCE and isinstance(path, str) and not Path(path).exists():
-            return  # kept as a path: the worker reports it only if it has to enrol
-        section[key] = _read_secret_file(section.pop(f"{key}_file"), f"{name}_file")
+        _secret_from_file(section, key, name)
     elif f"{key}_env" in section:
         var = section[f"{key}_env"]
         if name in _NEEDED_ONCE and isinstance(var, str) and not os.environ.get(var, "").strip():
@@ -371,6 +371,15 @@ def _resolve_secret(
                 raise
             unset_env.append(f"{name}_env: {var}")  # unset here: noted, not an error
             section[key] = UNREAD_SECRET
+
+
+def _secret_from_file(section: dict[str, Any], key: str, name: str) -> None:
+    path = section[f"{key}_file"]
+    if name in _NEEDED_ONCE and isinstance(path, str) and not Path(path).exists():
+        return  # kept as a path: the worker reports it only if it has to enrol
+    section[key] = _read_secret_file(section.pop(f"{key}_file"), f"{name}_file")
+    if name in _PATH_KEPT:
+        section[f"{key}_file"] = path
 
 
 def _read_secret_file(path: object, name: str) -> str:

@@ -1,8 +1,10 @@
-"""Files the agent writes that must never be seen half written."""
+"""Files the agent writes that must never be seen half written, and who may read those
+it is given."""
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 
@@ -17,3 +19,13 @@ def write_private(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
+
+
+def others_may_read(path: str | Path) -> str | None:
+    """The file's mode ("0644") when users other than its owner and group may read it,
+    else None (a file that cannot be looked at is nobody's to read here)."""
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return None
+    return f"{stat.S_IMODE(mode):04o}" if mode & stat.S_IROTH else None

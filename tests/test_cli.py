@@ -743,3 +743,19 @@ async def test_a_build_log_with_brackets_shows_as_written_on_a_terminal(
     assert "[dim]" not in out and "[bold" not in out, out
     assert "┃" not in out, out  # rich's heavy line under a header row
     assert "image" in out and "succeeded" in out
+
+
+async def test_check_config_warns_of_a_token_file_every_user_can_read(tmp_path: Path) -> None:
+    """check-config passes a config whose API token file is mode 0644, and warns that
+    every user of the host can read it, with the fix; at 0600 it says nothing of it."""
+    token = tmp_path / "api-token"
+    token.write_text("0123456789abcdef0123\n")
+    config = tmp_path / "leader.toml"
+    config.write_text(f'role = "leader"\n[leader]\nplain_http = true\napi_token_file = "{token}"\n')
+    token.chmod(0o644)
+    code, _, err = await _cli(None, "check-config", "-c", str(config))
+    assert code == 0, err
+    assert f"leader.api_token_file {token} is mode 0644" in err and "chmod 600" in err
+    token.chmod(0o600)
+    code, _, err = await _cli(None, "check-config", "-c", str(config))
+    assert code == 0 and err == "", err

@@ -19,6 +19,7 @@ from agent.cli.inputs import read_text
 from agent.cli.output import built, print_table
 from agent.config import Config, load_config
 from agent.errors import AgentError, BootstrapError, ConfigError
+from agent.files import others_may_read
 from agent.worker.agent import LeaderTooOld, NodeRevoked, RestartRequested
 from agent.worker.releases import Releases
 
@@ -116,6 +117,13 @@ async def check_config(args: argparse.Namespace) -> int:
     for entry in unset:
         print(
             f"deploy-agent: {entry} is not set here; the service's environment must set it",
+            file=sys.stderr,
+        )
+    token_file = config.leader.api_token_file if config.leader else None
+    if token_file and (mode := others_may_read(token_file)):
+        print(
+            f"deploy-agent: warning: leader.api_token_file {token_file} is mode {mode}: every "
+            f"user of this host can read the API token (chmod 600 {token_file})",
             file=sys.stderr,
         )
     print(f"{args.config}: ok (role {config.role})")

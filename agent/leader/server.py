@@ -24,6 +24,7 @@ from agent import wire
 from agent.config import Config, LeaderConfig
 from agent.engine import Engine
 from agent.errors import AgentError, ConfigError
+from agent.files import others_may_read
 from agent.leader.api import (
     cluster,
     deployments,
@@ -216,6 +217,7 @@ class Leader:
         await site.start()
         if cfg.plain_http:
             log.warning("leader.plain_http", listen=cfg.listen)
+        _warn_if_others_read(cfg.api_token_file)
         log.info("leader.serving", listen=cfg.listen, tls=not cfg.plain_http)
 
     def _renewal(self) -> Callable[[], object] | None:
@@ -313,6 +315,18 @@ def _leader_tls(cfg: LeaderConfig, state: Path) -> LeaderTLS | None:
     except (ssl.SSLError, ValueError) as exc:  # there, and wrong: a config error
         raise ConfigError(f"leader.tls: cannot load the certificate: {exc}") from None
     return tls
+
+
+def _warn_if_others_read(token_file: str | None) -> None:
+    """Anyone on the host who can read the API token can deploy: say so at start."""
+    mode = others_may_read(token_file) if token_file else None
+    if mode is not None:
+        log.warning(
+            "leader.api_token_readable",
+            file=token_file,
+            mode=mode,
+            hint=f"every user of this host can read the API token: chmod 600 {token_file}",
+        )
 
 
 def _own_tls(cfg: LeaderConfig, directory: Path) -> LeaderTLS:

@@ -4,6 +4,7 @@ refused with a 500, say, or an engine on another architecture)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import re
@@ -110,3 +111,47 @@ def _kept(headers: Mapping[str, str], *, keep_encoding: bool = False) -> dict[st
     if not keep_encoding:
         dropped.add("content-encoding")
     return {k: v for k, v in headers.items() if k.lower() not in dropped}
+
+
+class Relay:
+    """A unix socket that relays every connection to an engine's, byte for byte, until
+    `cut()` drops them all at once: an engine gone from the client's side mid-stream,
+    while the engine itself runs on."""
+
+    def __init__(self, engine_socket: Path, directory: Path) -> None:
+        self.engine_socket = engine_socket
+        self.socket = directory / "relay.sock"
+        self.url = f"unix://{self.socket}"
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Relay:
+        self._server = await asyncio.start_unix_server(self._relay, path=str(self.socket))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def cut(self) -> None:
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_unix_connection(str(self.engine_socket))
+        self._writers += [writer, up_writer]
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.transport.abort()

@@ -75,7 +75,8 @@ class InProcessLeader:
         self.raw = raw
         self.config: Config = parse_config(copy.deepcopy(raw))
         self.leader = Leader(self.config)
-        self.api = Api(base_url(raw), raw["leader"]["api_token"])
+        assert self.config.leader is not None
+        self.api = Api(base_url(raw), self.config.leader.api_token)
 
     async def start(self) -> InProcessLeader:
         await self.leader.start()

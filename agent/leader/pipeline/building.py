@@ -8,6 +8,7 @@ for a platform the workers cannot run never leaves this stage.
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 from agent.buildlog import BuildEvent, event_type
@@ -39,6 +40,18 @@ NETWORK_HINT = (
     "the build engine has no default bridge network (dockerd --bridge=none): set "
     'leader.build_network = "host", or give the engine its bridge'
 )
+ENGINE_HINT = (
+    "the Docker Engine failed this build, not the Dockerfile: check the engine (docker info, "
+    "its log, free disk space, its networks), then deploy again"
+)
+# What a build's error says when the engine or the host failed it, not a step of the
+# Dockerfile: the engine gone mid-build, a network it lacks, a full or broken disk.
+ENGINE_FAULTS = re.compile(
+    r"lost the engine|stream ended before|network \S+ not found|no space left on device"
+    r"|failed to create shim|OCI runtime|failed to register layer|error creating overlay"
+    r"|input/output error|read-only file system|Cannot connect to the Docker daemon",
+    re.IGNORECASE,
+)
 # What the engine says when an image a build is using was removed meanwhile.
 IMAGE_VANISHED = "unable to find image"
 # A pull of the previous image, for its cache, may take this long; then the build goes on
@@ -50,6 +63,11 @@ class BuildFailed(DeploymentError):
     def __init__(self, message: str, log_tail: list[str], hint: str = DOCKERFILE_HINT) -> None:
         super().__init__("build_failed", f"the image build failed: {message}", hint=hint)
         self.log_tail = log_tail
+
+
+def build_hint(message: str) -> str:
+    """What to do about a failed build: the engine's fault, or the Dockerfile's."""
+    return ENGINE_HINT if ENGINE_FAULTS.search(message) else DOCKERFILE_HINT
 
 
 async def build(ctx: LeaderContext, dep: Deployment) -> None:
@@ -70,7 +88,7 @@ async def build(ctx: LeaderContext, dep: Deployment) -> None:
                 raise _build_failure(exc, spec.platform, archs) from None
             built = await engine.image_platform(spec.tag)
     except EngineError as exc:
-        raise BuildFailed(exc.message, []) from None
+        raise BuildFailed(exc.message, [], ENGINE_HINT) from None
     except SshError as exc:
         raise BuildFailed(exc.message, [], BUILD_SERVER_HINT) from None
     dep.platform = str(built) if built else None
@@ -256,4 +274,4 @@ def _build_failure(exc: BuildError, platform: str | None, archs: dict[str, str])
         return BuildFailed(exc.message, exc.log_tail, SESSION_HINT)
     if "network bridge not found" in text:
         return BuildFailed(exc.message, exc.log_tail, NETWORK_HINT)
-    return BuildFailed(exc.message, exc.log_tail)
+    return BuildFailed(exc.message, exc.log_tail, build_hint(exc.message))

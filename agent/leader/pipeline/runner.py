@@ -172,7 +172,13 @@ class Runner:
         self.ctx.metrics.deployments.labels(
             state=state.value, code=error.code if error else ""
         ).inc()
-        log.info("deployment.finished", state=state.value, code=error.code if error else None)
+        described = {"message": error.message, "hint": error.hint} if error else {}
+        log.info(
+            "deployment.finished",
+            state=state.value,
+            code=error.code if error else None,
+            **described,
+        )
         self.ctx.git_credentials.forget(self.dep.id)  # a clone that never came
         await asyncio.to_thread(remove_quietly, self.ctx.context_path(self.dep.id))
 
