@@ -1,4 +1,5 @@
-"""Image retention: keep an app's newest images, remove the rest that nothing uses.
+"""Image retention: keep an app's newest images, remove the rest that nothing uses, and
+what a build that did not finish left behind.
 
 Shared by leader and workers. An image a running container uses (a service's task, or
 anything else), or that a Swarm service's spec names, is never removed; stopped
@@ -7,8 +8,10 @@ containers, such as Swarm's task history, do not keep an image.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
+import re
 from typing import Any
 
 from agent.engine import Engine
@@ -136,3 +139,57 @@ async def prune_build_cache(engine: Engine, keep_bytes: int) -> int:
     if freed:
         log.info("retention.build_cache_pruned", freed_bytes=freed, kept_bytes=keep_bytes)
     return freed
+
+
+# A classic build's line for a step's result: ` ---> 3f9c2d1a0b4e` (not `Running in`).
+STEP_IMAGE = re.compile(r"^ ---> ([0-9a-f]{12,64})$")
+
+
+class StepImages:
+    """The image each step of a build left, read from its log as it goes by."""
+
+    def __init__(self) -> None:
+        self.last: str | None = None
+
+    def note(self, line: str) -> None:
+        found = STEP_IMAGE.match(line.rstrip())
+        if found:
+            self.last = found.group(1)
+
+
+async def remove_leftover(engine: Engine, image_id: str | None) -> bool:
+    """Remove the image of the last step a failed or cancelled build finished, and with
+    it its untagged parents, when nothing else has a use for it: untagged, no image
+    built on it, no container from it (the engine refuses the last two). Without this it
+    stays as a `<none>` image that no app's retention ever lists. True if removed.
+
+    A cancelled build's step container goes a moment after the build stream does: an
+    image still held by a container is asked for again, for a few seconds."""
+    if image_id is None:
+        return False
+    try:
+        info = await engine.request("GET", f"images/{image_id}/json")
+        if info.get("RepoTags"):
+            return False
+        await _delete_when_free(engine, image_id)
+    except EngineError as exc:  # in use, or built upon: another build's cache
+        log.info("retention.leftover_kept", image=image_id, reason=exc.message)
+        return False
+    log.info("retention.leftover_removed", image=image_id)
+    return True
+
+
+LEFTOVER_WAIT_S = 10.0
+
+
+async def _delete_when_free(engine: Engine, image_id: str) -> None:
+    waited = 0.0
+    while True:
+        try:
+            await engine.request("DELETE", f"images/{image_id}")
+            return
+        except EngineApiError as exc:
+            if exc.status != 409 or "container" not in exc.message or waited >= LEFTOVER_WAIT_S:
+                raise
+        await asyncio.sleep(0.5)
+        waited += 0.5

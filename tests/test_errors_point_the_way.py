@@ -4,8 +4,6 @@ whose API token every user of the host can read says so at start."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ from agent.leader.pipeline.building import DOCKERFILE_HINT, ENGINE_HINT, build_h
 from tests.support.contexts import busybox_context, run_step
 from tests.support.dockerd import Dockerd
 from tests.support.engine_proxy import Relay
-from tests.support.leader import TOKEN, InProcessLeader
+from tests.support.leader import TOKEN
 
 # What real engines (20.10) answered: a build whose network the engine lacks, and a
 # RUN step that failed.
@@ -42,18 +40,6 @@ def test_a_build_failure_is_told_whose_fault_it_is(message: str, hint: str) -> N
     assert build_hint(message) == hint
 
 
-async def _log_line(leader: InProcessLeader, dep_id: str, text: str) -> None:
-    """Wait until the deployment's build log shows `text`."""
-    api = leader.api
-    async with api.session.get(
-        f"{api.base_url}/v1/deployments/{dep_id}/events",
-        headers={"Authorization": f"Bearer {api.token}"},
-    ) as response:
-        async for line in response.content:
-            if line.strip() and text in json.loads(line).get("line", ""):
-                return
-
-
 async def test_an_engine_lost_mid_build_is_not_blamed_on_the_dockerfile(
     dockerd: Dockerd, leader_factory: Callable[..., Any], tmp_path: Path
 ) -> None:
@@ -64,7 +50,7 @@ async def test_an_engine_lost_mid_build_is_not_blamed_on_the_dockerfile(
         context = busybox_context(tmp_path / "c", run_step("echo engine-lost-now; sleep 5"))
         with capture_logs() as logs:
             dep = await leader.api.deploy_dir(context, "doomed")
-            await asyncio.wait_for(_log_line(leader, dep["id"], "engine-lost-now"), 60)
+            await leader.api.wait_log_line(dep["id"], "engine-lost-now")
             relay.cut()
             final = await leader.api.wait_final(dep["id"], timeout=60)
 

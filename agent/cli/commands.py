@@ -193,7 +193,11 @@ async def registry_show(args: argparse.Namespace) -> int:
 
 async def registry_remove(args: argparse.Namespace) -> int:
     async with client_for(args) as client:
-        print(json.dumps(await client.call("DELETE", "/v1/registry"), indent=2))
+        doc = await client.call("DELETE", "/v1/registry")
+    if doc.get("removed") is False:
+        print("no registry credentials were set: nothing changed")
+    else:
+        print(f"registry credentials removed (version {doc['version']})")
     return 0
 
 

@@ -291,19 +291,7 @@ async def first_event(
     api: Api, dep_id: str, match: Callable[[dict[str, Any]], bool], timeout: float
 ) -> dict[str, Any]:
     """Follow the deployment's events until one matches; fail if it ends first."""
-    async with (
-        asyncio.timeout(timeout),
-        api.session.get(
-            f"{api.base_url}/v1/deployments/{dep_id}/events",
-            headers={"Authorization": f"Bearer {api.token}"},
-            ssl=api.ssl,
-        ) as response,
-    ):
-        assert response.status == 200
-        async for line in response.content:
-            if line.strip() and match(event := json.loads(line)):
-                return dict(event)
-    raise AssertionError(f"deployment {dep_id} ended before the awaited event")
+    return await api.first_event(dep_id, match, timeout)
 
 
 async def metric(api: Api, name: str) -> float:

@@ -8,7 +8,7 @@ import io
 import json
 import ssl
 import tarfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,28 @@ class Api:
                 if line.strip():
                     found.append(json.loads(line))
         return found
+
+    async def first_event(
+        self, dep_id: str, match: Callable[[dict[str, Any]], bool], timeout: float = 60
+    ) -> dict[str, Any]:
+        """Follow the deployment's events until one matches; fail if it ends first."""
+        async with (
+            asyncio.timeout(timeout),
+            self.session.get(
+                f"{self.base_url}/v1/deployments/{dep_id}/events",
+                headers={"Authorization": f"Bearer {self.token}"},
+                ssl=self.ssl,
+            ) as response,
+        ):
+            assert response.status == 200
+            async for line in response.content:
+                if line.strip() and match(event := json.loads(line)):
+                    return dict(event)
+        raise AssertionError(f"deployment {dep_id} ended before the event looked for")
+
+    async def wait_log_line(self, dep_id: str, text: str, timeout: float = 60) -> None:
+        """Follow the deployment's events until a build log line holds `text`."""
+        await self.first_event(dep_id, lambda e: text in str(e.get("line", "")), timeout)
 
     async def wait_final(self, dep_id: str, timeout: float = 90) -> dict[str, Any]:
         async with asyncio.timeout(timeout):

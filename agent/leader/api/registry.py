@@ -54,5 +54,6 @@ async def get_registry(request: web.Request) -> web.Response:
 
 @routes.delete("/v1/registry")
 async def delete_registry(request: web.Request) -> web.Response:
-    version = await request.app[CONTEXT].registry.delete()
-    return web.json_response({"registry": None, "version": version})
+    registry = request.app[CONTEXT].registry
+    removed = await registry.delete()
+    return web.json_response({"registry": None, "version": registry.version, "removed": removed})

@@ -11,7 +11,7 @@ import asyncio
 import re
 from pathlib import Path
 
-from agent.buildlog import BuildEvent, event_type
+from agent.buildlog import BuildEvent, BuildLine, event_type
 from agent.credentials import RegistryCredentials
 from agent.engine import BuildSpec, Engine, EngineFacts, PushProgress
 from agent.errors import BuildError, DeploymentError, EngineError, RequestError, SshError
@@ -23,7 +23,7 @@ from agent.leader.pipeline.context_files import adapt_archive
 from agent.leader.pipeline.sources import clone_to_context
 from agent.leader.state.models import Deployment, Mode, State
 from agent.logs import get_logger
-from agent.retention import APP_LABEL, DEPLOYMENT_LABEL
+from agent.retention import APP_LABEL, DEPLOYMENT_LABEL, StepImages, remove_leftover
 from agent.urls import redact_url
 
 log = get_logger(__name__)
@@ -101,13 +101,34 @@ async def _again_if_an_image_vanished(
     """Build; once more if an image the build used was removed under it. Retention waits
     for builds (build_gate.py), but an operator's `docker image prune` does not."""
     try:
-        return await engine.build(context, spec, _BuildEvents(ctx, dep))
+        return await _cleaned_up_after(engine, context, spec, _BuildEvents(ctx, dep))
     except BuildError as exc:
         if IMAGE_VANISHED not in exc.message:
             raise
         log.warning("build.retry", deployment=dep.id, error=exc.message)
         await ctx.journal.record(dep.id, "build.retry", error=exc.message)
-    return await engine.build(context, spec, _BuildEvents(ctx, dep))
+    return await _cleaned_up_after(engine, context, spec, _BuildEvents(ctx, dep))
+
+
+async def _cleaned_up_after(
+    engine: Engine, context: Path, spec: BuildSpec, events: _BuildEvents
+) -> str:
+    """Build; a build that fails or is cancelled takes what it built so far with it: the
+    classic builder leaves each finished step as an image, which no app's retention
+    lists (BuildKit keeps its steps in its cache, which has a retention of its own)."""
+    try:
+        return await engine.build(context, spec, events)
+    except BaseException:
+        await asyncio.shield(_remove_leftover(engine, events.steps.last))
+        raise
+
+
+async def _remove_leftover(engine: Engine, image_id: str | None) -> None:
+    """Best effort, and never in the way of the build's own error."""
+    try:
+        await remove_leftover(engine, image_id)
+    except Exception as exc:  # a broken tunnel to a build server, say
+        log.warning("retention.leftover_failed", image=image_id, error=repr(exc))
 
 
 async def _prepare_context(ctx: LeaderContext, dep: Deployment) -> Path:
@@ -253,8 +274,11 @@ class _BuildEvents:
     def __init__(self, ctx: LeaderContext, dep: Deployment) -> None:
         self._ctx = ctx
         self._dep = dep
+        self.steps = StepImages()
 
     async def __call__(self, event: BuildEvent) -> None:
+        if isinstance(event, BuildLine):
+            self.steps.note(event.line)
         await self._ctx.journal.record(self._dep.id, event_type(event), **event.fields())
 
 

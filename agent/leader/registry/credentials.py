@@ -85,11 +85,15 @@ class RegistryService:
         log.info("registry.credentials_set", server=creds.server, version=version)
         return stored
 
-    async def delete(self) -> int:
+    async def delete(self) -> bool:
+        """Remove the credentials as a new version; with none set, change nothing (no
+        new version for the workers to acknowledge). True if some were removed."""
+        if self._current is None:
+            return False
         version = await self._store.put_credentials(None)
         self._changed(None, version)
         log.info("registry.credentials_removed", version=version)
-        return version
+        return True
 
     async def decide_mode(self) -> ModeDecision:
         enrolled = await self._store.enrolled_count()
