@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,9 +22,10 @@ import agent
 from tests.support.contexts import busybox_context
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader
+from tests.support.procs import free_port
 from tests.support.registry import Registry
 from tests.support.sshd import Sshd
-from tests.support.wheels import Wheelhouse
+from tests.support.wheels import REQUIREMENTS, ROOT, Wheelhouse, run, source_copy
 
 SCRIPT = str(Path(sys.executable).parent / "deploy-agent")
 TLS = {"plain_http": None}
@@ -178,7 +180,9 @@ async def test_bootstrap_installs_a_worker_that_connects_and_pulls(
     assert steps["connected"]["detail"].endswith("; join token removed from the host")
     assert not (host.config_dir / "join-token").exists()  # enrolled: it has its own secret
     token = (tmp_path / "join-token").read_text().strip()  # the operator's copy
-    assert token not in (host.config_dir / "config.toml").read_text()
+    config = (host.config_dir / "config.toml").read_text()
+    assert token not in config
+    assert "join_token_file" not in config, config  # the file is gone: not named either
     assert token not in json.dumps(run.events) + run.stderr
 
     status, _ = await leader.api.put_registry(registry.host, registry.username, registry.password)
@@ -276,3 +280,62 @@ async def test_a_failing_step_says_which_and_why(
     assert "bootstrap failed at step 'engine'" in run.stderr
     assert "Cannot connect to the Docker daemon" in run.steps()["engine"]["error"]
     assert not host.prefix.exists()
+
+
+def _installed_from_the_wheel(wheelhouse: Wheelhouse, venv: Path) -> Path:
+    """deploy-agent installed as a node installs it: the lock's wheels, then its own."""
+    run(sys.executable, "-m", "venv", venv)
+    pip = (venv / "bin" / "pip", "install", "-q", "--no-index", "--disable-pip-version-check")
+    run(*pip, "--find-links", wheelhouse.directory, "--require-hashes", "-r", REQUIREMENTS)
+    run(*pip, "--no-deps", wheelhouse.wheel)
+    return venv / "bin" / "deploy-agent"
+
+
+@pytest.mark.timeout(300)
+async def test_an_agent_installed_from_its_wheel_builds_one_from_the_checkout_it_runs_in(
+    wheelhouse: Wheelhouse, tmp_path: Path
+) -> None:
+    """Installed from a wheel, the agent has no checkout of its own: run in one of its
+    version, `bootstrap` builds the wheel there (with uv) and goes on to connect; in a
+    checkout of another version it stops at the wheel step naming both versions."""
+    program = _installed_from_the_wheel(wheelhouse, tmp_path / "venv")
+    checkout = source_copy(tmp_path)
+    token = tmp_path / "join-token"
+    token.write_text("DAT1-" + "0" * 64 + "-secret\n")
+    (tmp_path / "known_hosts").write_text("")  # no key: the connect step refuses the host
+    args = [
+        *(program, "bootstrap", f"ssh://root@127.0.0.1:{free_port()}", "--role", "worker"),
+        *("--leader-url", "https://leader.test:7443", "--join-token-file", token),
+        *("--known-hosts", tmp_path / "known_hosts", "--url", "http://127.0.0.1:9"),
+    ]
+    env = os.environ | {
+        "DEPLOY_AGENT_TOKEN": "t" * 20,
+        "PATH": f"{ROOT / '.tools' / 'bin'}:{os.environ['PATH']}",  # uv, as a user has it
+    }
+
+    done = await asyncio.to_thread(_run_in, checkout, env, args)
+    steps = {e["step"]: e for e in done if e.get("status") not in (None, "started")}
+    assert steps["wheel"]["status"] == "ok", steps
+    assert steps["wheel"]["detail"].startswith(f"deploy_agent-{agent.__version__}-")
+    assert f"built from {checkout}" in steps["wheel"]["detail"]
+    assert steps["connect"]["status"] == "failed"  # nothing listens there: as far as it goes
+
+    pyproject = checkout / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace(agent.__version__, "9.9.9", 1))
+    done = await asyncio.to_thread(_run_in, checkout, env, args)
+    wheel = next(e for e in done if e.get("step") == "wheel" and e["status"] == "failed")
+    assert "9.9.9" in wheel["error"] and agent.__version__ in wheel["error"], wheel
+
+
+def _run_in(cwd: Path, env: dict[str, str], args: list[object]) -> list[dict[str, Any]]:
+    done = subprocess.run(
+        [str(a) for a in args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]

@@ -18,8 +18,9 @@ DEFAULT_RELEASES = "/opt/deploy-agent/releases"
 DEFAULT_CONFIG = "/etc/deploy-agent/config.toml"
 
 
-def worker_config(plan: Plan, name: str) -> str:
-    """The worker's config.toml: no secret in it, the join token is its own file."""
+def worker_config(plan: Plan, name: str, *, join_token: bool = True) -> str:
+    """The worker's config.toml: no secret in it, the join token is its own file, named
+    only until the node has enrolled (then the file is gone, and so is its key)."""
     return "\n".join(
         [
             "# Written by `deploy-agent bootstrap`: running it again rewrites this file.",
@@ -31,7 +32,7 @@ def worker_config(plan: Plan, name: str) -> str:
             "",
             "[worker]",
             f"leader_url = {_toml(plan.leader_url)}",
-            f"join_token_file = {_toml(plan.token_path)}",
+            *([f"join_token_file = {_toml(plan.token_path)}"] if join_token else []),
             f"name = {_toml(name)}",
             "",
         ]
@@ -126,8 +127,17 @@ def put_config_in_place(plan: Plan, staged: str) -> str:
     )
 
 
-def forget_join_token(plan: Plan) -> str:
-    return f"rm -f {quote(plan.token_path)}"
+def forget_join_token(plan: Plan, staged: str) -> str:
+    """Puts the config that names no join token in place (checked first), then removes
+    the token: the node has enrolled and needs neither."""
+    return "; ".join(
+        [
+            "set -e",
+            check_config(plan, staged),
+            put_config_in_place(plan, staged),
+            f"rm -f {quote(plan.token_path)}",
+        ]
+    )
 
 
 def identity_node_id(plan: Plan) -> str:

@@ -8,12 +8,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import sys
+import tomllib
 import zipfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from agent import __version__
 from agent.bootstrap import render
 from agent.bootstrap.plan import DEFAULT_STATE_DIR, NODE_NAME, UNIT_NAME, Plan
 from agent.errors import BootstrapError, SshError
@@ -99,7 +102,8 @@ async def find_wheel(s: Session) -> Outcome:
         if source is None:
             raise BootstrapError(
                 "wheel",
-                "no source tree to build the wheel from: pass --wheel PATH (built in a "
+                "no checkout to build the wheel from (neither this agent's nor the current "
+                "directory's): run it in a checkout, or pass --wheel PATH (built in a "
                 "checkout with `uv build --wheel`)",
             )
         s.wheel = await build_wheel(source, s.workdir)
@@ -109,19 +113,45 @@ async def find_wheel(s: Session) -> Outcome:
 
 
 def source_tree() -> Path | None:
-    """The checkout this agent runs from, when it runs from one."""
-    root = Path(__file__).resolve().parents[2]
-    pyproject = root / "pyproject.toml"
-    if pyproject.is_file() and 'name = "deploy-agent"' in pyproject.read_text():
+    """The checkout to build the wheel from: the one this agent runs from, else (an
+    agent installed from a wheel) the one the command runs in, if it holds this
+    version. A checkout of another version would install a worker of that version."""
+    for root in (Path(__file__).resolve().parents[2], *_here_and_up()):
+        version = _checkout_version(root)
+        if version is None:
+            continue
+        if version != __version__:
+            raise BootstrapError(
+                "wheel",
+                f"the checkout in {root} is deploy-agent {version}, this one is "
+                f"{__version__}: pass --wheel PATH, or run the checkout's own deploy-agent",
+            )
         return root
     return None
 
 
+def _here_and_up() -> list[Path]:
+    here = Path.cwd().resolve()
+    return [here, *here.parents]
+
+
+def _checkout_version(root: Path) -> str | None:
+    """The version a deploy-agent checkout at `root` declares, or None for no checkout."""
+    try:
+        project = tomllib.loads((root / "pyproject.toml").read_text()).get("project", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    return str(project.get("version")) if project.get("name") == "deploy-agent" else None
+
+
 def uv_command(source: Path) -> str | None:
     """uv, which builds the wheel with the backend it carries: the checkout's own (what
-    its set-up scripts installed), else one on PATH."""
-    own = source / ".tools" / "bin" / "uv"
-    return str(own) if own.is_file() else shutil.which("uv")
+    its set-up scripts installed), else the one beside this interpreter (installed into
+    the same virtualenv), else one on PATH."""
+    for own in (source / ".tools" / "bin" / "uv", Path(sys.executable).parent / "uv"):
+        if own.is_file():
+            return str(own)
+    return shutil.which("uv")
 
 
 async def build_wheel(source: Path, out: Path) -> Path:
@@ -351,12 +381,20 @@ async def wait_connected(s: Session) -> Outcome:
         ) from None
     # Enrolled: the node has its own secret now. The join token would let anyone on this
     # host enrol more nodes until it is rotated, and the agent no longer needs it.
-    forgotten = await s.remote.run(render.forget_join_token(s.plan), deadline=15)
-    token = "join token removed from the host" if forgotten.ok else "join token left in place"
+    forgotten = await _forget_join_token(s)
+    token = "join token removed from the host" if forgotten else "join token left in place"
     return ok(
         f"node {s.name} ({node['id']}) connected: agent {node['agent_version']}, "
         f"engine {node['engine_version']} {node['arch']}; {token}"
     )
+
+
+async def _forget_join_token(s: Session) -> bool:
+    """The token file goes, and the config no longer names it."""
+    staged = s.plan.config_path + ".new"
+    config = render.worker_config(s.plan, s.name, join_token=False).encode()
+    await s.remote.write_file(staged, config, mode=0o640, deadline=30)
+    return (await s.remote.run(render.forget_join_token(s.plan, staged), deadline=30)).ok
 
 
 async def _poll_connected(s: Session) -> dict[str, Any]:
