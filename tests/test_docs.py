@@ -25,7 +25,7 @@ def test_site_builds_strict(tmp_path: Path) -> None:
     navigation, no missing snippet."""
     env = os.environ | {"NO_MKDOCS_2_WARNING": "1"}  # the theme's banner, not a finding
     done = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
         cwd=ROOT,
         capture_output=True,
         text=True,
