@@ -22,7 +22,8 @@ from agent.cli import commands
 from agent.cli.client import Client, Target
 from agent.cli.deploy import _git_url, follow
 from agent.cli.inputs import InputError
-from agent.cli.main import _parser
+from agent.cli.main import STATES, _parser
+from agent.leader.state.models import State
 from tests.support.contexts import busybox_context, features_context, run_step
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader, LeaderProcess
@@ -759,3 +760,8 @@ async def test_check_config_warns_of_a_token_file_every_user_can_read(tmp_path: 
     token.chmod(0o600)
     code, _, err = await _cli(None, "check-config", "-c", str(config))
     assert code == 0 and err == "", err
+
+
+def test_status_offers_the_states_a_deployment_has() -> None:
+    """`status --state` offers exactly the leader's deployment states."""
+    assert set(STATES) == {state.value for state in State}
