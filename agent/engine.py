@@ -306,6 +306,26 @@ class Engine:
             raise EngineError(f"image inspect {ref}: {exc.message}") from None
         return info
 
+    async def manifest_digest(self, ref: str, creds: RegistryCredentials | None) -> str | None:
+        """The digest the registry serves for `ref` (by tag or by digest), asked through
+        the engine with `creds`; None when the registry has no such manifest. Any other
+        failure is raised, classified like a push's."""
+        headers = self.registry_auth_header(creds) if creds is not None else {}
+        repository = ref.partition("@")[0]
+        try:
+            async with self._deadline("distribution inspect"):
+                doc = await self._docker._query_json(
+                    f"distribution/{ref}/json", "GET", headers=headers
+                )
+        except aiodocker.DockerError as exc:
+            if exc.status == 404 and "page not found" not in str(exc.message):
+                return None  # the registry said: manifest (or repository) unknown
+            raise _engine_or_registry(exc, repository) from None
+        digest = (doc.get("Descriptor") or {}).get("digest") if isinstance(doc, dict) else None
+        if not isinstance(digest, str):
+            raise RegistryError(f"the registry's answer for {ref} names no digest")
+        return digest
+
     async def remove_image(self, ref: str) -> None:
         try:
             async with self._deadline("image remove"):

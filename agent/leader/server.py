@@ -25,6 +25,7 @@ from agent.config import Config, LeaderConfig
 from agent.engine import Engine
 from agent.errors import AgentError, ConfigError
 from agent.leader.api import (
+    apps,
     cluster,
     deployments,
     middleware,
@@ -89,6 +90,7 @@ def build_app(ctx: LeaderContext, scheduler: Scheduler, rollouts: Rollouts) -> w
     app[ROLLOUTS] = rollouts
     for table in (
         deployments.routes,
+        apps.routes,
         registry.routes,
         cluster.routes,
         nodes.routes,

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from agent.errors import DeploymentError, EngineError, SshError
-from agent.leader.pipeline import building, release, stages
+from agent.leader.pipeline import building, release, stages, whereabouts
 from agent.leader.pipeline.context import LeaderContext
 from agent.leader.pipeline.sources import remove_quietly
 from agent.leader.state.models import (
@@ -23,7 +23,6 @@ from agent.leader.state.models import (
     StageTiming,
     State,
     caught_up_meanwhile,
-    plan,
 )
 from agent.logs import get_logger
 
@@ -85,7 +84,7 @@ class Runner:
         task.result()
 
     def _plan(self) -> tuple[State, ...]:
-        return plan(self.dep.mode, release=bool(self.dep.request.services))
+        return self.dep.planned()
 
     def _every_stage_done(self) -> bool:
         """Whether every stage has finished: a cancel that arrives then can undo nothing,
@@ -103,6 +102,8 @@ class Runner:
         if self.dep.attempts > 1:
             await self.ctx.journal.save(self.dep, "resumed", attempt=self.dep.attempts)
         await self._forget_lost_image()
+        if self.dep.kind == "rollback" and not any(map(self.dep.stage_done, self._plan())):
+            await whereabouts.require_image(self.ctx, self.dep)
         for stage in self._plan():
             if not self.dep.stage_done(stage):
                 await self._run_stage(stage)
@@ -170,7 +171,7 @@ class Runner:
             fields |= {"error": {"code": error.code, "message": error.message, "hint": error.hint}}
         await self._save("state", **fields)
         self.ctx.metrics.deployments.labels(
-            state=state.value, code=error.code if error else ""
+            state=state.value, code=error.code if error else "", kind=self.dep.kind
         ).inc()
         log.info("deployment.finished", state=state.value, code=error.code if error else None)
         self.ctx.git_credentials.forget(self.dep.id)  # a clone that never came
