@@ -17,14 +17,7 @@ from tests.support.contexts import busybox_context
 from tests.support.dockerd import Dockerd
 from tests.support.leader import InProcessLeader
 from tests.support.registry import Registry
-from tests.support.worker import WorkerProcess
-
-WorkerFactory = Callable[..., WorkerProcess]
-TLS = {"plain_http": None}
-
-
-def _holds(engine: Dockerd, image: str) -> bool:
-    return engine.cli("image", "inspect", image, check=False).returncode == 0
+from tests.test_workers import TLS, WorkerFactory, _holds
 
 
 async def _cluster(
