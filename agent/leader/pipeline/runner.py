@@ -88,8 +88,10 @@ class Runner:
 
     def _every_stage_done(self) -> bool:
         """Whether every stage has finished: a cancel that arrives then can undo nothing,
-        so the deployment has succeeded."""
-        return all(self.dep.stage_done(stage) for stage in self._plan())
+        so the deployment has succeeded. One with no stage (a local rollback without
+        services) has done nothing yet when its check of the image is cut short."""
+        stages = self._plan()
+        return bool(stages) and all(self.dep.stage_done(stage) for stage in stages)
 
     async def _attempt(self) -> None:
         self.dep.attempts += 1
