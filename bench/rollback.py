@@ -46,22 +46,38 @@ async def main(runs: int) -> None:
     with scratch_dir("bench-rollback-") as work:
         swarm = await _swarm_figures(runs, work / "swarm")
         distributing = await _worker_figures(runs, work / "workers")
-    agent, cli, plain, stages = swarm
+    finals, cli, plain = swarm
+    agent = [f["finished_at"] - f["created_at"] for f in finals]
     a, c, p = (statistics.median(x) for x in (agent, cli, plain))
     print(f"runs: {runs}, 2 replicas, start-first, 1 s monitor (median seconds)")
     print(f"  deploy-agent rollback, submit -> final:    {a:.2f} s")
     print(f"  deploy-agent rollback, whole CLI run:      {c:.2f} s")
     print(f"  docker service update --image (waits):    {p:.2f} s")
     print(f"  ratio {a / p:.2f} (submit -> final), {c / p:.2f} (whole CLI run)")
-    print(f"  stages seen in the rollbacks: {sorted(stages)}")
+    print(f"  stages seen in the rollbacks: {sorted({s for f in finals for s in f['stages']})}")
+    _print_breakdown(finals)
+    for name, values in (("submit -> final", agent), ("docker", plain), ("CLI run", cli)):
+        print(f"  each, {name}: {', '.join(f'{v:.2f}' for v in values)} s")
     d = statistics.median(distributing)
     print(f"registry mode, two workers holding the image: distributing {d * 1000:.0f} ms")
     print(f"  (each: {', '.join(f'{s * 1000:.0f}' for s in distributing)} ms)")
 
 
+def _print_breakdown(finals: list[dict[str, Any]]) -> None:
+    """Where a rollback's time went: before its release stage, in it, after it."""
+    parts: dict[str, list[float]] = {"before releasing": [], "releasing": [], "after releasing": []}
+    for final in finals:
+        timing = final["stages"]["releasing"]
+        parts["before releasing"].append(timing["started_at"] - final["created_at"])
+        parts["releasing"].append(timing["seconds"])
+        parts["after releasing"].append(final["finished_at"] - timing["finished_at"])
+    medians = ", ".join(f"{name} {statistics.median(v):.3f} s" for name, v in parts.items())
+    print(f"  medians: {medians}")
+
+
 async def _swarm_figures(
     runs: int, work: Path
-) -> tuple[list[float], list[float], list[float], set[str]]:
+) -> tuple[list[dict[str, Any]], list[float], list[float]]:
     await asyncio.to_thread(work.mkdir)
     engine = Dockerd()
     engine.start()
@@ -80,31 +96,31 @@ async def _swarm_figures(
 
 async def _measure_swarm(
     leader: LeaderProcess, engine: Dockerd, env: dict[str, str], work: Path, runs: int
-) -> tuple[list[float], list[float], list[float], set[str]]:
+) -> tuple[list[dict[str, Any]], list[float], list[float]]:
     v1 = await _deploy(leader, work, services=SERVICES)
     v2 = await _deploy(leader, work, services=SERVICES)
-    _twin(engine, env, v1["image"])
     images = [v1["image"], v2["image"]]
-    agent, cli, plain, stages = [], [], [], set()
+    _twin(engine, env, images)
+    finals, cli, plain = [], [], []
     for i in range(runs):
         final, wall = await _cli_rollback(leader)
-        agent.append(final["finished_at"] - final["created_at"])
+        finals.append(final)
         cli.append(wall)
-        stages |= set(final["stages"])
         started = time.perf_counter()
         await asyncio.to_thread(
             docker, engine, env, "service", "update", "--image", images[i % 2], "--detach=false",
             "twin",
         )  # fmt: skip
         plain.append(time.perf_counter() - started)
-    return agent, cli, plain, stages
+    return finals, cli, plain
 
 
-def _twin(engine: Dockerd, env: dict[str, str], v1: str) -> None:
+def _twin(engine: Dockerd, env: dict[str, str], images: list[str]) -> None:
     """The twin service, on v1 then v2 like the app, so each run has an update to do."""
     settings = ["--replicas", "2", "--update-order", "start-first", "--update-monitor", "1s"]
-    docker(engine, env, "service", "create", "--name", "twin", *settings, "--detach=false", v1,
-           *COMMAND)  # fmt: skip
+    docker(engine, env, "service", "create", "--name", "twin", *settings, "--detach=false",
+           images[0], *COMMAND)  # fmt: skip
+    docker(engine, env, "service", "update", "--image", images[1], "--detach=false", "twin")
 
 
 async def _cli_rollback(leader: LeaderProcess) -> tuple[dict[str, Any], float]:
