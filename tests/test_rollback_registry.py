@@ -15,6 +15,7 @@ from agent.engine import Engine, PushProgress
 from tests.support.cluster import start_cluster
 from tests.support.contexts import busybox_context
 from tests.support.dockerd import Dockerd
+from tests.support.engine_proxy import altered
 from tests.support.leader import InProcessLeader
 from tests.support.registry import Registry
 from tests.test_workers import TLS, WorkerFactory, _holds
@@ -198,3 +199,31 @@ async def test_a_rollback_to_an_image_gone_from_everywhere_fails_image_gone(
     assert "registry no longer has it" in final["error"]["message"]
     assert final["stages"] == {}
     assert final["nodes"] == {}
+
+
+async def test_a_prebuilt_image_the_workers_cannot_run_is_stopped_before_distribution(
+    leader_factory: Callable[..., Any],
+    registry: Registry,
+    dockerd: Dockerd,
+    worker_engines: list[Dockerd],
+    worker_process: WorkerFactory,
+    tmp_path: Path,
+) -> None:
+    """An amd64 image built elsewhere, for a worker whose engine reports arm64: the
+    registry's manifest names the platform, and the deployment fails with
+    platform_mismatch, naming the worker, before any pull is ordered."""
+    repository = f"{registry.host}/{registry.username}/foreign"
+    await _push(dockerd, registry, busybox_context(tmp_path / "a"), repository, "1")
+    async with altered(worker_engines[0].sock, arch="arm64") as arm64:
+        leader: InProcessLeader = await leader_factory(leader=TLS)
+        await start_cluster(leader, registry, [arm64], worker_process)
+        status, dep = await leader.api.request(
+            "POST", "/v1/deployments", json={"app": "foreign", "prebuilt": f"{repository}:1"}
+        )
+        assert status == 202, dep
+        final = await leader.api.wait_final(dep["id"])
+
+    assert final["platform"] == "linux/amd64"
+    assert final["error"]["code"] == "platform_mismatch", final["error"]
+    assert "w1 (arm64)" in final["error"]["message"]
+    assert final["stages"] == {} and final["nodes"] == {}

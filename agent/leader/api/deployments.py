@@ -351,6 +351,7 @@ def _deployment(
         tag=image.tag,
         digest=image.digest,
         image_id=image.image_id,
+        platform=image.platform,
         credentials_version=creds.version if creds else None,
     )
 

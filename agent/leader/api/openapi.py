@@ -12,10 +12,16 @@ import msgspec
 from aiohttp import web
 
 from agent import __version__
+from agent.leader.api.apps import DEFAULT_RELEASES, MAX_RELEASES
 from agent.leader.api.deployments import MAX_LIST_LIMIT
 from agent.leader.api.nodes import JoinRequest
 from agent.leader.api.registry import CredentialsBody
-from agent.leader.state.models import DeploymentRequest, RollbackRequest, State
+from agent.leader.state.models import (
+    APP_NAME_PATTERN,
+    DeploymentRequest,
+    RollbackRequest,
+    State,
+)
 from agent.tls import JOIN_TOKEN_PATTERN
 
 routes = web.RouteTableDef()
@@ -85,7 +91,14 @@ _UPLOAD_QUERY = [
         ("prune", {"type": "boolean"}, "remove the app's services not listed"),
     )
 ]
-_APP = [{"name": "app", "in": "path", "required": True, "schema": {"type": "string"}}]
+_APP = [
+    {
+        "name": "app",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": APP_NAME_PATTERN},
+    }
+]
 _IDEMPOTENCY = {
     "name": "Idempotency-Key",
     "in": "header",
@@ -194,7 +207,17 @@ def _app_paths() -> dict[str, Any]:
     )
     rollback["requestBody"] = {"required": False, **_json(_ref("RollbackRequest"))}
     rollback["responses"]["202"]["headers"] = _REPLAYED
-    limit = {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer"}}
+    limit = {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "schema": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": MAX_RELEASES,
+            "default": DEFAULT_RELEASES,
+        },
+    }
     return {
         "/v1/apps": {
             "get": _op("Apps, each with its current release", success=_json(_ref("Apps")))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent.credentials import RegistryCredentials
+from agent.engine import Manifest
 from agent.errors import EngineError, RegistryAuthError, RegistryTransientError, RequestError
 from agent.leader.pipeline.context import LeaderContext
 from agent.leader.registry import references
@@ -23,6 +24,7 @@ class Image:
     tag: str
     digest: str | None = None
     image_id: str | None = None
+    platform: str | None = None  # os/arch, when the image serves one platform only
 
 
 async def resolve(
@@ -36,8 +38,14 @@ async def resolve(
     references.require_registry_host(parsed.repository, creds, "prebuilt")
     repository = references.push_name(parsed.repository)
     pinned = references.ImageReference(repository, parsed.tag, parsed.digest)
-    digest = await _registry_digest(ctx, str(pinned), creds)
-    return Image(repository=repository, tag=parsed.tag or tag, digest=digest)
+    manifest = await _registry_manifest(ctx, str(pinned), creds)
+    (platform,) = manifest.platforms if len(manifest.platforms) == 1 else (None,)
+    return Image(
+        repository=repository,
+        tag=parsed.tag or tag,
+        digest=manifest.digest,
+        platform=None if platform is None else str(platform),
+    )
 
 
 async def _on_leader(ctx: LeaderContext, ref: references.ImageReference, tag: str) -> Image:
@@ -60,10 +68,10 @@ async def _on_leader(ctx: LeaderContext, ref: references.ImageReference, tag: st
     )
 
 
-async def _registry_digest(ctx: LeaderContext, ref: str, creds: RegistryCredentials) -> str:
-    """The digest the registry serves for `ref` now; a RequestError that says why not."""
+async def _registry_manifest(ctx: LeaderContext, ref: str, creds: RegistryCredentials) -> Manifest:
+    """What the registry serves for `ref` now; a RequestError that says why not."""
     try:
-        digest = await ctx.engine.manifest_digest(ref, creds)
+        manifest = await ctx.engine.manifest(ref, creds)
     except RegistryAuthError as exc:
         raise RequestError(
             422,
@@ -82,7 +90,7 @@ async def _registry_digest(ctx: LeaderContext, ref: str, creds: RegistryCredenti
         raise RequestError(
             422, "invalid_request", f"{ref} could not be looked up: {exc.message}"
         ) from None
-    if digest is None:
+    if manifest is None:
         what = "manifest" if "@" in ref else "tag"
         raise RequestError(
             422,
@@ -90,4 +98,4 @@ async def _registry_digest(ctx: LeaderContext, ref: str, creds: RegistryCredenti
             f"the registry has no {what} {ref}",
             hint="push the image there first, or check the name and tag",
         )
-    return digest
+    return manifest

@@ -45,6 +45,7 @@ async def new_rollback(ctx: LeaderContext, app: str, to: str | None) -> Deployme
         tag=target.tag,
         digest=target.digest,
         image_id=target.image_id,
+        platform=target.platform,
         credentials_version=creds.version if creds else None,
     )
 

@@ -14,12 +14,13 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from agent.errors import DeploymentError, EngineError, SshError
-from agent.leader.pipeline import building, release, stages, whereabouts
+from agent.leader.pipeline import building, platforms, release, stages, whereabouts
 from agent.leader.pipeline.context import LeaderContext
 from agent.leader.pipeline.sources import remove_quietly
 from agent.leader.state.models import (
     Deployment,
     ErrorInfo,
+    Mode,
     StageTiming,
     State,
     caught_up_meanwhile,
@@ -104,11 +105,20 @@ class Runner:
         if self.dep.attempts > 1:
             await self.ctx.journal.save(self.dep, "resumed", attempt=self.dep.attempts)
         await self._forget_lost_image()
-        if self.dep.kind == "rollback" and not any(map(self.dep.stage_done, self._plan())):
-            await whereabouts.require_image(self.ctx, self.dep)
+        if self.dep.kind != "build" and not any(map(self.dep.stage_done, self._plan())):
+            await self._check_image()
         for stage in self._plan():
             if not self.dep.stage_done(stage):
                 await self._run_stage(stage)
+
+    async def _check_image(self) -> None:
+        """An image not built here (prebuilt, or a release's) is checked before anything
+        is sent: that the workers can run it, and a rollback's, that it still exists."""
+        if self.dep.mode is Mode.REGISTRY:
+            archs = platforms.node_archs(await self.ctx.store.nodes())
+            platforms.check_image(self.dep.platform, archs)
+        if self.dep.kind == "rollback":
+            await whereabouts.require_image(self.ctx, self.dep)
 
     async def _forget_lost_image(self) -> None:
         """A build recorded before a crash counts only while the engine still holds it."""

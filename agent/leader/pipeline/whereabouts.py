@@ -123,7 +123,7 @@ async def _in_registry_one(ctx: LeaderContext, dep: Deployment) -> bool | None:
     ):
         return None
     try:
-        return await ctx.engine.manifest_digest(dep.image_ref, creds) is not None
+        return await ctx.engine.manifest(dep.image_ref, creds) is not None
     except EngineError as exc:
         log.warning("whereabouts.registry_unknown", image=dep.image_ref, error=exc.message)
         return None
