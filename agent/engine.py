@@ -201,6 +201,20 @@ class ImagePlatform:
         return f"{self.os}/{self.arch}" + (f"/{self.variant}" if self.variant else "")
 
 
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A registry's manifest for an image: its digest, and the platforms it serves (one
+    for an image, each of an index's)."""
+
+    digest: str
+    platforms: tuple[ImagePlatform, ...] = ()
+
+
+def _platform_of(doc: Mapping[str, Any]) -> ImagePlatform:
+    variant = doc.get("variant")
+    return ImagePlatform(str(doc.get("os")), str(doc.get("architecture")), variant or None)
+
+
 def _version_tuple(text: str) -> tuple[int, ...]:
     """`20.10.24+dfsg1` as (20, 10, 24); what is not a number ends it."""
     numbers = []
@@ -305,6 +319,26 @@ class Engine:
                 return None
             raise EngineError(f"image inspect {ref}: {exc.message}") from None
         return info
+
+    async def manifest(self, ref: str, creds: RegistryCredentials | None) -> Manifest | None:
+        """What the registry serves for `ref` (by tag or by digest), asked through the
+        engine with `creds`; None when the registry has no such manifest. Any other
+        failure is raised, classified like a push's."""
+        headers = self.registry_auth_header(creds) if creds is not None else {}
+        repository = ref.partition("@")[0]
+        try:
+            async with self._deadline("distribution inspect"):
+                doc = await self._docker._query_json(
+                    f"distribution/{ref}/json", "GET", headers=headers
+                )
+        except aiodocker.DockerError as exc:
+            if exc.status == 404 and "page not found" not in str(exc.message):
+                return None  # the registry said: manifest (or repository) unknown
+            raise _engine_or_registry(exc, repository) from None
+        digest = (doc.get("Descriptor") or {}).get("digest") if isinstance(doc, dict) else None
+        if not isinstance(digest, str):
+            raise RegistryError(f"the registry's answer for {ref} names no digest")
+        return Manifest(digest, tuple(_platform_of(p) for p in doc.get("Platforms") or ()))
 
     async def remove_image(self, ref: str) -> None:
         try:

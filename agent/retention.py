@@ -1,9 +1,13 @@
-"""Image retention: keep an app's newest images, remove the rest that nothing uses, and
-what a build that did not finish left behind.
+"""Image retention: keep the images of an app's last releases, remove the rest of its
+images that nothing uses, and what a build that did not finish left behind.
 
-Shared by leader and workers. An image a running container uses (a service's task, or
-anything else), or that a Swarm service's spec names, is never removed; stopped
-containers, such as Swarm's task history, do not keep an image.
+Shared by leader and workers. The leader names the images to hold (its last releases',
+so that a rollback finds them, and those of its deployments under way); without that
+list (a worker of the previous protocol is sent none) the newest images by date stay.
+An image a running container uses (a service's task, or anything else), or that a Swarm
+service's spec names, is never removed; stopped containers, such as Swarm's task
+history, do not keep an image. Only images with the app's label are candidates: an image
+built elsewhere (a prebuilt deployment's) is never removed here.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import datetime
 import json
 import re
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from agent.engine import Engine
@@ -26,24 +31,44 @@ APP_LABEL = "deploy-agent.app"
 DEPLOYMENT_LABEL = "deploy-agent.deployment"
 
 
-async def prune_app_images(engine: Engine, app: str, keep: int) -> list[str]:
-    """Remove `app`'s images beyond the newest `keep`; return the ids removed."""
+async def prune_app_images(
+    engine: Engine,
+    app: str,
+    keep: int,
+    hold: Sequence[str] | None = None,
+    spare: Iterable[str] = (),
+) -> list[str]:
+    """Remove `app`'s unused images but those `hold` and `spare` name (references);
+    with no `hold`, those beyond the newest `keep`. Return the ids removed."""
     filters = json.dumps({"label": [f"{APP_LABEL}={app}"]})
     images: list[dict[str, Any]] = await engine.request(
         "GET", "images/json", params={"filters": filters}
     )
-    if len(images) <= keep:
+    if hold is None:
+        candidates = [] if len(images) <= keep else (await _newest_first(engine, images))[keep:]
+    else:
+        held = await _ids_of(engine, [*hold, *spare])
+        candidates = [image["Id"] for image in images if image["Id"] not in held]
+    if not candidates:
         return []
     in_use = await _images_in_use(engine)
     removed = []
-    for image_id in (await _newest_first(engine, images))[keep:]:
-        if image_id in in_use:
-            continue
-        if await _remove(engine, image_id):
+    for image_id in candidates:
+        if image_id not in in_use and await _remove(engine, image_id):
             removed.append(image_id)
     if removed:
         log.info("retention.removed", app=app, images=len(removed), kept=keep)
     return removed
+
+
+async def _ids_of(engine: Engine, refs: Iterable[str]) -> set[str]:
+    """The ids of the images the engine holds among `refs`."""
+    ids = set()
+    for ref in dict.fromkeys(refs):
+        image_id = await engine.image_id(ref)
+        if image_id is not None:
+            ids.add(image_id)
+    return ids
 
 
 async def _newest_first(engine: Engine, images: list[dict[str, Any]]) -> list[str]:

@@ -74,10 +74,20 @@ class Sync(_Message, frozen=True, kw_only=True, tag="sync"):
 
 
 class Retain(_Message, frozen=True, kw_only=True, tag="retain"):
-    """After a release: keep the app's newest `keep` images, remove older unused ones."""
+    """After a release: remove the app's images that nothing uses, but those `hold`
+    names (the images of its last releases, and of its deployments under way). Without
+    `hold` (protocol 1), the newest `keep` images stay."""
 
     app: _Text
     keep: int
+    hold: Annotated[list[_Ref], msgspec.Meta(max_length=1000)] | None = None
+
+
+class Inventory(_Message, frozen=True, kw_only=True, tag="inventory"):
+    """Which of these images does the worker's engine hold? Answered with Holding."""
+
+    query: _Text
+    images: Annotated[list[_Ref], msgspec.Meta(max_length=1000)]
 
 
 _Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
@@ -159,8 +169,15 @@ class UpgradeStatus(_Message, frozen=True, kw_only=True, tag="upgrade_status"):
     detail: _Text | None = None
 
 
-ToWorker = Credentials | PullOrder | Sync | Retain | UpgradeOrder
-ToLeader = Hello | CredentialsAck | PullProgress | PullResult | UpgradeStatus
+class Holding(_Message, frozen=True, kw_only=True, tag="holding"):
+    """The answer to an Inventory: the images asked about that the engine holds."""
+
+    query: _Text
+    images: Annotated[list[_Ref], msgspec.Meta(max_length=1000)]
+
+
+ToWorker = Credentials | PullOrder | Sync | Retain | Inventory | UpgradeOrder
+ToLeader = Hello | CredentialsAck | PullProgress | PullResult | Holding | UpgradeStatus
 
 # What each protocol version added after the first: {version: {message type: fields}},
 # where an empty set of fields means the message type itself is new in that version.
@@ -169,6 +186,9 @@ ADDED_IN: dict[int, dict[str, frozenset[str]]] = {
         "upgrade": frozenset(),
         "upgrade_status": frozenset(),
         "hello": frozenset({"upgradable"}),
+        "retain": frozenset({"hold"}),
+        "inventory": frozenset(),
+        "holding": frozenset(),
     },
 }
 
@@ -223,6 +243,13 @@ def encode_for(message: ToWorker | ToLeader, version: int) -> str | None:
             doc.pop(name, None)
     doc["v"] = version
     return _encoder.encode(doc).decode()
+
+
+def known_to(message_type: type[ToWorker | ToLeader], version: int) -> bool:
+    """Whether a peer of protocol `version` knows this type of message."""
+    tag = str(message_type.__struct_config__.tag)
+    later = range(version + 1, PROTOCOL_VERSION + 1)
+    return not any(ADDED_IN.get(added, {}).get(tag) == frozenset() for added in later)
 
 
 def protocol_of(header: str | None) -> int | None:

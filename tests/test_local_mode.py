@@ -108,9 +108,9 @@ async def test_a_finished_deployments_history_goes_after_history_days(
 
 @pytest.fixture
 async def images_vanishing(dockerd: Dockerd) -> AsyncIterator[str]:
-    """The engine, but every image's own record answered 404, as for an image the
+    """The engine, but every removal of an image by id answered 404, as for an image the
     retention of the deployment before removed meanwhile (set up before the leader)."""
-    async with refusing(dockerd.sock, "GET", r"/images/sha256:[0-9a-f]+/json$", 404) as url:
+    async with refusing(dockerd.sock, "DELETE", r"/images/sha256:[0-9a-f]+$", 404) as url:
         yield url
 
 

@@ -45,7 +45,8 @@ async def _scrape(leader: InProcessLeader) -> dict[tuple[str, tuple[tuple[str, s
 async def test_metrics_count_deployments_by_state_and_code_and_time_stages(
     leader: InProcessLeader, tmp_path: Path
 ) -> None:
-    """After one success and one build failure, the counters and histograms say so."""
+    """After one success and one build failure, the counters (by state, code and kind)
+    and histograms say so."""
     ok = await leader.api.deploy_dir(busybox_context(tmp_path / "a"), "metered")
     bad = await leader.api.deploy_dir(busybox_context(tmp_path / "b", run_step("exit 1")), "other")
     await leader.api.wait_final(ok["id"])
@@ -54,8 +55,9 @@ async def test_metrics_count_deployments_by_state_and_code_and_time_stages(
     samples = await _scrape(leader)
 
     total = "deploy_agent_deployments_total"
-    assert samples[(total, (("code", ""), ("state", "succeeded")))] == 1
-    assert samples[(total, (("code", "build_failed"), ("state", "failed")))] == 1
+    assert samples[(total, (("code", ""), ("kind", "build"), ("state", "succeeded")))] == 1
+    failed = (("code", "build_failed"), ("kind", "build"), ("state", "failed"))
+    assert samples[(total, failed)] == 1
     assert samples[("deploy_agent_stage_duration_seconds_count", (("stage", "building"),))] == 1
     assert samples[("deploy_agent_workers_enrolled", ())] == 0
     assert samples[("deploy_agent_workers_connected", ())] == 0

@@ -47,7 +47,8 @@ async def test_old_and_new_workers_serve_the_same_deployments(
 ) -> None:
     """A previous-release worker and a current one enrol, take credentials and their
     rotation, pull the same digest, catch up after being offline, and the old one is
-    revoked (exit 3); it never closes the link for a message it cannot read."""
+    revoked (exit 3); it never closes the link for a message it cannot read (a Retain
+    without the images to hold; no inventory question, so what it holds is unknown)."""
     leader = leader_process(leader=TLS)
     leader.start()
     status, _ = await leader.api.put_registry(registry.host, registry.username, registry.password)
@@ -74,6 +75,8 @@ async def test_old_and_new_workers_serve_the_same_deployments(
         "new": "present",
     }
     assert all(_holds(engine, final["image"]) for engine in worker_engines)
+    _, app = await leader.api.request("GET", "/v1/apps/skew")  # only the new one is asked
+    assert app["releases"][0]["retained"]["workers"] == {"old": None, "new": True}
 
     registry.rotate_password("rotated-password")
     registry.restart()

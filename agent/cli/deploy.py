@@ -212,12 +212,21 @@ async def command(args: argparse.Namespace) -> int:
                 compress=args.compress,
             )
         else:
-            body = _git_body(args)
+            body = _prebuilt_body(args) if args.prebuilt else _git_body(args)
             dep = await submit_git(client, body, args.idempotency_key)
-        print(f"deployment {dep['id']} submitted ({dep['mode']} mode)", file=sys.stderr)
-        if args.no_follow:
-            return 0
-        final = await _follow_until_done_or_detached(client, dep["id"], args.json)
+        return await follow_to_exit(client, dep, no_follow=args.no_follow, as_json=args.json)
+
+
+async def follow_to_exit(
+    client: Client, dep: dict[str, Any], *, no_follow: bool, as_json: bool
+) -> int:
+    """Say the deployment was submitted, follow it live to its end, and give the exit
+    code: 0 succeeded, 1 failed or cancelled, 130 detached with Ctrl-C."""
+    kind = "" if dep.get("kind", "build") == "build" else f"{dep['kind']}, "
+    print(f"deployment {dep['id']} submitted ({kind}{dep['mode']} mode)", file=sys.stderr)
+    if no_follow:
+        return 0
+    final = await _follow_until_done_or_detached(client, dep["id"], as_json)
     if final is None:
         return 130
     return 0 if final["state"] == "succeeded" else 1
@@ -306,6 +315,22 @@ def _git_url(url: str, password_file: str | None) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def _prebuilt_body(args: argparse.Namespace) -> dict[str, Any]:
+    """A deployment of an image built elsewhere: no build fields, the release's are kept."""
+    return {"app": args.app, "prebuilt": args.prebuilt, **_release_fields(args)}
+
+
+def _release_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The fields of a JSON submission that say what to release, and how."""
+    fields: dict[str, Any] = {}
+    services = _services(args)
+    if services is not None:
+        fields["services"] = services
+    fields["prune"] = args.prune
+    fields["allow_manager_placement"] = args.allow_manager_placement
+    return fields
+
+
 def _git_body(args: argparse.Namespace) -> dict[str, Any]:
     url = _git_url(args.git, args.git_password_file)
     body: dict[str, Any] = {"app": args.app, "git": {"url": url, "ref": args.ref}}
@@ -317,9 +342,4 @@ def _git_body(args: argparse.Namespace) -> dict[str, Any]:
         body["image"] = args.image
     body["build_args"] = dict(item.partition("=")[::2] for item in args.build_arg)
     body["labels"] = dict(item.partition("=")[::2] for item in args.label)
-    services = _services(args)
-    if services is not None:
-        body["services"] = services
-    body["prune"] = args.prune
-    body["allow_manager_placement"] = args.allow_manager_placement
-    return body
+    return body | _release_fields(args)

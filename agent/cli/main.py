@@ -15,6 +15,7 @@ from agent import __version__
 from agent.cli import bootstrap as bootstrap_cmd
 from agent.cli import commands
 from agent.cli import deploy as deploy_cmd
+from agent.cli import releases as releases_cmd
 from agent.cli import upgrade as upgrade_cmd
 from agent.cli.client import ApiError, describe
 from agent.cli.inputs import InputError
@@ -85,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     source = dep.add_mutually_exclusive_group(required=True)
     source.add_argument("--context", type=Path, help="directory to send as the build context")
     source.add_argument("--git", help="git URL to build from")
+    source.add_argument(
+        "--prebuilt",
+        metavar="REF",
+        help="an image built elsewhere: on the configured registry (a tag is pinned to its "
+        "digest), or, with no registry, on the leader's engine",
+    )
     dep.add_argument(
         "--git-password-file",
         help="file with the git token for --git (or DEPLOY_AGENT_GIT_PASSWORD): kept off "
@@ -147,10 +154,34 @@ def _parser() -> argparse.ArgumentParser:
     _registry_parser(sub)
     _nodes_parser(sub)
     _client_flags(upgrade_cmd.add_parser(sub))
+    _releases_parser(sub)
     boot = bootstrap_cmd.add_parser(sub)
     _client_flags(boot)
     boot.set_defaults(command=commands.bootstrap_host)
     return parser
+
+
+def _releases_parser(sub: Any) -> None:
+    apps = sub.add_parser("apps", help="list apps and their current release")
+    _client_flags(apps)
+    apps.add_argument("--json", action="store_true")
+    apps.set_defaults(command=releases_cmd.apps)
+
+    history = sub.add_parser("history", help="an app's releases, newest first")
+    _client_flags(history)
+    history.add_argument("app")
+    history.add_argument("--limit", type=int, default=20)
+    history.add_argument("--json", action="store_true")
+    history.set_defaults(command=releases_cmd.history)
+
+    back = sub.add_parser("rollback", help="redeploy an earlier release, and follow it")
+    _client_flags(back)
+    back.add_argument("app")
+    back.add_argument("--to", metavar="ID", help="the release (default: the one before)")
+    back.add_argument("--idempotency-key")
+    back.add_argument("--no-follow", action="store_true")
+    back.add_argument("--json", action="store_true", help="print events as JSON lines")
+    back.set_defaults(command=releases_cmd.rollback)
 
 
 def _nodes_parser(sub: Any) -> None:

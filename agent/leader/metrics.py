@@ -26,7 +26,7 @@ class LeaderMetrics:
         self.deployments = Counter(
             "deploy_agent_deployments",
             "Deployments that reached a final state",
-            ["state", "code"],
+            ["state", "code", "kind"],
             registry=r,
         )
         self.stage_seconds = Histogram(

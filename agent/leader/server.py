@@ -26,6 +26,7 @@ from agent.engine import Engine
 from agent.errors import AgentError, ConfigError
 from agent.files import others_may_read
 from agent.leader.api import (
+    apps,
     cluster,
     deployments,
     middleware,
@@ -90,6 +91,7 @@ def build_app(ctx: LeaderContext, scheduler: Scheduler, rollouts: Rollouts) -> w
     app[ROLLOUTS] = rollouts
     for table in (
         deployments.routes,
+        apps.routes,
         registry.routes,
         cluster.routes,
         nodes.routes,

@@ -335,7 +335,9 @@ class Worker:
                 await self._take_credentials(message.credentials)
                 self.puller.order(message.order, message.image)
             case wire.Retain():
-                self.puller.retain(message.app, message.keep)
+                self.puller.retain(message.app, message.keep, message.hold)
+            case wire.Inventory():
+                self.puller.inventory(message.query, message.images)
             case wire.UpgradeOrder():
                 self._start_upgrade(message)
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from tenacity import (
     AsyncRetrying,
@@ -25,6 +26,7 @@ from agent.retention import prune_app_images
 from agent.retrying import scoped
 
 log = get_logger(__name__)
+ORDER_MEMORY_S = 3600.0
 Send = Callable[[wire.ToLeader], Awaitable[None]]
 CredentialsSource = Callable[[], RegistryCredentials | None]
 
@@ -47,6 +49,9 @@ class Puller:
         # by image: its pull, and the progress sink that knows the orders it answers
         self._inflight: dict[str, tuple[asyncio.Task[str | None], _Progress]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # by image: when it was last ordered (monotonic), so that a retention told before
+        # an order spares that order's image
+        self._ordered_at: dict[str, float] = {}
 
     @property
     def busy(self) -> int:
@@ -55,6 +60,7 @@ class Puller:
 
     def order(self, order: str, image: str) -> None:
         """Make sure `image` is present, then answer `order`; a duplicate joins the pull."""
+        self._ordered_at[image] = time.monotonic()
         inflight = self._inflight.get(image)
         if inflight is None:
             progress = _Progress(image, self._send)
@@ -64,22 +70,49 @@ class Puller:
         pull, progress = inflight
         if order not in progress.orders:
             progress.orders.append(order)
-        answer = asyncio.create_task(self._answer(order, image, pull, time.monotonic()))
-        self._tasks.add(answer)
-        answer.add_done_callback(self._tasks.discard)
+        self._spawn(self._answer(order, image, pull, time.monotonic()), f"answer-{order}")
 
-    def retain(self, app: str, keep: int) -> None:
-        """Remove the app's old images once no pull is under way."""
-        chore = asyncio.create_task(self._retain(app, keep), name=f"retain-{app}")
-        self._tasks.add(chore)
-        chore.add_done_callback(self._tasks.discard)
+    def retain(self, app: str, keep: int, hold: list[str] | None) -> None:
+        """Remove the app's old images (but those `hold` names, and those ordered from
+        now on: the leader named its holdings before them) once a pull slot is free."""
+        since = time.monotonic()
+        self._spawn(self._retain(app, keep, hold, since), f"retain-{app}")
 
-    async def _retain(self, app: str, keep: int) -> None:
+    async def _retain(self, app: str, keep: int, hold: list[str] | None, since: float) -> None:
         async with self._slots:
+            spare = self._ordered_since(since)
             try:
-                await prune_app_images(self._engine, app, keep)
+                await prune_app_images(self._engine, app, keep, hold, spare)
             except EngineError as exc:
                 log.warning("retention.failed", app=app, error=exc.message)
+
+    def _ordered_since(self, since: float) -> list[str]:
+        """The images ordered at or after `since`; forgets those ordered over an hour
+        before it, which no retention told since then can still be waiting on."""
+        for image, at in list(self._ordered_at.items()):
+            if at < since - ORDER_MEMORY_S:
+                del self._ordered_at[image]
+        return [image for image, at in self._ordered_at.items() if at >= since]
+
+    def inventory(self, query: str, images: list[str]) -> None:
+        """Tell the leader which of `images` the engine holds (not behind the pulls)."""
+        self._spawn(self._inventory(query, images), f"inventory-{query}")
+
+    async def _inventory(self, query: str, images: list[str]) -> None:
+        held = []
+        for image in images:
+            try:
+                if await self._engine.image_id(image) is not None:
+                    held.append(image)
+            except EngineError as exc:  # no answer: the leader reports this node unknown
+                log.warning("inventory.failed", image=image, error=exc.message)
+                return
+        await self._send(wire.Holding(query=query, images=held))
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _answer(
         self, order: str, image: str, pull: asyncio.Task[str | None], started: float

@@ -122,16 +122,28 @@ class Registry:
             return 0
         return len(_ACCESS_LINE.findall(self.log_path.read_text()))
 
-    def manifest_digest(self, repository_path: str, reference: str) -> str | None:
-        """The digest the registry serves for `repository_path:reference`, or None."""
-        request = urllib.request.Request(
+    def _manifest_request(
+        self, repository_path: str, reference: str, method: str = "GET"
+    ) -> urllib.request.Request:
+        return urllib.request.Request(
             f"http://{self.host}/v2/{repository_path}/manifests/{reference}",
+            method=method,
             headers={
                 "Authorization": "Basic "
                 + base64.b64encode(f"{self.username}:{self.password}".encode()).decode(),
                 "Accept": "application/vnd.docker.distribution.manifest.v2+json",
             },
         )
+
+    def delete_manifest(self, repository_path: str, digest: str) -> None:
+        """Delete a manifest by digest, as a registry's own cleanup would."""
+        request = self._manifest_request(repository_path, digest, "DELETE")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 202, response.status
+
+    def manifest_digest(self, repository_path: str, reference: str) -> str | None:
+        """The digest the registry serves for `repository_path:reference`, or None."""
+        request = self._manifest_request(repository_path, reference)
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 json.load(response)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -12,10 +13,12 @@ from urllib.parse import urlsplit, urlunsplit
 import msgspec
 from aiohttp import web
 
+from agent.credentials import RegistryCredentials
 from agent.errors import RequestError
 from agent.leader.api.bodies import converted, from_json
 from agent.leader.api.keys import CONTEXT, SCHEDULER
 from agent.leader.api.streams import ndjson
+from agent.leader.pipeline import prebuilt
 from agent.leader.pipeline.archive import check_context
 from agent.leader.pipeline.context import LeaderContext
 from agent.leader.pipeline.sources import (
@@ -83,7 +86,13 @@ async def submit(request: web.Request) -> web.Response:
             "send application/json, or a tar archive as the body",
         )
     try:
-        dep, created = await _create(ctx, req, request.headers.get("Idempotency-Key"), fingerprint)
+        dep, created = await create(
+            ctx,
+            lambda: _new_deployment(ctx, req),
+            request.headers.get("Idempotency-Key"),
+            fingerprint,
+            git_url=req.git.url if req.git else None,
+        )
         if upload is not None and created:
             upload.rename(ctx.context_path(dep.id))
     finally:
@@ -97,13 +106,13 @@ async def submit(request: web.Request) -> web.Response:
 
 def _decode_json(body: bytes) -> DeploymentRequest:
     req = from_json(body, DeploymentRequest, "deployment")
-    if req.git is None:
+    if (req.git is None) == (req.prebuilt is None):
         raise RequestError(
             400,
             "invalid_request",
-            "a deployment needs a source",
-            hint="give git {url, ref}, or send a tar archive as the body with the fields "
-            "as query parameters",
+            "a deployment needs one source" + (", not two" if req.git else ""),
+            hint="give git {url, ref}, or prebuilt (an image built elsewhere), or send a tar "
+            "archive as the body with the fields as query parameters",
         )
     return _validated(req)
 
@@ -149,6 +158,8 @@ def _pairs(items: list[str], name: str) -> dict[str, str]:
 
 
 def _validated(req: DeploymentRequest) -> DeploymentRequest:
+    if req.prebuilt is not None:
+        _check_prebuilt(req)
     if not DOCKERFILE_PATTERN.match(req.dockerfile):
         raise RequestError(
             400,
@@ -161,6 +172,25 @@ def _validated(req: DeploymentRequest) -> DeploymentRequest:
         references.validate_repository(req.image)
     _check_services(req)
     return req
+
+
+def _check_prebuilt(req: DeploymentRequest) -> None:
+    """A prebuilt image is not built: the fields that shape a build would be ignored."""
+    build_only = {
+        "dockerfile": req.dockerfile != "Dockerfile",
+        "build_args": bool(req.build_args),
+        "labels": bool(req.labels),
+        "image": req.image is not None,
+    }
+    given = sorted(name for name, set_ in build_only.items() if set_)
+    if given:
+        raise RequestError(
+            400,
+            "invalid_request",
+            f"{', '.join(given)}: not used with prebuilt, whose image is built already",
+            hint="drop them, or deploy from source to build with them",
+        )
+    references.parse_reference(req.prebuilt or "")
 
 
 def _check_services(req: DeploymentRequest) -> None:
@@ -215,9 +245,16 @@ def _fingerprint(*parts: bytes | str) -> str:
     return h.hexdigest()
 
 
-async def _create(
-    ctx: LeaderContext, req: DeploymentRequest, key: str | None, fingerprint: str
+async def create(
+    ctx: LeaderContext,
+    make: Callable[[], Awaitable[Deployment]],
+    key: str | None,
+    fingerprint: str,
+    git_url: str | None = None,
 ) -> tuple[Deployment, bool]:
+    """Store the deployment `make` gives, or return the one an earlier request with the
+    same Idempotency-Key made (and whether it is new). `git_url`: the source's URL as
+    given, with any credentials, kept in memory for the clone."""
     if key is not None and not 1 <= len(key) <= 255:
         raise RequestError(400, "invalid_request", "Idempotency-Key must be 1 to 255 characters")
     try:
@@ -226,10 +263,8 @@ async def _create(
         earlier = None if key is None else await ctx.store.replayed(key, fingerprint)
         if earlier is not None:
             return earlier, False
-        if req.git is not None:
-            validate_git_url(req.git.url, ctx.config.git_allowed_schemes)
-        dep = await _new_deployment(ctx, req)
-        return await _stored(ctx, dep, req, None if key is None else (key, fingerprint))
+        dep = await make()
+        return await _stored(ctx, dep, git_url, None if key is None else (key, fingerprint))
     except IdempotencyConflict:
         raise RequestError(
             422, "invalid_request", "this Idempotency-Key was used for a different request"
@@ -237,12 +272,12 @@ async def _create(
 
 
 async def _stored(
-    ctx: LeaderContext, dep: Deployment, req: DeploymentRequest, key: tuple[str, str] | None
+    ctx: LeaderContext, dep: Deployment, git_url: str | None, key: tuple[str, str] | None
 ) -> tuple[Deployment, bool]:
     """Store the new deployment; its git credentials, if any, stay in memory for its
     clone (kept before the record exists, so the scheduler never finds it without)."""
-    if dep.git_credentials and req.git is not None:
-        ctx.git_credentials.keep(dep.id, req.git.url)
+    if dep.git_credentials and git_url is not None:
+        ctx.git_credentials.keep(dep.id, git_url)
     try:
         made, created = await ctx.store.create(dep, key)
     except BaseException:
@@ -262,11 +297,16 @@ def _without_git_credentials(req: DeploymentRequest) -> DeploymentRequest:
 
 
 async def _new_deployment(ctx: LeaderContext, req: DeploymentRequest) -> Deployment:
+    if req.git is not None:
+        validate_git_url(req.git.url, ctx.config.git_allowed_schemes)
     decision = await ctx.registry.decide_mode()
     creds = ctx.registry.current
     dep_id = new_deployment_id()
     if decision.mode is Mode.REGISTRY and creds is None:
         raise registry_required(decision)
+    if req.prebuilt is not None:
+        image = await prebuilt.resolve(ctx, req.prebuilt, creds, tag=dep_id)
+        return _deployment(dep_id, req, decision.mode, image, creds)
     if creds is None:
         if req.image is not None:
             raise RequestError(
@@ -278,18 +318,34 @@ async def _new_deployment(ctx: LeaderContext, req: DeploymentRequest) -> Deploym
         repository = req.app
     else:
         repository = references.repository_for(req.app, req.image, creds)
+    image = prebuilt.Image(repository=repository, tag=dep_id)
+    return _deployment(dep_id, req, decision.mode, image, creds)
+
+
+def _deployment(
+    dep_id: str,
+    req: DeploymentRequest,
+    mode: Mode,
+    image: prebuilt.Image,
+    creds: RegistryCredentials | None,
+) -> Deployment:
     now = time.time()
+    built = req.prebuilt is None
     return Deployment(
         id=dep_id,
         app=req.app,
-        mode=decision.mode,
+        mode=mode,
         request=_without_git_credentials(req),
-        source="git" if req.git else "upload",
+        source=("git" if req.git else "upload") if built else "prebuilt",
+        kind="build" if built else "prebuilt",
         git_credentials=req.git is not None and without_userinfo(req.git.url) != req.git.url,
         created_at=now,
         updated_at=now,
-        repository=repository,
-        tag=dep_id,
+        repository=image.repository,
+        tag=image.tag,
+        digest=image.digest,
+        image_id=image.image_id,
+        platform=image.platform,
         credentials_version=creds.version if creds else None,
     )
 
@@ -346,6 +402,10 @@ async def cancel(request: web.Request) -> web.Response:
 
 
 def _source(dep: Deployment) -> dict[str, Any]:
+    if dep.kind == "prebuilt":
+        return {"type": "prebuilt", "ref": dep.request.prebuilt}
+    if dep.kind == "rollback":
+        return {"type": "rollback", "of": dep.rollback_of}
     git = dep.request.git
     if git is None:
         return {"type": "upload"}

@@ -12,10 +12,16 @@ import msgspec
 from aiohttp import web
 
 from agent import __version__
+from agent.leader.api.apps import DEFAULT_RELEASES, MAX_RELEASES
 from agent.leader.api.deployments import MAX_LIST_LIMIT
 from agent.leader.api.nodes import JoinRequest
 from agent.leader.api.registry import CredentialsBody
-from agent.leader.state.models import DeploymentRequest, State
+from agent.leader.state.models import (
+    APP_NAME_PATTERN,
+    DeploymentRequest,
+    RollbackRequest,
+    State,
+)
 from agent.tls import JOIN_TOKEN_PATTERN
 
 routes = web.RouteTableDef()
@@ -85,6 +91,27 @@ _UPLOAD_QUERY = [
         ("prune", {"type": "boolean"}, "remove the app's services not listed"),
     )
 ]
+_APP = [
+    {
+        "name": "app",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": APP_NAME_PATTERN},
+    }
+]
+_IDEMPOTENCY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+}
+_REPLAYED = {
+    "Idempotent-Replayed": {
+        "description": "`true` when the Idempotency-Key matched an earlier request: "
+        "the deployment is the one that request made",
+        "schema": {"type": "string"},
+    }
+}
 _LIST_QUERY = [
     {"name": name, "in": "query", "required": False, "schema": schema}
     for name, schema in (
@@ -131,25 +158,24 @@ def _paths() -> dict[str, Any]:
     submit = _op(
         "Submit a deployment",
         "202",
-        parameters=[
-            {
-                "name": "Idempotency-Key",
-                "in": "header",
-                "required": False,
-                "schema": {"type": "string"},
-            },
-            *_UPLOAD_QUERY,
-        ],
+        parameters=[_IDEMPOTENCY, *_UPLOAD_QUERY],
         success=_json(_ref("Deployment")),
     )
     submit["requestBody"] = _TAR_UPLOAD
-    submit["responses"]["202"]["headers"] = {
-        "Idempotent-Replayed": {
-            "description": "`true` when the Idempotency-Key matched an earlier request: "
-            "the deployment is the one that request made",
-            "schema": {"type": "string"},
-        }
+    submit["responses"]["202"]["headers"] = _REPLAYED
+    submit["responses"]["503"] = {
+        "description": "the registry (or the leader's engine) did not answer while a "
+        "prebuilt image was looked up",
+        **_json(_ref("Error")),
     }
+    return {
+        **_deployment_paths(submit),
+        **_app_paths(),
+        **_other_paths(),
+    }
+
+
+def _deployment_paths(submit: dict[str, Any]) -> dict[str, Any]:
     return {
         "/v1/deployments": {
             "post": submit,
@@ -169,6 +195,46 @@ def _paths() -> dict[str, Any]:
         "/v1/deployments/{id}/webhooks": {
             "get": _op("Webhook deliveries of a deployment and their outcome", parameters=_ID)
         },
+    }
+
+
+def _app_paths() -> dict[str, Any]:
+    rollback = _op(
+        "Roll an app back to an earlier release (default: the one before the current one)",
+        "202",
+        parameters=[*_APP, _IDEMPOTENCY],
+        success=_DEP,
+    )
+    rollback["requestBody"] = {"required": False, **_json(_ref("RollbackRequest"))}
+    rollback["responses"]["202"]["headers"] = _REPLAYED
+    limit = {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "schema": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": MAX_RELEASES,
+            "default": DEFAULT_RELEASES,
+        },
+    }
+    return {
+        "/v1/apps": {
+            "get": _op("Apps, each with its current release", success=_json(_ref("Apps")))
+        },
+        "/v1/apps/{app}": {
+            "get": _op(
+                "An app's releases, newest first, and where each image is still kept",
+                parameters=[*_APP, limit],
+                success=_json(_ref("AppReleases")),
+            )
+        },
+        "/v1/apps/{app}/rollback": {"post": rollback},
+    }
+
+
+def _other_paths() -> dict[str, Any]:
+    return {
         "/v1/registry": {
             "put": _op("Verify and store registry credentials", body="CredentialsBody"),
             "get": _op("The registry credentials, without the secret"),
@@ -234,6 +300,8 @@ _DEPLOYMENT = {
         "source": {"type": "object", "required": ["type"]},
         "image": {"type": "string"},
         "digest": {"type": ["string", "null"]},
+        "kind": {"enum": ["build", "prebuilt", "rollback"]},
+        "rollback_of": {"type": ["string", "null"]},
         "stages": {"type": "object"},
         "nodes": {"type": "object"},
         "error": {"type": ["object", "null"], "required": ["code", "message"]},
@@ -241,12 +309,81 @@ _DEPLOYMENT = {
 }
 
 
+_KNOWN = {"type": ["boolean", "null"], "description": "null: cannot tell now"}
+_RELEASE_SUMMARY = {
+    "id": {"type": "string"},
+    "kind": {"enum": ["build", "prebuilt", "rollback"]},
+    "rollback_of": {"type": ["string", "null"]},
+    "image": {"type": "string"},
+    "digest": {"type": ["string", "null"]},
+    "created_at": {"type": "number"},
+    "finished_at": {"type": ["number", "null"]},
+}
+_APPS = {
+    "type": "object",
+    "required": ["apps"],
+    "properties": {
+        "apps": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["app", "state", "latest", "current"],
+                "properties": {
+                    "app": {"type": "string"},
+                    "state": {"enum": [*_STATES, "succeeded", "failed", "cancelled"]},
+                    "latest": {"type": "object", "required": ["id", "state", "kind"]},
+                    "current": {
+                        "oneOf": [
+                            {"type": "null"},
+                            {"type": "object", "properties": _RELEASE_SUMMARY},
+                        ]
+                    },
+                },
+            },
+        }
+    },
+}
+_APP_RELEASES = {
+    "type": "object",
+    "required": ["app", "current", "releases"],
+    "properties": {
+        "app": {"type": "string"},
+        "current": {"type": ["string", "null"]},
+        "releases": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": [*_RELEASE_SUMMARY, "current", "services", "retained"],
+                "properties": {
+                    **_RELEASE_SUMMARY,
+                    "current": {"type": "boolean"},
+                    "services": {"type": "array", "items": {"type": "object"}},
+                    "prune": {"type": "boolean"},
+                    "allow_manager_placement": {"type": "boolean"},
+                    "retained": {
+                        "type": "object",
+                        "required": ["leader", "workers", "registry"],
+                        "properties": {
+                            "leader": _KNOWN,
+                            "registry": _KNOWN,
+                            "workers": {"type": "object", "additionalProperties": _KNOWN},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
 def document() -> dict[str, Any]:
     _, components = msgspec.json.schema_components(
-        [DeploymentRequest, CredentialsBody, JoinRequest], ref_template=_REF
+        [DeploymentRequest, RollbackRequest, CredentialsBody, JoinRequest], ref_template=_REF
     )
     components["JoinRequest"]["properties"]["token"]["pattern"] = JOIN_TOKEN_PATTERN
     components["Deployment"] = _DEPLOYMENT
+    components["Apps"] = _APPS
+    components["AppReleases"] = _APP_RELEASES
     components["Error"] = {
         "type": "object",
         "required": ["error"],

@@ -21,6 +21,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from agent import wire
 from agent.credentials import RegistryCredentials
 from agent.leader.links.frames import Framed, Outgoing
+from agent.leader.links.inventory import InventoriesInFlight
 from agent.leader.links.link_socket import LinkSocket
 from agent.leader.links.node_writer import NodeInfoWriter
 from agent.leader.links.orders import OrdersInFlight, PullRound
@@ -209,6 +210,7 @@ class Hub:
         self._progress = progress
         self._links: dict[str, Link] = {}
         self._orders = OrdersInFlight()
+        self._inventories = InventoriesInFlight()
         self._credentials: RegistryCredentials | None = None
         self._credentials_version = 0
         self._revoked: set[str] = set()  # revoked while this leader runs
@@ -307,6 +309,7 @@ class Hub:
                 del self._links[node.id]
                 revoked = node.id in self._revoked  # it will not be back
                 self._orders.drop(node.id, 0.0 if revoked else RECONNECT_GRACE_S)
+                self._inventories.drop(node.id)
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
@@ -403,6 +406,8 @@ class Hub:
                     )
                 self._touch(node)
                 self._count_pull(link, message)
+            case wire.Holding():
+                self._inventories.answer(node.id, message)
         return None
 
     def _tell(self, node: NodeRecord, message: wire.Hello | wire.UpgradeStatus) -> None:
@@ -462,6 +467,22 @@ class Hub:
             return {node.id: _answer(pull_round, node.id) for node in nodes}
         finally:
             self._orders.close(pull_round)
+
+    async def inventory(self, images: list[str], within: float) -> dict[str, frozenset[str]]:
+        """Ask every connected worker whose protocol has it which of `images` its engine
+        holds; wait up to `within` seconds. A node id missing from the answer is unknown:
+        offline, of the previous protocol, or silent until then."""
+        links = self._links.values()
+        asked = [link for link in links if wire.known_to(wire.Inventory, link.protocol)]
+        inventory_round = self._inventories.open({link.node.id for link in asked})
+        try:
+            framed = Framed(wire.Inventory(query=inventory_round.query, images=images))
+            for link in asked:
+                link.send_framed(framed)
+            await asyncio.wait([inventory_round.settled], timeout=within)
+            return dict(inventory_round.answers)
+        finally:
+            self._inventories.close(inventory_round)
 
     async def close_all(self) -> None:
         for link in list(self._links.values()):

@@ -23,7 +23,10 @@ from agent.logs import get_logger
 from agent.retention import APP_LABEL, DEPLOYMENT_LABEL
 
 log = get_logger(__name__)
-POLL_SECONDS = 0.5
+# How often a converging service is asked about (two engine calls per service still
+# converging): the stage ends within this long of Swarm's own end of the update, which
+# is what a rollback in seconds waits on.
+POLL_SECONDS = 0.2
 SERVICE_LABEL = "deploy-agent.service"
 NS = 1_000_000_000
 FAILED_TASKS_LIMIT = 3

@@ -14,16 +14,16 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from agent.errors import DeploymentError, EngineError, SshError
-from agent.leader.pipeline import building, release, stages
+from agent.leader.pipeline import building, platforms, release, stages, whereabouts
 from agent.leader.pipeline.context import LeaderContext
 from agent.leader.pipeline.sources import remove_quietly
 from agent.leader.state.models import (
     Deployment,
     ErrorInfo,
+    Mode,
     StageTiming,
     State,
     caught_up_meanwhile,
-    plan,
 )
 from agent.logs import get_logger
 
@@ -85,12 +85,14 @@ class Runner:
         task.result()
 
     def _plan(self) -> tuple[State, ...]:
-        return plan(self.dep.mode, release=bool(self.dep.request.services))
+        return self.dep.planned()
 
     def _every_stage_done(self) -> bool:
         """Whether every stage has finished: a cancel that arrives then can undo nothing,
-        so the deployment has succeeded."""
-        return all(self.dep.stage_done(stage) for stage in self._plan())
+        so the deployment has succeeded. One with no stage (a local rollback without
+        services) has done nothing yet when its check of the image is cut short."""
+        stages = self._plan()
+        return bool(stages) and all(self.dep.stage_done(stage) for stage in stages)
 
     async def _attempt(self) -> None:
         self.dep.attempts += 1
@@ -103,9 +105,20 @@ class Runner:
         if self.dep.attempts > 1:
             await self.ctx.journal.save(self.dep, "resumed", attempt=self.dep.attempts)
         await self._forget_lost_image()
+        if self.dep.kind != "build" and not any(map(self.dep.stage_done, self._plan())):
+            await self._check_image()
         for stage in self._plan():
             if not self.dep.stage_done(stage):
                 await self._run_stage(stage)
+
+    async def _check_image(self) -> None:
+        """An image not built here (prebuilt, or a release's) is checked before anything
+        is sent: that the workers can run it, and a rollback's, that it still exists."""
+        if self.dep.mode is Mode.REGISTRY:
+            archs = platforms.node_archs(await self.ctx.store.nodes())
+            platforms.check_image(self.dep.platform, archs)
+        if self.dep.kind == "rollback":
+            await whereabouts.require_image(self.ctx, self.dep)
 
     async def _forget_lost_image(self) -> None:
         """A build recorded before a crash counts only while the engine still holds it."""
@@ -170,7 +183,7 @@ class Runner:
             fields |= {"error": {"code": error.code, "message": error.message, "hint": error.hint}}
         await self._save("state", **fields)
         self.ctx.metrics.deployments.labels(
-            state=state.value, code=error.code if error else ""
+            state=state.value, code=error.code if error else "", kind=self.dep.kind
         ).inc()
         described = {"message": error.message, "hint": error.hint} if error else {}
         log.info(

@@ -106,7 +106,9 @@ class Scheduler:
         dep.state, dep.finished_at = State.CANCELLED, time.time()
         dep.error = ErrorInfo(code="cancelled", message="the deployment was cancelled")
         await self._ctx.journal.save(dep, "state", state=dep.state.value)
-        self._ctx.metrics.deployments.labels(state="cancelled", code="cancelled").inc()
+        self._ctx.metrics.deployments.labels(
+            state="cancelled", code="cancelled", kind=dep.kind
+        ).inc()
         self._ctx.git_credentials.forget(dep_id)
         await asyncio.to_thread(remove_quietly, self._ctx.context_path(dep_id))
         self.wake()

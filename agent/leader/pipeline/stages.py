@@ -212,23 +212,25 @@ def _node_result(node_id: str, result: PullResult | Unanswered, within: float) -
 
 
 async def retain(ctx: LeaderContext, dep: Deployment) -> None:
-    """Once a deployment has succeeded, the app's images beyond the newest
-    `keep_images` go, here, on the build server and on every connected worker (unless
-    something still uses one). Each engine's outcome is a `retention` event, recorded
-    after the deployment's final state. On the engine that builds, removals wait until
-    no build runs there (build_gate.py): a build may use any image as a cache candidate."""
+    """Once a deployment has succeeded, the app's images go but those of its last
+    `keep_images` releases (what a rollback needs) and of its deployments under way,
+    here, on the build server and on every connected worker (unless something still
+    uses one). Each engine's outcome is a `retention` event, recorded after the
+    deployment's final state. On the engine that builds, removals wait until no build
+    runs there (build_gate.py): a build may use any image as a cache candidate."""
     keep = ctx.config.keep_images
-    ctx.hub.broadcast(wire.Retain(app=dep.app, keep=keep))
+    hold = await images_to_keep(ctx, dep.app)
+    ctx.hub.broadcast(wire.Retain(app=dep.app, keep=keep, hold=hold))
     try:
         async with ctx.builders.pruning(local=True):
-            removed = await prune_app_images(ctx.engine, dep.app, keep)
+            removed = await prune_app_images(ctx.engine, dep.app, keep, hold)
         await ctx.journal.record(dep.id, "retention", removed=len(removed), kept=keep)
     except EngineError as exc:
         log.warning("retention.failed", app=dep.app, error=exc.message)
         await ctx.journal.record(dep.id, "retention", kept=keep, error=exc.message)
     await _retain_build_cache(ctx, dep)
     if ctx.builders.remote:
-        await _retain_on_build_server(ctx, dep, keep)
+        await _retain_on_build_server(ctx, dep, keep, hold)
 
 
 async def _retain_build_cache(ctx: LeaderContext, dep: Deployment) -> None:
@@ -252,7 +254,17 @@ async def _retain_build_cache(ctx: LeaderContext, dep: Deployment) -> None:
         await ctx.journal.record(dep.id, "retention", build_cache_freed=freed, kept_bytes=limit)
 
 
-async def _retain_on_build_server(ctx: LeaderContext, dep: Deployment, keep: int) -> None:
+async def images_to_keep(ctx: LeaderContext, app: str) -> list[str]:
+    """The images of the app's last `keep_images` releases, and of its deployments not
+    yet final (one may be building or pulling while this runs)."""
+    held = await ctx.store.release_images(app, ctx.config.keep_images)
+    under_way = [d.image_ref for d in await ctx.store.unfinished() if d.app == app]
+    return list(dict.fromkeys([*held, *under_way]))
+
+
+async def _retain_on_build_server(
+    ctx: LeaderContext, dep: Deployment, keep: int, hold: list[str]
+) -> None:
     """Every build leaves its image on the build server: without this, they pile up
     there until its disk is full. Best effort: the deployment has succeeded."""
     try:
@@ -261,7 +273,7 @@ async def _retain_on_build_server(ctx: LeaderContext, dep: Deployment, keep: int
             asyncio.timeout(BUILD_SERVER_RETAIN_S),
             ctx.builders.engine() as engine,
         ):
-            removed = await prune_app_images(engine, dep.app, keep)
+            removed = await prune_app_images(engine, dep.app, keep, hold)
     except TimeoutError:
         log.warning("retention.build_server_failed", app=dep.app, error="took too long")
         return

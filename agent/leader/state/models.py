@@ -13,7 +13,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-AppName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")]
+APP_NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
+AppName = Annotated[str, msgspec.Meta(pattern=APP_NAME_PATTERN)]
 DOCKERFILE_PATTERN = re.compile(r"^(?!/)(?!.*(?:^|/)\.\.(?:/|$))[^\x00]{1,255}$")
 BUILD_ARG_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 # A Dockerfile stage's name (`FROM … AS name`), as BuildKit accepts it (in any case).
@@ -85,10 +86,12 @@ class ServiceSpec(_Spec, frozen=True, forbid_unknown_fields=True, kw_only=True):
 
 
 class DeploymentRequest(_Spec, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """What a client asks for. A tar upload sends the same fields as query parameters."""
+    """What a client asks for. A tar upload sends the same fields as query parameters;
+    `prebuilt` names an image built elsewhere instead of a source to build."""
 
     app: AppName
     git: GitSource | None = None
+    prebuilt: Annotated[str, msgspec.Meta(min_length=1, max_length=512)] | None = None
     dockerfile: str = "Dockerfile"
     target: Annotated[str, msgspec.Meta(pattern=STAGE_PATTERN)] | None = None
     build_args: dict[str, str] = msgspec.field(default_factory=dict)
@@ -99,6 +102,18 @@ class DeploymentRequest(_Spec, frozen=True, forbid_unknown_fields=True, kw_only=
     )
     allow_manager_placement: bool = False
     prune: bool = False
+
+
+class RollbackRequest(_Spec, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """`POST /v1/apps/{app}/rollback`: the release to go back to (default: the one
+    before the current one)."""
+
+    to: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+
+
+# What a deployment does to get its image: build it, take one built elsewhere, or take
+# an earlier release's.
+Kind = Literal["build", "prebuilt", "rollback"]
 
 
 class StageTiming(msgspec.Struct, kw_only=True):
@@ -125,7 +140,9 @@ class Deployment(msgspec.Struct, kw_only=True):
     state: State = State.QUEUED
     mode: Mode
     request: DeploymentRequest
-    source: Literal["upload", "git"]
+    source: Literal["upload", "git", "prebuilt", "rollback"]
+    kind: Kind = "build"
+    rollback_of: str | None = None  # the release a rollback redeploys
     created_at: float
     updated_at: float
     finished_at: float | None = None
@@ -160,10 +177,16 @@ class Deployment(msgspec.Struct, kw_only=True):
             "state": event["state"],
             "seq": seq,
             "at": time.time(),
+            "kind": self.kind,
+            "rollback_of": self.rollback_of,
             "image": self.image_ref,
             "digest": self.digest,
             "error": None if self.error is None else msgspec.to_builtins(self.error),
         }
+
+    def planned(self) -> tuple[State, ...]:
+        """The stages this deployment passes through, in order."""
+        return plan(self.mode, release=bool(self.request.services), kind=self.kind)
 
     def stage_done(self, stage: str) -> bool:
         timing = self.stages.get(stage)
@@ -209,11 +232,13 @@ def new_deployment_id() -> str:
     return time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
 
 
-def plan(mode: Mode, *, release: bool) -> tuple[State, ...]:
-    """The stages a deployment passes through, in order, for its mode."""
-    stages = [State.BUILDING]
+def plan(mode: Mode, *, release: bool, kind: Kind = "build") -> tuple[State, ...]:
+    """The stages a deployment passes through, in order, for its mode and kind: an image
+    built elsewhere, or an earlier release's, is neither built nor pushed."""
+    built = kind == "build"
+    stages = [State.BUILDING] if built else []
     if mode is Mode.REGISTRY:
-        stages += [State.PUSHING, State.DISTRIBUTING]
+        stages += [State.PUSHING, State.DISTRIBUTING] if built else [State.DISTRIBUTING]
     if release:
         stages.append(State.RELEASING)
     return tuple(stages)

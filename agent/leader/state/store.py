@@ -210,6 +210,64 @@ class Store:
         ).fetchall()
         return [_decode_deployment(r[0]) for r in rows]
 
+    # releases: an app's succeeded deployments, newest first
+
+    async def releases(self, app: str, limit: int) -> list[Deployment]:
+        """The app's newest `limit` releases, newest (the current one) first."""
+        return await self._call(self._releases, app, limit)
+
+    def _releases(self, app: str, limit: int) -> list[Deployment]:
+        assert self._db is not None
+        rows = self._db.execute(
+            "SELECT doc FROM deployments WHERE app = ? AND state = 'succeeded'"
+            " ORDER BY seq DESC LIMIT ?",
+            (app, limit),
+        ).fetchall()
+        return [_decode_deployment(r[0]) for r in rows]
+
+    async def release_images(self, app: str, count: int) -> list[str]:
+        """The images of the app's newest releases, newest first: `count` distinct ones at
+        most (a rollback's image is an earlier release's, counted once)."""
+        return await self._call(self._release_images, app, count)
+
+    def _release_images(self, app: str, count: int) -> list[str]:
+        assert self._db is not None
+        cursor = self._db.execute(
+            "SELECT doc FROM deployments WHERE app = ? AND state = 'succeeded' ORDER BY seq DESC",
+            (app,),
+        )
+        images: list[str] = []
+        for (doc,) in cursor:
+            image = _decode_deployment(doc).image_ref
+            if image not in images:
+                images.append(image)
+            if len(images) >= count:
+                break
+        cursor.close()
+        return images
+
+    async def apps(self) -> list[AppSummary]:
+        """Every app that has a deployment: its newest deployment and its current release."""
+        return await self._call(self._apps)
+
+    def _apps(self) -> list[AppSummary]:
+        assert self._db is not None
+        rows = self._db.execute(
+            "SELECT apps.app,"
+            " (SELECT doc FROM deployments d WHERE d.app = apps.app ORDER BY d.seq DESC LIMIT 1),"
+            " (SELECT doc FROM deployments d WHERE d.app = apps.app AND d.state = 'succeeded'"
+            " ORDER BY d.seq DESC LIMIT 1)"
+            " FROM (SELECT DISTINCT app FROM deployments) apps ORDER BY apps.app"
+        ).fetchall()
+        return [
+            AppSummary(
+                app=app,
+                latest=_decode_deployment(latest),
+                current=None if current is None else _decode_deployment(current),
+            )
+            for app, latest, current in rows
+        ]
+
     # events
 
     async def append_event(self, dep_id: str, event: dict[str, Any]) -> int:
@@ -220,7 +278,12 @@ class Store:
             return _insert_event_row(db, dep_id, event)
 
     def _insert_event(self, db: sqlite3.Connection, dep: Deployment, event: dict[str, Any]) -> int:
-        """The event, and for a state change a webhook delivery per URL, in one transaction."""
+        """The event, and for a state change a webhook delivery per URL, in one transaction.
+        A state change says the deployment's kind (and which release a rollback redeploys)."""
+        if event.get("type") == "state":
+            event = {**event, "kind": dep.kind}
+            if dep.rollback_of is not None:
+                event["rollback_of"] = dep.rollback_of
         seq = _insert_event_row(db, dep.id, event)
         if event.get("type") == "state":
             body = _encoder.encode(dep.webhook_payload(seq, event))
@@ -608,6 +671,13 @@ def _insert_event_row(db: sqlite3.Connection, dep_id: str, event: dict[str, Any]
     doc = {"seq": seq, "at": round(time.time(), 3), **event}
     db.execute("INSERT INTO events VALUES (?, ?, ?)", (dep_id, seq, _encoder.encode(doc)))
     return seq
+
+
+@dataclass(frozen=True, slots=True)
+class AppSummary:
+    app: str
+    latest: Deployment  # its newest deployment, whatever its state
+    current: Deployment | None  # its newest release
 
 
 @dataclass(frozen=True, slots=True)
