@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
@@ -18,6 +19,7 @@ from typing import Any, Literal
 import aiodocker
 import aiohttp
 from aiodocker.utils import compose_auth_header
+from aiohttp.client_proto import ResponseHandler
 
 from agent.backoff import Backoff
 from agent.buildkit.trace import TRACE_ID, TraceDecoder
@@ -232,6 +234,11 @@ class Engine:
         self.url = url
         self._timeout = timeout
         self._docker = aiodocker.Docker(url=url)
+        # The protocol of every connection aiohttp opens to the engine (a private
+        # attribute of its connectors, in the aiohttp range pyproject.toml pins).
+        protocol: Callable[..., ResponseHandler] = _CutOnClose
+        loop = asyncio.get_running_loop()
+        self._docker.connector._factory = functools.partial(protocol, loop=loop)
 
     async def close(self) -> None:
         await self._docker.close()
@@ -467,9 +474,7 @@ class Engine:
 
         Closing the connection is what tells the engine to stop a build or push, so a
         cancelled caller really stops the work (aiodocker's helpers leave it open). A
-        stream left before its end is cut at once: a close would first send what is left
-        of the request body, to an engine that may never read it, and the socket would
-        stay open meanwhile.
+        stream left before its end is cut at once (see _CutOnClose).
         """
         timeout = aiohttp.ClientTimeout(total=None, connect=self._timeout, sock_read=None)
         async with contextlib.AsyncExitStack() as stack:
@@ -484,19 +489,15 @@ class Engine:
                         timeout=timeout,
                     )
                 )
-            ended = False
             try:
                 while True:
                     async with asyncio.timeout(idle_timeout):
                         raw = await response.content.readline()
                     if not raw:
-                        ended = True
                         return
                     if raw.strip():
                         yield _checked(json.loads(raw))
             finally:
-                if not ended:
-                    _cut(response)
                 response.close()
 
     def _deadline(self, what: str) -> _Deadline:
@@ -567,12 +568,18 @@ class _BuildLog:
         await self._on_event(event)
 
 
-def _cut(response: aiohttp.ClientResponse) -> None:
-    """Close a response's connection without sending what is left of its request body."""
-    connection = response.connection
-    protocol = connection.protocol if connection is not None else None
-    if protocol is not None:  # not truthiness: an empty protocol is false
-        protocol.abort()
+class _CutOnClose(ResponseHandler):
+    """An engine connection that aiohttp lets go of is cut, never closed gracefully.
+
+    A graceful close first sends what the transport still holds: the rest of a build
+    context whose upload was given up (a cancel, a deadline, an early answer from the
+    engine). An engine that reads no more of it leaves the socket open, closing, for as
+    long as the process lives; and a connection given up is of no more use anyway.
+    aiohttp closes the connections it gives up, and those it no longer keeps, here.
+    """
+
+    def close(self) -> None:
+        self.abort()
 
 
 class _StreamError(Exception):

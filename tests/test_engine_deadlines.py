@@ -1,6 +1,7 @@
 """A pull that makes no progress ends as a transient registry error within the idle
 limit, whether the engine stalls before its answer or in the middle of its stream; a
-build the engine fails before reading its whole context leaves no connection behind.
+build the engine fails before reading its whole context, or one given up while its
+context is uploading, leaves no connection behind.
 
 The engines here are servers on a Unix socket that speak just enough of the Docker API
 to misbehave on purpose; real engines run in the cluster tests.
@@ -85,26 +86,31 @@ async def test_a_stalled_pull_fails_within_the_idle_limit(
 CONTEXT_BYTES = 16 * 1024 * 1024  # far more than the socket buffers hold
 
 
+async def _until_the_build(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer version queries; return once the request line and headers of another
+    request (the build) have been read, and nothing of its body."""
+    while True:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"/version" not in head.split(b"\r\n", 1)[0]:
+            return
+        body = b'{"ApiVersion": "1.43", "Version": "misbehaving"}'
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+        writer.write(b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
 async def _fails_the_build_unread(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer_gone: asyncio.Future[bool]
 ) -> None:
     """Answer the version query; answer a build with an error at once, read nothing
     more, and report whether the client's end of the socket closes."""
-    while True:
-        head = await reader.readuntil(b"\r\n\r\n")
-        if b"/version" in head.split(b"\r\n", 1)[0]:
-            body = b'{"ApiVersion": "1.43", "Version": "failing"}'
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
-            writer.write(b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            continue
-        line = b'{"errorDetail": {"message": "no space left"}, "error": "no space left"}\n'
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
-        writer.write(b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(line), line))
-        try:
-            peer_gone.set_result(await _closes_within(writer, 3.0))
-        finally:
-            writer.close()
-        return
+    await _until_the_build(reader, writer)
+    line = b'{"errorDetail": {"message": "no space left"}, "error": "no space left"}\n'
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+    writer.write(b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(line), line))
+    try:
+        peer_gone.set_result(await _closes_within(writer, 3.0))
+    finally:
+        writer.close()
 
 
 async def _closes_within(writer: asyncio.StreamWriter, seconds: float) -> bool:
@@ -134,7 +140,7 @@ async def test_a_build_failed_mid_upload_cuts_its_connection(tmp_path: Path) -> 
     try:
         with pytest.raises(BuildError, match="no space left"):
             async with asyncio.timeout(10):
-                await engine.build(context, BuildSpec(tag="t"), _no_op_event)
+                await _build(engine, context)
         assert await asyncio.wait_for(peer_gone, 10), "the connection stayed open"
     finally:
         await engine.close()
@@ -142,5 +148,55 @@ async def test_a_build_failed_mid_upload_cuts_its_connection(tmp_path: Path) -> 
         await server.wait_closed()
 
 
+async def _build(engine: Engine, context: Path) -> str:
+    return await engine.build(context, BuildSpec(tag="t"), _no_op_event)
+
+
 async def _no_op_event(event: BuildEvent) -> None:
     return None
+
+
+async def _stops_reading_the_build(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    started: asyncio.Event,
+    peer_gone: asyncio.Future[bool],
+) -> None:
+    """Answer the version query; take a build's request line and headers, then read
+    nothing more and answer nothing (an engine stalled mid-upload), and report whether
+    the client's end of the socket closes within 3 s of that."""
+    await _until_the_build(reader, writer)
+    started.set()
+    try:
+        peer_gone.set_result(await _closes_within(writer, 3.0))
+    finally:
+        writer.close()
+
+
+async def test_a_build_cancelled_mid_upload_cuts_its_connection(tmp_path: Path) -> None:
+    """A build given up while its context is still uploading (a cancel, a stage's
+    deadline, a stop), to an engine that reads no more of it: the agent's end of the
+    socket closes at once, the unsent rest dropped. A plain close waits to send that
+    rest first, and the socket stays open, closing, for as long as the engine does
+    not read."""
+    context = tmp_path / "context.tar"
+    context.write_bytes(os.urandom(CONTEXT_BYTES))
+    started = asyncio.Event()
+    peer_gone: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    sock = tmp_path / "engine.sock"
+    server = await asyncio.start_unix_server(
+        lambda r, w: _stops_reading_the_build(r, w, started, peer_gone), str(sock)
+    )
+    engine = Engine(f"unix://{sock}", timeout=5)
+    try:
+        build = asyncio.create_task(_build(engine, context))
+        await asyncio.wait_for(started.wait(), 10)
+        await asyncio.sleep(0.2)  # the upload fills the socket and waits for the engine
+        build.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await build
+        assert await asyncio.wait_for(peer_gone, 10), "the connection stayed open"
+    finally:
+        await engine.close()
+        server.close()
+        await server.wait_closed()

@@ -171,21 +171,31 @@ def test_a_marker_inside_the_repository_name_says_nothing(
 def test_redactor_scrubs_secrets_from_rendered_events_and_tracebacks(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A registered secret is replaced in messages, nested values and exception text."""
+    """A registered secret is replaced in messages, nested values and exception text;
+    a traceback shows no frame's local variables (they may hold secrets never
+    registered)."""
     logs.configure("info", "json")
     secret = "s3cr3t-value-for-redaction"
     logs.redactor.add(secret)
     log = structlog.stdlib.get_logger("test")
+
+    def fail() -> None:
+        unregistered = "local-value-never-registered"
+        raise ValueError(f"boom with {secret} after {len(unregistered)}")
+
     try:
-        raise ValueError(f"boom with {secret}")
+        fail()
     except ValueError:
         log.exception("failed", detail={"nested": [secret]}, password="plain")
     out = capsys.readouterr().out
     assert secret not in out
+    assert "local-value-never-registered" not in out
     event = json.loads(out.strip().splitlines()[-1])
     assert event["password"] == "***"
     assert event["detail"] == {"nested": ["***"]}
-    assert "locals" not in json.dumps(event["exception"])
+    frames = [frame for exc in event["exception"] for frame in exc["frames"]]
+    assert [frame["name"] for frame in frames][-1] == "fail"
+    assert [frame.get("locals") for frame in frames] == [None] * len(frames)
 
 
 def test_a_secret_inside_a_longer_one_leaves_nothing_of_either_shown() -> None:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 STAGE_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
 PULL_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
@@ -101,7 +102,8 @@ class LeaderMetrics:
             self.loop_lag.set(max(0.0, time.monotonic() - started - LAG_INTERVAL))
 
 
-class LoopHistogram:
+# A Collector by inheritance: before 0.24, prometheus_client types register() with an ABC.
+class LoopHistogram(Collector):
     """A histogram without labels, observed and collected on the event loop only.
 
     prometheus_client's Histogram takes a lock for its sum and again for the bucket an

@@ -99,8 +99,11 @@ class Api:
             json={"server": server, "username": username, "password": password},
         )
 
-    async def events(self, dep_id: str) -> list[dict[str, Any]]:
-        """Follow the event stream until the deployment is final; return every event."""
+    async def events(
+        self, dep_id: str, each: Callable[[dict[str, Any]], None] | None = None
+    ) -> list[dict[str, Any]]:
+        """Follow the event stream until the deployment is final; return every event
+        (`each` sees each one as it arrives)."""
         found = []
         async with self.session.get(
             f"{self.base_url}/v1/deployments/{dep_id}/events",
@@ -112,6 +115,8 @@ class Api:
                 self.responses.append(line.decode())
                 if line.strip():
                     found.append(json.loads(line))
+                    if each is not None:
+                        each(found[-1])
         return found
 
     async def first_event(
