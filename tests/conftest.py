@@ -22,18 +22,46 @@ from tests.support.sshd import Sshd
 from tests.support.wheels import Wheelhouse
 from tests.support.worker import WorkerProcess
 
-# Tests run in parallel processes (pytest-xdist). Tests that share a resource run in one
-# process: a loopback Swarm owns the host's docker_gwbridge, wheel builds write into this
-# checkout's build/ directory, and the simulated cluster is started once for its tests.
-SHARED_RESOURCES = {"swarm_engine": "swarm", "wheelhouse": "wheel", "cluster": "cluster"}
+# Tests run in parallel processes (pytest-xdist, --dist loadgroup). Tests that share a
+# resource run in one process: a loopback Swarm owns the host's docker_gwbridge (one per
+# machine: tests/support/dockerd.py), and the wheelhouse and the simulated cluster are
+# built once for their tests. xdist joins the names of all of a test's groups into one,
+# so a test of the Swarm is put in the Swarm's group alone, whatever its module asks for.
+SWARM = ("swarm_engine", "swarm")
+SHARED_RESOURCES = {"wheelhouse": "wheel", "cluster": "cluster"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    groups = {item: _group(item) for item in items}
     for item in items:
-        fixtures = getattr(item, "fixturenames", ())
-        for fixture, group in SHARED_RESOURCES.items():
-            if fixture in fixtures:
-                item.add_marker(pytest.mark.xdist_group(group))
+        for node in item.listchain():
+            node.own_markers[:] = [m for m in node.own_markers if m.name != "xdist_group"]
+    for item, group in groups.items():
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def _group(item: pytest.Item) -> str | None:
+    fixtures = getattr(item, "fixturenames", ())
+    if SWARM[0] in fixtures:
+        return SWARM[1]
+    names = {str(mark.args[0]) for mark in item.iter_markers("xdist_group")}
+    names |= {group for fixture, group in SHARED_RESOURCES.items() if fixture in fixtures}
+    return "_".join(sorted(names)) or None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """In an xdist worker: fail at once, rather than by the Swarm lock's timeout, when
+    xdist did not take the groups (it marks a grouped test's id with `@group`)."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    for item in session.items:
+        if item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
+            raise pytest.UsageError(
+                f"pytest-xdist ignored the test groups ({item.nodeid} has none): "
+                "this pytest and pytest-xdist do not work together"
+            )
 
 
 @pytest.fixture(scope="session", autouse=True)
