@@ -44,7 +44,7 @@ def test_the_demo_serves_the_app_and_leaves_its_leader_running(tmp_path: Path) -
     the leader answers `status` through the printed command, and `stop` ends both."""
     checkout = source_copy(tmp_path)
     shutil.copytree(ROOT / ".tools", checkout / ".tools", symlinks=True)  # uv, as set up
-    engine = Dockerd()
+    engine = Dockerd(bridge=True)  # as installed: RUN steps use the default bridge
     engine.start()
     port, app_port = free_port(), free_port()
     env = os.environ | {

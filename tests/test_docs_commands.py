@@ -121,7 +121,7 @@ def test_the_quick_starts_run_as_written(tmp_path: Path, wheelhouse: Wheelhouse)
     checkout = source_copy(tmp_path)
     home = tmp_path / "home"
     home.mkdir()
-    engine = Dockerd()
+    engine = Dockerd(bridge=True)  # as installed: RUN steps use the default bridge
     engine.start()
     shell = None
     try:

@@ -164,22 +164,26 @@ def _parser() -> argparse.ArgumentParser:
 def _releases_parser(sub: Any) -> None:
     apps = sub.add_parser("apps", help="list apps and their current release")
     _client_flags(apps)
-    apps.add_argument("--json", action="store_true")
+    apps.add_argument("--json", action="store_true", help="the API's JSON document")
     apps.set_defaults(command=releases_cmd.apps)
 
     history = sub.add_parser("history", help="an app's releases, newest first")
     _client_flags(history)
-    history.add_argument("app")
-    history.add_argument("--limit", type=int, default=20)
-    history.add_argument("--json", action="store_true")
+    history.add_argument("app", help="the app's name")
+    history.add_argument(
+        "--limit", type=int, default=20, help="at most this many releases (default: 20)"
+    )
+    history.add_argument("--json", action="store_true", help="the API's JSON document")
     history.set_defaults(command=releases_cmd.history)
 
     back = sub.add_parser("rollback", help="redeploy an earlier release, and follow it")
     _client_flags(back)
-    back.add_argument("app")
+    back.add_argument("app", help="the app to roll back")
     back.add_argument("--to", metavar="ID", help="the release (default: the one before)")
-    back.add_argument("--idempotency-key")
-    back.add_argument("--no-follow", action="store_true")
+    back.add_argument(
+        "--idempotency-key", help="a retry with the same key returns the first rollback"
+    )
+    back.add_argument("--no-follow", action="store_true", help="return once the leader accepted it")
     back.add_argument("--json", action="store_true", help="print events as JSON lines")
     back.set_defaults(command=releases_cmd.rollback)
 

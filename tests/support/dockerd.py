@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import re
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -17,8 +18,13 @@ SWARM_LOCK = Path("/tmp/deploy-agent-tests-swarm.lock")
 
 
 class Dockerd:
-    def __init__(self, prefix: list[str] | None = None) -> None:
+    def __init__(self, prefix: list[str] | None = None, *, bridge: bool = False) -> None:
         self.prefix = prefix or []  # e.g. nsenter into a simulated host's namespace
+        # An engine as installed has its default bridge network, which builds' RUN steps
+        # use. The tests' engines have none (--bridge=none: no bridge and no firewall
+        # rules of theirs on the host) unless asked: then a bridge of the engine's own,
+        # on a private subnet, with no NAT and no firewall rules either.
+        self.bridge = Bridge() if bridge else None
         # exec-root and socket paths have a length limit: keep them short under /tmp
         self.root = Path(tempfile.mkdtemp(prefix="da-e", dir="/tmp"))
         self.sock = self.root / "d.sock"
@@ -28,6 +34,8 @@ class Dockerd:
         self._swarm_lock: IO[str] | None = None
 
     def start(self) -> None:
+        if self.bridge is not None:
+            self.bridge.create()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -41,7 +49,7 @@ class Dockerd:
                     str(self.root / "pid"),
                     "-H",
                     self.url,
-                    "--bridge=none",
+                    f"--bridge={self.bridge.name if self.bridge else 'none'}",
                     "--iptables=false",
                     "--ip-masq=false",
                 ],
@@ -97,9 +105,33 @@ class Dockerd:
         if self.proc is not None:
             stop(self.proc, timeout=30)
         unmount_below(self.root)
+        if self.bridge is not None:
+            self.bridge.delete()
         if self.log_path.exists():
             CANARY.keep(f"dockerd {self.sock} log", self.log_path.read_text(errors="replace"))
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class Bridge:
+    """A Linux bridge for one engine, on a /24 of 10.213.0.0/16 that no interface of
+    this machine has yet."""
+
+    def __init__(self) -> None:
+        self.name = f"dab{secrets.token_hex(4)}"
+
+    def create(self) -> None:
+        if Path(f"/sys/class/net/{self.name}").exists():
+            return  # an engine restarted keeps its bridge
+        addresses = ["ip", "-4", "-o", "addr"]
+        taken = subprocess.run(addresses, capture_output=True, text=True, check=True).stdout
+        free = [n for n in range(256) if f" 10.213.{n}." not in taken]
+        address = f"10.213.{secrets.choice(free)}.1/24"
+        subprocess.run(["ip", "link", "add", self.name, "type", "bridge"], check=True)
+        subprocess.run(["ip", "addr", "add", address, "dev", self.name], check=True)
+        subprocess.run(["ip", "link", "set", self.name, "up"], check=True)
+
+    def delete(self) -> None:
+        subprocess.run(["ip", "link", "delete", self.name], capture_output=True, check=False)
 
 
 def unmount_below(root: Path) -> None:
