@@ -6,9 +6,10 @@ scan searches process logs, captured test output, every API response (but for th
 that hands a join token or node secret out), sampled process argument lists and every
 file under the run's temporary directories. The only files a secret may be in are the
 credential stores: the leader's SQLite database (`leader.db` and its `-wal`/`-shm` files),
-a worker's own 0600 identity file (`node.json`, its node secret) and the 0600 `join-token`
-file a bootstrapped worker host holds (with the operator's file it was copied from).
-The tests give secrets to the daemons through environment variables, never a file or argv.
+a worker's own 0600 identity file (`node.json`, its node secret), the 0600 `join-token`
+file a bootstrapped worker host holds (with the operator's file it was copied from), and
+an operator's `api-token` file (`leader.api_token_file`). The tests give secrets to the
+daemons through environment variables or those files, never argv.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 import subprocess
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +29,10 @@ from agent.worker.identity import IDENTITY_FILE
 
 # parallel test processes inherit the first one's marker through the environment
 MARKER_ENV = "DEPLOY_AGENT_TEST_CANARY"
-CREDENTIAL_STORES = ("leader.db", "leader.db-wal", "leader.db-shm", IDENTITY_FILE, "join-token")
+CREDENTIAL_STORES = (
+    *("leader.db", "leader.db-wal", "leader.db-shm"),
+    *(IDENTITY_FILE, "join-token", "api-token"),
+)
 
 
 @dataclass
@@ -74,41 +79,73 @@ class Canary:
             self.argv.update(run.stdout.splitlines())
 
     def scan(self, roots: Iterable[Path]) -> list[str]:
-        """Every place a secret was found, as 'place: which secret'; empty when clean."""
+        """Every place a secret was found, as 'place: which secret'; empty when clean.
+        Places are searched one at a time, as bytes: a run leaves gigabytes of files
+        (virtualenvs, a 600 MiB test file), which decoding and holding at once made slow."""
+        roots = list(roots)
         for root in roots:
             for identity in root.rglob(IDENTITY_FILE):
                 self._learn_node_secret(identity)
-        places = dict(self.texts)
-        places |= {f"log {path}": _read(path) for path in self.logs}
-        places |= {f"API response {i}": text for i, text in enumerate(self._all_responses())}
-        places["process argv"] = "\n".join(sorted(self.argv))
+        found = [(s, s.encode()) for s in self.secrets()]
+        hits, self.searched = [], 0
+        for place, data in self._places(roots):
+            self.searched += 1
+            hits += [f"{place}: {text[:24]}…" for text, raw in found if raw in data]
+        return hits
+
+    def _places(self, roots: list[Path]) -> Iterator[tuple[str, bytes]]:
+        for where, text in self.texts.items():
+            yield where, text.encode()
+        for path in self.logs:
+            yield f"log {path}", _read(path)
+        for i, text in enumerate(self._all_responses()):
+            yield f"API response {i}", text.encode()
+        yield "process argv", "\n".join(sorted(self.argv)).encode()
         for root in roots:
-            places |= {f"file {path}": _read(path) for path in _files_outside_stores(root)}
-        found = self.secrets()
-        self.searched = len(places)
-        return [f"{place}: {s[:24]}…" for place, text in places.items() for s in found if s in text]
+            for path in _files_outside_stores(root):
+                yield f"file {path}", _read(path)
 
     def _all_responses(self) -> list[str]:
         return [text for seen in self.responses for text in seen]
 
     def _learn_node_secret(self, path: Path) -> None:
-        text = _read(path)
+        text = _read(path).decode(errors="replace")
         marker = '"secret":"'
         if marker in text:
             self.issue(text.split(marker, 1)[1].split('"', 1)[0])
 
 
-def _files_outside_stores(root: Path) -> list[Path]:
+# Not searched: installed packages (the virtualenvs that install tests make: 1 GB of
+# files no agent writes to) and files over 16 MiB (the tests' own payloads: contexts,
+# blobs, the uv binary; every log and state file of a run is far smaller).
+INSTALLED = "site-packages"
+LARGEST_BYTES = 16 << 20
+
+
+def _files_outside_stores(root: Path) -> Iterator[Path]:
     if not root.exists():
-        return []
-    return [p for p in root.rglob("*") if p.is_file() and p.name not in CREDENTIAL_STORES]
+        return
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d != INSTALLED]
+        for name in files:
+            path = Path(directory, name)
+            if name not in CREDENTIAL_STORES and _small_file(path):
+                yield path
 
 
-def _read(path: Path) -> str:
+def _small_file(path: Path) -> bool:
     try:
-        return path.read_bytes().decode(errors="replace")
+        info = path.lstat()
     except OSError:
-        return ""
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size <= LARGEST_BYTES
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
 
 
 CANARY = Canary()
