@@ -407,7 +407,7 @@ def _read_secret_env(var: object, name: str) -> str:
 def _describe(exc: msgspec.ValidationError, kind: Any, value: object, key: str) -> str:
     """`leader.max_parallel_builds: must be a whole number, at least 1, not 0`: what is
     wrong with `value` (a `kind`, at `key`), in words."""
-    inner, message = explain(exc, kind, value)
+    inner, message = explain(exc, kind, value, within=key)
     if inner and key:
         full = key + inner if inner.startswith("[") else f"{key}.{inner}"
     else:

@@ -168,18 +168,37 @@ async def prune_build_cache(engine: Engine, keep_bytes: int) -> int:
 
 # A classic build's line for a step's result: ` ---> 3f9c2d1a0b4e` (not `Running in`).
 STEP_IMAGE = re.compile(r"^ ---> ([0-9a-f]{12,64})$")
+STEP_START = re.compile(r"^Step \d+/\d+ : (\w+)", re.I)
+CONTAINER_REMOVED = "Removing intermediate container"
 
 
 class StepImages:
-    """The image each step of a build left, read from its log as it goes by."""
+    """The last image the classic builder committed for this build, read from its log as
+    it goes by. Only an image this build made counts: the ` ---> ID` right after
+    `Removing intermediate container` (a step run in a container: RUN, ENV…) or right
+    after a COPY or ADD step's own line. After a FROM line it names the base image, and
+    after `Using cache` an image of an earlier build: neither is this build's to remove.
+    BuildKit's lines (of a step) are not looked at: its steps stay in its cache."""
 
     def __init__(self) -> None:
         self.last: str | None = None
+        self._previous = ""
 
-    def note(self, line: str) -> None:
-        found = STEP_IMAGE.match(line.rstrip())
-        if found:
+    def note(self, line: str, step: int | None = None) -> None:
+        if step is not None:
+            return
+        text = line.rstrip()
+        found = STEP_IMAGE.match(text)
+        if found and self._commits(self._previous):
             self.last = found.group(1)
+        self._previous = text
+
+    @staticmethod
+    def _commits(previous: str) -> bool:
+        if previous.startswith(CONTAINER_REMOVED):
+            return True
+        step = STEP_START.match(previous)
+        return step is not None and step.group(1).upper() != "FROM"
 
 
 async def remove_leftover(engine: Engine, image_id: str | None) -> bool:
@@ -194,7 +213,7 @@ async def remove_leftover(engine: Engine, image_id: str | None) -> bool:
         return False
     try:
         info = await engine.request("GET", f"images/{image_id}/json")
-        if info.get("RepoTags"):
+        if info.get("RepoTags") or info.get("RepoDigests"):  # named: someone's image
             return False
         await _delete_when_free(engine, image_id)
     except EngineError as exc:  # in use, or built upon: another build's cache

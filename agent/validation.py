@@ -3,7 +3,10 @@ person writes it, what it must be (the allowed values of a choice, what a patter
 stands for), what was given, and "did you mean" for a misspelt key.
 
 Shared by the config loader and the API; it reads the schema, never a message's raw
-value beyond quoting it back.
+value beyond quoting it back, and only a plain value (text, a number, true or false)
+that no secret could be: never a whole table or list (an `env` map holds passwords),
+nor anything under a key that may hold a secret (a password, a token, a URL: a webhook's
+URL is its own credential), nor a value inside a map of the caller's keys.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ from typing import Any
 import msgspec
 
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
-_STEP = re.compile(r"\.([A-Za-z_][\w-]*)|\[(\d+)\]")
+_STEP = re.compile(r"\.([A-Za-z_][\w-]*)|\[(\d+)\]|\[(\.\.\.)\]")
+# keys whose values are not quoted back (nor anything below them)
+_UNQUOTED = re.compile(r"pass|secret|token|url|auth|key|cred|env|args|labels", re.I)
+IN_A_MAP = "..."  # msgspec's step for a value of a map (`$.env[...]`)
 _EXPECTED = re.compile(r"^Expected `(?P<type>\w+)`(?P<rest>.*)$", re.S)
 _BOUND = re.compile(r"(?P<op>>=|<=|>|<) (?P<n>[\d.]+)")
 
@@ -41,28 +47,43 @@ Path = tuple[str | int, ...]
 
 
 def explain(
-    exc: msgspec.ValidationError, schema: type[Any], given: Any, *, object_word: str = "a table"
+    exc: msgspec.ValidationError,
+    schema: type[Any],
+    given: Any,
+    *,
+    object_word: str = "a table",
+    within: str = "",
 ) -> tuple[str, str]:
     """(key, message): where the error is, dotted (`leader.webhooks[0].url`, "" for the
     top level), and what is wrong there, in words. A mapping is `object_word`: a table
-    in TOML, an object in JSON."""
+    in TOML, an object in JSON. `within` is the key `given` itself sits at, if any."""
     found = _AT.match(str(exc))
     assert found is not None  # the pattern matches any text
     what, path = found["what"], _path(found["path"] or "")
     kind = _type_at(msgspec.inspect.type_info(schema), path)
-    value = _value_at(given, path)
+    quotable = _quotable_path(path) and not _UNQUOTED.search(within)
+    value = _value_at(given, path) if quotable else HIDDEN
     words = _words(what, kind, value).replace(_TYPE_WORDS["object"], object_word)
     return _dotted(path), words
 
 
 def _path(text: str) -> Path:
-    return tuple(int(m[2]) if m[2] else m[1] for m in _STEP.finditer(text))
+    return tuple(int(m[2]) if m[2] else (m[1] or m[3]) for m in _STEP.finditer(text))
+
+
+def _quotable_path(path: Path) -> bool:
+    return not any(
+        step == IN_A_MAP or (isinstance(step, str) and _UNQUOTED.search(step)) for step in path
+    )
 
 
 def _dotted(path: Path) -> str:
     text = ""
     for step in path:
-        text += f"[{step}]" if isinstance(step, int) else (f".{step}" if text else step)
+        if isinstance(step, int) or step == IN_A_MAP:
+            text += f"[{step}]"
+        else:
+            text += f".{step}" if text else step
     return text
 
 
@@ -74,6 +95,8 @@ def _type_at(kind: msgspec.inspect.Type | None, path: Path) -> msgspec.inspect.T
 
 def _inside(kind: msgspec.inspect.Type | None, step: str | int) -> msgspec.inspect.Type | None:
     kind = _unwrapped(kind)
+    if isinstance(kind, msgspec.inspect.DictType) and step == IN_A_MAP:
+        return kind.value_type
     if isinstance(kind, msgspec.inspect.StructType) and isinstance(step, str):
         return next((f.type for f in kind.fields if f.encode_name == step), None)
     if isinstance(kind, msgspec.inspect.VarTupleType | msgspec.inspect.ListType):
@@ -107,7 +130,7 @@ def _words(what: str, kind: msgspec.inspect.Type | None, value: Any) -> str:
     if found := re.fullmatch(r"Object missing required field `(.+)`", what):
         return required_key(found[1])
     if what.startswith("Invalid enum value"):
-        return f"must be one of {_choices(kind)}, not {_quoted(value)}"
+        return f"must be one of {_choices(kind)}{_not(value)}"
     if found := _EXPECTED.match(what):
         return _expected(found["type"], found["rest"], value)
     return what
@@ -135,15 +158,16 @@ def _expected(type_name: str, rest: str, value: Any) -> str:
     rest = rest.strip()
     if rest.startswith(", got"):
         got = rest.removeprefix(", got `").rstrip("`")
-        return f"must be {noun}, not {_TYPE_WORDS.get(got, got)} ({_quoted(value)})"
+        shown = f" ({_quoted(value)})" if _plain(value) else ""
+        return f"must be {noun}, not {_TYPE_WORDS.get(got, got)}{shown}"
     if found := re.fullmatch(r"matching regex '(.*)'", rest):
         shape = PATTERNS.get(found[1], f"text matching {found[1]}")
-        return f"must be {shape}, not {_quoted(value)}"
+        return f"must be {shape}{_not(value)}"
     if rest.startswith("of length"):
         unit = "characters" if type_name == "str" else "items"
         return f"must be {noun} of {_bounds(rest)} {unit}"
     if rest:
-        return f"must be {noun}, {_bounds(rest)}, not {_quoted(value)}"
+        return f"must be {noun}, {_bounds(rest)}{_not(value)}"
     return f"must be {noun}"
 
 
@@ -155,7 +179,24 @@ def _number(text: str) -> str:
     return text.removesuffix(".0")
 
 
+class _Hidden:
+    """A value that is not quoted back."""
+
+
+HIDDEN = _Hidden()
+QUOTED_CHARS = 60
+
+
+def _plain(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool) and not isinstance(value, _Hidden)
+
+
+def _not(value: Any) -> str:
+    """`, not VALUE` for a plain value, else nothing."""
+    return f", not {_quoted(value)}" if _plain(value) else ""
+
+
 def _quoted(value: Any) -> str:
     if isinstance(value, str):
-        return repr(value)
+        return repr(value if len(value) <= QUOTED_CHARS else value[:QUOTED_CHARS] + "…")
     return str(msgspec.json.encode(value), "utf-8") if value is not None else "nothing"

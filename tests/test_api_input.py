@@ -363,3 +363,20 @@ async def test_an_invalid_field_is_named_in_the_apis_words(
     message = doc["error"]["message"]
     assert message.startswith(says), message
     assert "Expected" not in message and "$." not in message and "regex" not in message
+
+
+async def test_an_invalid_value_among_secrets_quotes_none_of_them(leader: InProcessLeader) -> None:
+    """A wrong value in a service's env map, or a build argument, is named by its place
+    alone: the 400 quotes no value of the map (an env map holds passwords)."""
+    secret = "postgres://app:s3cret-in-env@db/app"
+    bodies: list[dict[str, Any]] = [
+        {"services": [{"name": "w", "env": {"DATABASE_URL": secret, "PORT": 8080}}]},
+        {"build_args": {"TOKEN": secret, "N": 1}},
+        {"services": [{"name": "w", "env": [secret]}]},
+    ]
+    for extra in bodies:
+        body = {"app": "a", "git": {"url": "https://h/r"}, **extra}
+        got, doc = await leader.api.request("POST", "/v1/deployments", json=body)
+        assert got == 400, doc
+        message = doc["error"]["message"]
+        assert "must be" in message and "s3cret" not in message, message

@@ -423,3 +423,82 @@ def test_image_creation_times_order_to_the_nanosecond() -> None:
     assert sorted(ns, key=ns.__getitem__) == ["whole", "first", "second", "next"]
     assert created_ns("not a time", 1795956971) == 1795956971 * 10**9
     assert created_ns(None, 7) == 7 * 10**9
+
+
+def test_a_failed_builds_leftover_is_an_image_it_committed_never_a_base_or_cache() -> None:
+    """The image a failed classic build leaves for removal is the last one it committed:
+    not the FROM line's base image, not a cached step's image of an earlier build, not
+    an id a RUN step printed, and nothing from BuildKit's step lines."""
+    from agent.retention import StepImages  # noqa: PLC0415
+
+    base, cached, copied, ran = "a" * 12, "b" * 12, "c" * 12, "d" * 12
+    log = [
+        "Step 1/5 : FROM python@sha256:0123",
+        f" ---> {base}",
+        "Step 2/5 : COPY requirements.txt /",
+        " ---> Using cache",
+        f" ---> {cached}",
+        "Step 3/5 : COPY . /src",
+        f" ---> {copied}",
+        "Step 4/5 : RUN make",
+        " ---> Running in 0f0f0f0f0f0f",
+        f" ---> {'e' * 12}",  # printed by the RUN itself
+        "Removing intermediate container 0f0f0f0f0f0f",
+        f" ---> {ran}",
+        "Step 5/5 : RUN false",
+        " ---> Running in 1e1e1e1e1e1e",
+    ]
+    seen = []
+    steps = StepImages()
+    for line in log:
+        steps.note(line)
+        seen.append(steps.last)
+    assert seen[1] is None and seen[4] is None  # after FROM, after a cached step
+    assert seen[6] == copied and seen[9] == copied and steps.last == ran
+    only_buildkit = StepImages()
+    only_buildkit.note("Step 1/1 : COPY a b", step=1)
+    only_buildkit.note(f" ---> {ran}", step=1)
+    assert only_buildkit.last is None
+
+
+async def test_a_prebuilt_lookup_that_gets_no_answer_is_a_503_to_retry() -> None:
+    """A prebuilt tag that the engine could not look up in time (the registry stalled,
+    the engine's socket broke) is a 503 a control plane retries, not a 422 that says
+    the request is wrong."""
+    from agent.errors import EngineError  # noqa: PLC0415
+    from agent.leader.pipeline import prebuilt  # noqa: PLC0415
+
+    async def stalled(ref: str, creds: RegistryCredentials) -> None:
+        raise EngineError("timed out after 30 s")
+
+    ctx = cast(Any, SimpleNamespace(engine=SimpleNamespace(manifest=stalled)))
+    creds = RegistryCredentials(server="r.example", username="u", password="p")
+    with pytest.raises(RequestError) as caught:
+        await prebuilt._registry_manifest(ctx, "r.example/acme/shop:1", creds)
+    assert (caught.value.status, caught.value.code) == (503, "registry_unreachable")
+
+
+async def test_where_a_release_is_gives_up_on_a_silent_engine_within_its_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`GET /v1/apps/{app}` asks the leader's engine about every release: one that does
+    not answer makes each unanswered place "cannot tell" (null) once the lookup's
+    deadline passes, rather than holding the request for each call's own timeout."""
+    import asyncio  # noqa: PLC0415
+
+    from agent.leader.pipeline import whereabouts  # noqa: PLC0415
+
+    monkeypatch.setattr(whereabouts, "LOOKUP_WITHIN_S", 0.2)
+    answered = {"app:1": "sha256:1"}
+
+    async def image_id(ref: str) -> str | None:
+        if ref in answered:
+            return answered[ref]
+        await asyncio.sleep(60)
+        return None
+
+    ctx = cast(Any, SimpleNamespace(engine=SimpleNamespace(image_id=image_id)))
+    started = time.monotonic()
+    found = await whereabouts._on_leader(ctx, ["app:1", "app:2", "app:3"])
+    assert time.monotonic() - started < 2
+    assert found == {"app:1": True, "app:2": None, "app:3": None}

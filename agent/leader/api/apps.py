@@ -52,8 +52,11 @@ async def rollback(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     app = _app(request)
     body = await request.read()
-    to = _rollback_request(request, body).to
-    fingerprint = hashlib.sha256(b"rollback\0" + app.encode() + b"\0" + body).hexdigest()
+    req = _rollback_request(request, body)
+    to = req.to
+    # of the request as understood, not its bytes: `{}`, no body and `{ }` are one request
+    canonical = msgspec.json.encode(req)
+    fingerprint = hashlib.sha256(b"rollback\0" + app.encode() + b"\0" + canonical).hexdigest()
     dep, created = await create(
         ctx,
         lambda: new_rollback(ctx, app, to),

@@ -123,11 +123,16 @@ async def _cleaned_up_after(
         raise
 
 
+# A cancel or a stop waits for the clean-up: it gets this long, whatever the engine does.
+LEFTOVER_WITHIN_S = 15.0
+
+
 async def _remove_leftover(engine: Engine, image_id: str | None) -> None:
     """Best effort, and never in the way of the build's own error."""
     try:
-        await remove_leftover(engine, image_id)
-    except Exception as exc:  # a broken tunnel to a build server, say
+        async with asyncio.timeout(LEFTOVER_WITHIN_S):
+            await remove_leftover(engine, image_id)
+    except Exception as exc:  # a broken tunnel to a build server, or no answer in time
         log.warning("retention.leftover_failed", image=image_id, error=repr(exc))
 
 
@@ -278,7 +283,7 @@ class _BuildEvents:
 
     async def __call__(self, event: BuildEvent) -> None:
         if isinstance(event, BuildLine):
-            self.steps.note(event.line)
+            self.steps.note(event.line, event.step)
         await self._ctx.journal.record(self._dep.id, event_type(event), **event.fields())
 
 

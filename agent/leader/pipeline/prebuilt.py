@@ -63,9 +63,9 @@ async def _on_leader(ctx: LeaderContext, ref: references.ImageReference, tag: st
             hint="with no registry, a prebuilt image must be on the leader's engine: build "
             "or load it there first (docker build, docker load), or configure a registry",
         )
-    return Image(
-        repository=ref.repository, tag=ref.tag or tag, digest=ref.digest, image_id=image_id
-    )
+    # a bare name is the engine's `:latest`, the image just checked
+    local_tag = ref.tag or (tag if ref.digest else "latest")
+    return Image(repository=ref.repository, tag=local_tag, digest=ref.digest, image_id=image_id)
 
 
 async def _registry_manifest(ctx: LeaderContext, ref: str, creds: RegistryCredentials) -> Manifest:
@@ -86,9 +86,12 @@ async def _registry_manifest(ctx: LeaderContext, ref: str, creds: RegistryCreden
             f"the registry did not answer for {ref}: {exc.message}",
             hint="check that the registry is up and reachable from the leader, then resubmit",
         ) from None
-    except EngineError as exc:
+    except EngineError as exc:  # no answer in time, from the registry or the engine
         raise RequestError(
-            422, "invalid_request", f"{ref} could not be looked up: {exc.message}"
+            503,
+            "registry_unreachable",
+            f"{ref} could not be looked up through the leader's engine: {exc.message}",
+            hint="check that the registry and the leader's engine answer, then resubmit",
         ) from None
     if manifest is None:
         what = "manifest" if "@" in ref else "tag"

@@ -20,6 +20,9 @@ from agent.logs import get_logger
 
 log = get_logger(__name__)
 INVENTORY_WITHIN_S = 3.0  # how long the workers' answers are waited for
+# How long the leader's engine and the registry are given, for all the releases asked
+# about at once: what has not answered by then is "cannot tell now" (None).
+LOOKUP_WITHIN_S = 5.0
 REGISTRY_CHECKS = 8  # registry questions in flight at once
 GONE_HINT = (
     "retention keeps the images of the last leader.keep_images releases; deploy that "
@@ -80,14 +83,22 @@ async def _gone_everywhere(ctx: LeaderContext, dep: Deployment) -> bool:
 
 
 async def _on_leader(ctx: LeaderContext, refs: list[str]) -> dict[str, bool | None]:
-    found: dict[str, bool | None] = {}
-    for ref in refs:
-        try:
-            found[ref] = await ctx.engine.image_id(ref) is not None
-        except EngineError as exc:
-            log.warning("whereabouts.leader_unknown", image=ref, error=exc.message)
-            found[ref] = None
+    found: dict[str, bool | None] = dict.fromkeys(refs)
+    try:
+        async with asyncio.timeout(LOOKUP_WITHIN_S):
+            for ref in refs:
+                found[ref] = await _held_by_leader(ctx, ref)
+    except TimeoutError:
+        log.warning("whereabouts.leader_slow", unanswered=sum(v is None for v in found.values()))
     return found
+
+
+async def _held_by_leader(ctx: LeaderContext, ref: str) -> bool | None:
+    try:
+        return await ctx.engine.image_id(ref) is not None
+    except EngineError as exc:
+        log.warning("whereabouts.leader_unknown", image=ref, error=exc.message)
+        return None
 
 
 async def _on_workers(ctx: LeaderContext, refs: list[str]) -> dict[str, dict[str, bool]]:
@@ -103,13 +114,18 @@ async def _on_workers(ctx: LeaderContext, refs: list[str]) -> dict[str, dict[str
 
 async def _in_registry(ctx: LeaderContext, deps: list[Deployment]) -> dict[str, bool | None]:
     slots = asyncio.Semaphore(REGISTRY_CHECKS)
+    found: dict[str, bool | None] = dict.fromkeys(dep.id for dep in deps)
 
-    async def check(dep: Deployment) -> bool | None:
+    async def check(dep: Deployment) -> None:
         async with slots:
-            return await _in_registry_one(ctx, dep)
+            found[dep.id] = await _in_registry_one(ctx, dep)
 
-    found = await asyncio.gather(*(check(dep) for dep in deps))
-    return {dep.id: held for dep, held in zip(deps, found, strict=True)}
+    try:
+        async with asyncio.timeout(LOOKUP_WITHIN_S):
+            await asyncio.gather(*(check(dep) for dep in deps))
+    except TimeoutError:
+        log.warning("whereabouts.registry_slow", unanswered=sum(v is None for v in found.values()))
+    return found
 
 
 async def _in_registry_one(ctx: LeaderContext, dep: Deployment) -> bool | None:
