@@ -47,6 +47,17 @@ async def test_history_and_rollback_from_the_shell(
     row = next(line for line in out.splitlines() if line.startswith("shell "))
     assert "rollback" in row and f"shell:{v1}" in row
 
+    # one rollback whatever the body's spelling: no body, {} and { } are one request
+    key = {"Idempotency-Key": "shell-back-to-v2"}
+    path = "/v1/apps/shell/rollback"
+    status, first = await leader.api.request("POST", path, headers=key)
+    assert status == 202, first
+    for body in (b"{}", b"{ }"):
+        json_key = {**key, "Content-Type": "application/json"}
+        status, again = await leader.api.request("POST", path, data=body, headers=json_key)
+        assert (status, again["id"]) == (202, first["id"]), again
+    assert (await leader.api.wait_final(first["id"]))["state"] == "succeeded"
+
     dockerd.cli("image", "rm", "-f", f"shell:{v2}")
     code, out, _ = await _cli(leader, "rollback", "shell", "--to", v2)
     assert code == 1
@@ -70,6 +81,15 @@ async def test_deploy_prebuilt_from_the_shell(
     code, _, err = await _cli(leader, "deploy", "--app", "handmade", "--prebuilt", "handmade:8")
     assert code == 1
     assert "holds no image handmade:8" in err
+
+    # a bare name is the engine's :latest, and is recorded as that
+    dockerd.cli("tag", "handmade:7", "handmade:latest")
+    status, dep = await leader.api.request(
+        "POST", "/v1/deployments", json={"app": "handmade", "prebuilt": "handmade"}
+    )
+    assert status == 202, dep
+    final = await leader.api.wait_final(dep["id"])
+    assert (final["state"], final["image"]) == ("succeeded", "handmade:latest"), final
 
 
 def test_the_history_table_marks_the_current_release_and_where_each_image_is() -> None:
