@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from agent import engine_url
 from agent.errors import ConfigError
 from agent.ssh_target import SshTarget
 from agent.validation import explain, required_key, unknown_key
@@ -42,6 +43,9 @@ def _engine_url() -> str:
 class EngineConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):
     url: str = msgspec.field(default_factory=_engine_url)
     timeout: Seconds = 30.0
+
+    def __post_init__(self) -> None:
+        msgspec.structs.force_setattr(self, "url", engine_url.normalized(self.url))
 
 
 class TLSConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):

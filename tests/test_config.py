@@ -262,6 +262,14 @@ def test_registry_password_comes_from_exactly_one_source(tmp_path: Path) -> None
             {"leader": {}},
             "leader: `api_token` is required here (or api_token_file, or api_token_env)",
         ),
+        (
+            {"leader": {"api_token": "t" * 20}, "engine": {"url": "fd://"}},
+            "engine.url (or DOCKER_HOST): not an engine address (scheme 'fd')",
+        ),
+        (
+            {"leader": {"api_token": "t" * 20}, "engine": {"url": "unix://"}},
+            "engine.url (or DOCKER_HOST): not an engine address (no unix:// address)",
+        ),
     ],
 )
 def test_mistakes_are_told_in_the_products_words(raw: dict[str, Any], says: str) -> None:
@@ -273,3 +281,36 @@ def test_mistakes_are_told_in_the_products_words(raw: dict[str, Any], says: str)
     assert message.startswith(says), message
     assert "ftp://h" not in message  # a webhook's URL may be its credential: not quoted
     assert "Expected" not in message and "$." not in message and "regex" not in message
+
+
+@pytest.mark.parametrize(
+    ("given", "tls", "url"),
+    [
+        ("unix:///run/docker.sock", False, "unix:///run/docker.sock"),
+        ("10.0.0.5:2375", False, "tcp://10.0.0.5:2375"),
+        ("tcp://engine.internal", False, "tcp://engine.internal:2375"),
+        ("tcp://engine.internal", True, "tcp://engine.internal:2376"),
+        ("https://engine.internal", False, "https://engine.internal:2376"),
+        (" ssh://deploy@engine.internal ", False, "ssh://deploy@engine.internal"),
+    ],
+)
+def test_the_engine_address_is_read_as_the_docker_cli_reads_docker_host(
+    given: str, tls: bool, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`HOST:PORT` is TCP, and TCP without a port has Docker's own port (2376 with TLS)."""
+    monkeypatch.delenv("DOCKER_TLS_VERIFY", raising=False)
+    if tls:
+        monkeypatch.setenv("DOCKER_TLS_VERIFY", "1")
+        monkeypatch.setenv("DOCKER_CERT_PATH", "/etc/docker/certs")
+    monkeypatch.setenv("DOCKER_HOST", given)
+    assert parse_config({"role": "leader", "leader": {"api_token": "t" * 20}}).engine.url == url
+
+
+def test_tls_to_the_engine_without_its_certificates_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DOCKER_TLS_VERIFY", "1")
+    monkeypatch.delenv("DOCKER_CERT_PATH", raising=False)
+    leader = {"api_token": "t" * 20}
+    with pytest.raises(ConfigError, match="DOCKER_TLS_VERIFY=1 needs DOCKER_CERT_PATH"):
+        parse_config({"role": "leader", "engine": {"url": "tcp://h:2376"}, "leader": leader})
