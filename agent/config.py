@@ -45,7 +45,7 @@ class EngineConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True
     timeout: Seconds = 30.0
 
     def __post_init__(self) -> None:
-        msgspec.structs.force_setattr(self, "url", engine_url.normalized(self.url))
+        engine_url.normalized(self.url)  # a ConfigError now, not a traceback at start
 
 
 class TLSConfig(_Value, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -21,6 +21,7 @@ import aiohttp
 from aiodocker.utils import compose_auth_header
 from aiohttp.client_proto import ResponseHandler
 
+from agent import engine_url
 from agent.backoff import Backoff
 from agent.buildkit.trace import TRACE_ID, TraceDecoder
 from agent.buildlog import BuildEvent, BuildLine, event_type, plain
@@ -231,9 +232,9 @@ class Engine:
     """One Docker Engine endpoint and the operations the agent needs from it."""
 
     def __init__(self, url: str, *, timeout: float) -> None:
-        self.url = url
+        self.url = engine_url.normalized(url)
         self._timeout = timeout
-        self._docker = aiodocker.Docker(url=url)
+        self._docker = aiodocker.Docker(url=self.url)
         # The protocol of every connection aiohttp opens to the engine (a private
         # attribute of its connectors, in the aiohttp range pyproject.toml pins).
         protocol: Callable[..., ResponseHandler] = _CutOnClose

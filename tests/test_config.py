@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
+from agent import engine_url
 from agent.config import load_config, parse_config
+from agent.engine import Engine
 from agent.errors import ConfigError
 from agent.worker.agent import Worker
 from agent.worker.identity import Identity, save_identity
@@ -297,13 +299,23 @@ def test_mistakes_are_told_in_the_products_words(raw: dict[str, Any], says: str)
 def test_the_engine_address_is_read_as_the_docker_cli_reads_docker_host(
     given: str, tls: bool, url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`HOST:PORT` is TCP, and TCP without a port has Docker's own port (2376 with TLS)."""
+    """`HOST:PORT` is TCP, and TCP without a port has Docker's own port (2376 with TLS):
+    the address the engine client is given, from DOCKER_HOST as from engine.url."""
     monkeypatch.delenv("DOCKER_TLS_VERIFY", raising=False)
     if tls:
         monkeypatch.setenv("DOCKER_TLS_VERIFY", "1")
         monkeypatch.setenv("DOCKER_CERT_PATH", "/etc/docker/certs")
     monkeypatch.setenv("DOCKER_HOST", given)
-    assert parse_config({"role": "leader", "leader": {"api_token": "t" * 20}}).engine.url == url
+    config = parse_config({"role": "leader", "leader": {"api_token": "t" * 20}})
+    assert engine_url.normalized(config.engine.url) == url
+
+
+async def test_the_engine_client_is_given_the_address_as_read() -> None:
+    engine = Engine("10.0.0.5:2375", timeout=1)
+    try:
+        assert engine.url == "tcp://10.0.0.5:2375"
+    finally:
+        await engine.close()
 
 
 def test_tls_to_the_engine_without_its_certificates_is_a_config_error(
