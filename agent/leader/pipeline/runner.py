@@ -115,6 +115,7 @@ class Runner:
         """An image not built here (prebuilt, or a release's) is checked before anything
         is sent: that the workers can run it, and a rollback's, that it still exists."""
         if self.dep.mode is Mode.REGISTRY:
+            await self.ctx.hub.flush()  # the architectures the workers' links reported
             archs = platforms.node_archs(await self.ctx.store.nodes())
             platforms.check_image(self.dep.platform, archs)
         if self.dep.kind == "rollback":
