@@ -3,7 +3,7 @@
 Each trial submits two deployments of one app, kills the leader after a random delay,
 restarts it and waits. Required: every deployment ends in exactly one final state,
 none is lost, and a digest recorded before the kill is never pushed again.
-The CI suite runs 12 trials; DEPLOY_AGENT_KILL_TRIALS=100 runs the long mode.
+The CI suite runs 8 trials; DEPLOY_AGENT_KILL_TRIALS=100 runs the long mode.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tests.support.contexts import busybox_context, run_step
 from tests.support.leader import LeaderProcess
 from tests.support.registry import Registry
 
-TRIALS = int(os.environ.get("DEPLOY_AGENT_KILL_TRIALS", "12"))
+TRIALS = int(os.environ.get("DEPLOY_AGENT_KILL_TRIALS", "8"))
 FINAL = {"succeeded", "failed", "cancelled"}
 
 

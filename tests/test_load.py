@@ -1,4 +1,4 @@
-"""Load: 100 deployments of 8 apps submitted at once to a leader process with two real
+"""Load: 60 deployments of 8 apps submitted at once to a leader process with two real
 workers in registry mode. Each reaches exactly one final state, and the leader's memory
 afterwards is within 5 % of what it was before.
 
@@ -13,7 +13,7 @@ leader's periodic heap trim: an idle TLS connection keeps buffers as large as th
 response it carried (the run's list polls are about 45 KiB each), and glibc keeps freed
 memory until trimmed. Neither is a leak, and either would hide one.
 
-DEPLOY_AGENT_LOAD sets the number of deployments (default 100; 1000 is the long mode).
+DEPLOY_AGENT_LOAD sets the number of deployments (default 60; 200 and 1000 are the long modes).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from tests.support.load import status_kib as rss_kib
 from tests.support.registry import Registry
 from tests.support.worker import WorkerProcess
 
-LOAD = int(os.environ.get("DEPLOY_AGENT_LOAD", "100"))
+LOAD = int(os.environ.get("DEPLOY_AGENT_LOAD", "60"))
 APPS = [f"load{i}" for i in range(8)]
 TRIM_INTERVAL_S = 2.0
 
