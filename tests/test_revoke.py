@@ -15,25 +15,17 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent import wire
-from agent.config import parse_config
 from agent.tls import new_secret
 from agent.worker.agent import NodeRevoked, Worker
 from agent.worker.identity import enrol
 from tests.support.leader import LeaderProcess, leader_config
+from tests.test_worker_link import _worker as worker_of
 
 REVOCATIONS = 10
 
 
 def _worker(tmp_path: Path, url: str) -> Worker:
-    config = parse_config(
-        {
-            "role": "worker",
-            "state_dir": str(tmp_path),
-            "engine": {"url": f"unix://{tmp_path}/no-engine.sock"},
-            "worker": {"leader_url": url},
-        }
-    )
-    worker = Worker(config)
+    worker = worker_of(tmp_path, url)
     worker._back_on_leader = asyncio.Event()  # what run() sets up before the link loop
     return worker
 
